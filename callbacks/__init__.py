@@ -1,0 +1,1 @@
+"""Lightning callbacks that orchestrate calibration, the register search and validation."""

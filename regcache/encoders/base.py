@@ -1,0 +1,262 @@
+"""The canonical vision transformer every supported encoder is adapted into.
+
+One block = ``norm1 → qkv → Q·Kᵀ → softmax → P·V → proj → ls1`` (+ residual) then
+``norm2 → fc1 → act → fc2 → ls2`` (+ residual), with every linear an ``nn.Linear`` and both
+attention products explicit :class:`~regcache.quant.modules.MatMul` modules, so quantization
+methods see the same named tensors on every family.
+
+RegCache needs two extension points, both empty by default (the model is then exactly the
+original network):
+
+- ``Attention.prefix``: an :class:`AttentionPrefix` of extra key/value entries that every token
+  attends to (the register KV cache);
+- ``Block.input_filter``: a module applied to the residual stream at the block input (token
+  deletion).
+
+``Tap`` modules mark the tensors researchers inspect (residual stream at block input, fc2 input,
+attention probabilities); :func:`regcache.encoders.record` hooks them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from regcache.quant.modules import MatMul
+
+
+class Tap(nn.Identity):
+    """An identity marking a tensor of interest; hook it to read the tensor."""
+
+
+@dataclass
+class AttentionPrefix:
+    """Extra key/value entries prepended to one attention layer (RegCache's register cache).
+
+    ``keys`` / ``values``: ``(P, heads, n, head_dim)`` with ``P`` 1 (shared by the batch) or the
+    batch size (one register set per sample, used to batch search configurations).
+    ``log_multiplicity``: ``ln τ`` per entry, shape broadcastable to ``(P, 1, 1, n)``. One entry
+    with ``ln τ`` added to its logit is exactly τ identical copies of it; its attention
+    probability is quantized as τ copies would be (``p/τ`` quantized, then times τ).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    log_multiplicity: torch.Tensor | None = None
+
+    @property
+    def num_entries(self) -> int:
+        """Distinct prefix entries n (not counting multiplicity)."""
+        return self.keys.shape[-2]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AttentionPrefix:
+        """Move/cast the cached tensors."""
+        lm = self.log_multiplicity
+        return AttentionPrefix(
+            self.keys.to(device=device, dtype=dtype),
+            self.values.to(device=device, dtype=dtype),
+            None if lm is None else lm.to(device=device, dtype=dtype),
+        )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with explicit, quantizable Q·Kᵀ and P·V."""
+
+    def __init__(
+        self,
+        qkv: nn.Linear,
+        proj: nn.Linear,
+        num_heads: int,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        out_norm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = qkv.out_features // (3 * num_heads)
+        self.scale = self.head_dim**-0.5
+        self.qkv = qkv
+        self.q_norm = q_norm or nn.Identity()
+        self.k_norm = k_norm or nn.Identity()
+        self.matmul_qk = MatMul()
+        self.tap_probs = Tap()
+        self.matmul_pv = MatMul()
+        self.out_norm = out_norm or nn.Identity()
+        self.proj = proj
+        self.prefix: AttentionPrefix | None = None
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q, k, v of shape (B, heads, N, head_dim), after q/k norms, before any matmul quantizer."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        prefix = self.prefix
+        if prefix is None:
+            probs = self.tap_probs((self.matmul_qk(q, k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+            out = self.matmul_pv(probs, v)
+        else:
+            out = self._forward_with_prefix(q, k, v, prefix)
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.proj(self.out_norm(out))
+
+    def _forward_with_prefix(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix
+    ) -> torch.Tensor:
+        qq = self.matmul_qk.quantize_a(q)
+        logits_tokens = qq @ self.matmul_qk.quantize_b(k.transpose(-2, -1))
+        pk = prefix.keys.to(qq.dtype)
+        logits_prefix = qq @ pk.transpose(-2, -1)  # register keys stay in full precision
+        logits = torch.cat([logits_prefix, logits_tokens], dim=-1) * self.scale
+        npre = prefix.num_entries
+        lm = prefix.log_multiplicity
+        if lm is not None:
+            logits = torch.cat([logits[..., :npre] + lm.to(logits.dtype), logits[..., npre:]], dim=-1)
+        probs = self.tap_probs(logits.softmax(dim=-1))
+        if lm is not None:  # quantize each of the τ copies' share p/τ, exactly as τ real copies would be
+            probs = torch.cat([probs[..., :npre] / lm.exp().to(probs.dtype), probs[..., npre:]], dim=-1)
+        probs = self.matmul_pv.quantize_a(probs)
+        p_prefix, p_tokens = probs[..., :npre], probs[..., npre:]
+        if lm is not None:
+            p_prefix = p_prefix * lm.exp().to(probs.dtype)
+        pv = prefix.values.to(probs.dtype)
+        return p_prefix @ pv + p_tokens @ self.matmul_pv.quantize_b(v)
+
+
+class Mlp(nn.Module):
+    """fc1 → activation → (norm) → fc2, with a tap on the fc2 input."""
+
+    def __init__(self, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.fc1 = fc1
+        self.act = act
+        self.norm = norm or nn.Identity()
+        self.tap_fc2_input = Tap()
+        self.fc2 = fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.tap_fc2_input(self.norm(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(
+        self,
+        norm1: nn.Module,
+        attn: Attention,
+        norm2: nn.Module,
+        mlp: Mlp,
+        ls1: nn.Module | None = None,
+        ls2: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_filter: nn.Module | None = None
+        self.tap_input = Tap()
+        self.norm1 = norm1
+        self.attn = attn
+        self.ls1 = ls1 or nn.Identity()
+        self.norm2 = norm2
+        self.mlp = mlp
+        self.ls2 = ls2 or nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_filter is not None:
+            x = self.input_filter(x)
+        x = self.tap_input(x)
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class VisionEncoder(nn.Module):
+    """A vision tower in canonical form: ``embed`` → ``blocks`` → ``pool``.
+
+    ``forward(images)`` returns what the original tower returned (the pooled, projected
+    embedding), so an open_clip model whose ``visual`` was replaced keeps working unchanged.
+    """
+
+    family: str = "base"
+
+    def __init__(self, blocks: list[Block], num_prefix_tokens: int, embed_dim: int, source: str = "") -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.embed_dim = embed_dim
+        self.source = source
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of transformer blocks L."""
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        """Residual stream width."""
+        return self.blocks[0].attn.qkv.in_features
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images → token sequence entering block 0, shape (B, N, width)."""
+        raise NotImplementedError
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token sequence after the last block → final embedding (B, embed_dim)."""
+        raise NotImplementedError
+
+    def forward_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run blocks ``start .. end-1`` on the residual stream x (lets callers cache a prefix of the network)."""
+        for block in self.blocks[start:end]:
+            x = block(x)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_blocks(self.embed(images)))
+
+    def flops_per_image(self, num_tokens: int) -> int:
+        """Multiply-accumulate count x2 of the blocks' linears and attention matmuls for N tokens."""
+        total = 0
+        for block in self.blocks:
+            attn, mlp = block.attn, block.mlp
+            d = attn.num_heads * attn.head_dim
+            for lin in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2):
+                total += 2 * num_tokens * lin.in_features * lin.out_features
+            total += 2 * 2 * num_tokens * num_tokens * d
+        return total
+
+
+TAP_NAMES = {"block_input": "tap_input", "fc2_input": "mlp.tap_fc2_input", "attn_probs": "attn.tap_probs"}
+
+
+@contextmanager
+def record(
+    encoder: VisionEncoder, what: tuple[str, ...] = ("block_input",), blocks: list[int] | None = None
+) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
+    """Capture tapped tensors during forwards: ``out[what][block_index]`` is the last one seen.
+
+    ``what`` ⊂ {"block_input", "fc2_input", "attn_probs"}.
+    """
+    unknown = set(what) - set(TAP_NAMES)
+    if unknown:
+        raise ValueError(f"unknown taps {sorted(unknown)}; choose from {sorted(TAP_NAMES)}")
+    out: dict[str, dict[int, torch.Tensor]] = {w: {} for w in what}
+    handles = []
+    indices = range(encoder.num_blocks) if blocks is None else blocks
+    for w in what:
+        for i in indices:
+            tap = encoder.blocks[i].get_submodule(TAP_NAMES[w])
+
+            def hook(_m, _inp, output, w=w, i=i):
+                out[w][i] = output.detach()
+
+            handles.append(tap.register_forward_hook(hook))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()

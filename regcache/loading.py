@@ -1,0 +1,209 @@
+"""Load encoders by name: open_clip names + pretrained tags, ``hf-hub:`` ids, local checkpoints, timm names.
+
+    load_model("ViT-B-16-quickgelu", "openai")            # open_clip name + tag
+    load_model("ViT-B-16", "/ckpt/open_clip_model.safetensors")   # open_clip name + local file
+    load_model("hf-hub:timm/ViT-B-16-SigLIP2")             # open_clip config + weights from the hub
+    load_model("timm:vit_base_patch14_dinov2", "lvd142m")  # timm name + tag (or a local file)
+    load_model("ViT-B-16")                                  # random weights
+
+Weights come from the local Hugging Face cache first. When they are not cached and the hub
+cannot be reached, :class:`WeightsUnavailableError` is raised within seconds (instead of a
+minute of retries) with the way to pass a local file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+HF_HUB_PREFIX = "hf-hub:"
+TIMM_PREFIX = "timm:"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with what it needs to be evaluated: preprocessing and (for CLIP-like models) a tokenizer."""
+
+    model: nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor] | None
+    name: str
+    pretrained: str | None
+
+    @property
+    def has_text_tower(self) -> bool:
+        """True for CLIP-style models (zero-shot / retrieval), False for image-only encoders (k-NN)."""
+        return hasattr(self.model, "encode_text")
+
+    @property
+    def identity(self) -> str:
+        """A string naming model and weights (used to key caches)."""
+        return f"{self.name}@{self.pretrained or 'random'}"
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(_hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _unavailable(what: str, hint: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"could not fetch pretrained weights for {what}: they are not in the local cache and the hub "
+        f"({_hub_endpoint()}) cannot be reached. Download the checkpoint on a machine with network "
+        f"access and pass its local path instead, e.g. {hint}"
+    )
+
+
+def _hf_file(repo_id: str, filenames: list[str], what: str, hint: str) -> str:
+    """Path of the first of ``filenames`` in ``repo_id``: cache first, then download if the hub answers."""
+    from huggingface_hub import hf_hub_download
+
+    for local_only in (True, False):
+        if not local_only and not hub_reachable():
+            raise _unavailable(what, hint)
+        for filename in filenames:
+            with contextlib.suppress(Exception):  # not there: try the next candidate file
+                return hf_hub_download(repo_id, filename, local_files_only=local_only)
+    raise WeightsUnavailableError(f"none of {filenames} found in hub repo {repo_id} (for {what})")
+
+
+def _is_local_file(pretrained: str | None) -> bool:
+    return pretrained is not None and (Path(pretrained).expanduser().is_file() or os.sep in pretrained)
+
+
+def _open_clip_checkpoint(cfg: dict, what: str, name: str) -> str:
+    """Local path of a pretrained tag's weights (hub cache first, then download)."""
+    import open_clip
+
+    hint = f"load_model({name!r}, '/path/to/open_clip_model.safetensors')"
+    hub = cfg.get("hf_hub", "")
+    if hub:  # 'org/repo/' (default file names) or 'org/repo/file.bin'
+        repo_id, _, filename = hub.rpartition("/") if not hub.endswith("/") else (hub.rstrip("/"), "", "")
+        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        return _hf_file(repo_id, candidates, what, hint)
+    if not hub_reachable():
+        raise _unavailable(what, hint)
+    return open_clip.download_pretrained(cfg)
+
+
+def _open_clip(name: str, pretrained: str | None, device: str, image_size: int | None) -> LoadedModel:
+    import open_clip
+
+    if name.startswith(HF_HUB_PREFIX):
+        repo = name[len(HF_HUB_PREFIX) :]
+        hint = f"load_model('<open_clip arch name>', '/path/to/{repo.split('/')[-1]}.safetensors')"
+        config = _hf_file(repo, ["open_clip_config.json"], name, hint)
+        weights = _hf_file(repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"], name, hint)
+        model_dir = Path(config).parent
+        if Path(weights).parent != model_dir:  # pragma: no cover - hub cache keeps one snapshot dir
+            raise WeightsUnavailableError(f"config and weights of {name} resolved to different snapshots")
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            f"local-dir:{model_dir}", device=device, force_image_size=image_size
+        )
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{model_dir}")
+        return LoadedModel(model.eval(), preprocess, tokenizer, name, pretrained)
+
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip model {name!r}; see open_clip.list_models() "
+            "(use 'hf-hub:org/repo' for hub models or 'timm:<name>' for timm encoders)"
+        )
+    checkpoint, kwargs = None, {}
+    if pretrained and _is_local_file(pretrained):
+        checkpoint = str(Path(pretrained).expanduser())
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint file {checkpoint} does not exist")
+    elif pretrained:
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not cfg:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ValueError(f"unknown pretrained tag {pretrained!r} for {name}; available: {tags}")
+        if cfg.get("quick_gelu") and "quickgelu" not in name:
+            raise ValueError(f"{name} / {pretrained} was trained with QuickGELU: use the model name '{name}-quickgelu'")
+        checkpoint = _open_clip_checkpoint(cfg, f"{name} ({pretrained})", name)
+        # open_clip applies a tag's preprocessing only when given the tag: pass it with the file
+        kwargs = {
+            "image_mean": cfg.get("mean"),
+            "image_std": cfg.get("std"),
+            "image_interpolation": cfg.get("interpolation"),
+            "image_resize_mode": cfg.get("resize_mode"),
+        }
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name,
+        pretrained=checkpoint,
+        device=device,
+        force_image_size=image_size,
+        **{k: v for k, v in kwargs.items() if v is not None},
+    )
+    return LoadedModel(model.eval(), preprocess, open_clip.get_tokenizer(name), name, pretrained)
+
+
+def _timm(name: str, pretrained: str | None, device: str, image_size: int | None) -> LoadedModel:
+    import timm
+
+    arch = name[len(TIMM_PREFIX) :]
+    if "." in arch:
+        arch, _, tag = arch.partition(".")
+        if pretrained and not _is_local_file(pretrained) and pretrained != tag:
+            raise ValueError(f"timm name {name!r} names tag {tag!r} but pretrained={pretrained!r}")
+        pretrained = pretrained or tag
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm model {arch!r}; see timm.list_models()")
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if image_size:
+        kwargs["img_size"] = image_size
+    if pretrained and _is_local_file(pretrained):
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(pretrained).expanduser())}
+        model = timm.create_model(arch, pretrained=True, **kwargs)
+    elif pretrained:
+        full = f"{arch}.{pretrained}"
+        pcfg = timm.models.get_pretrained_cfg(full)
+        if pcfg is None:
+            raise ValueError(f"unknown pretrained tag {pretrained!r} for timm model {arch}")
+        hint = f"load_model('timm:{arch}', '/path/to/model.safetensors')"
+        repo = pcfg.hf_hub_id or f"timm/{full}"
+        path = _hf_file(repo, ["model.safetensors", "pytorch_model.bin"], f"timm:{full}", hint)
+        model = timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
+    else:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    preprocess = timm.data.create_transform(**data_cfg)
+    return LoadedModel(model.to(device).eval(), preprocess, None, name, pretrained)
+
+
+def load_model(
+    name: str, pretrained: str | None = None, device: str | torch.device = "cpu", image_size: int | None = None
+) -> LoadedModel:
+    """Create a model by name with weights from a tag, a hub id or a local file (``None``: random init).
+
+    ``image_size`` overrides the input resolution (e.g. 224 for DINOv2, whose default is 518).
+    """
+    device = str(device)
+    if name.startswith(TIMM_PREFIX):
+        return _timm(name, pretrained, device, image_size)
+    return _open_clip(name, pretrained, device, image_size)

@@ -1,0 +1,44 @@
+"""Fake-quantization engine: quantizers, quantizable layers, methods as config + transform."""
+
+from regcache.quant import methods  # noqa: F401  (registers the methods)
+from regcache.quant.api import (
+    METHODS,
+    CoverageManifest,
+    QuantConfig,
+    block_linears,
+    block_linears_and_matmuls,
+    calibrate_,
+    config_from_dict,
+    coverage,
+    is_calibrated,
+    quantize_,
+)
+from regcache.quant.methods import NaiveConfig
+from regcache.quant.modules import MatMul, QuantLinear, quant_mode, quantizers, set_quant_mode
+from regcache.quant.quantizers import QUANTIZERS, Quantizer, UniformQuantizer, round_ste
+from regcache.quant.state import load_quant_state, save_quant_state
+
+__all__ = [
+    "METHODS",
+    "QUANTIZERS",
+    "CoverageManifest",
+    "MatMul",
+    "NaiveConfig",
+    "QuantConfig",
+    "QuantLinear",
+    "Quantizer",
+    "UniformQuantizer",
+    "block_linears",
+    "block_linears_and_matmuls",
+    "calibrate_",
+    "config_from_dict",
+    "coverage",
+    "is_calibrated",
+    "load_quant_state",
+    "quant_mode",
+    "quantize_",
+    "quantizers",
+    "round_ste",
+    "save_quant_state",
+    "set_quant_mode",
+]
