@@ -1,0 +1,31 @@
+"""The README's promises: two set-up commands at the top, CI runs them, the Python snippet runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_two_setup_commands_and_ci_runs_the_test_command():
+    first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert len(commands) == 2
+    assert "regcache demo" in commands[0]
+    install, test = commands[1].split("&&")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert install.strip() in ci and test.strip() in ci
+
+
+def test_python_snippet_runs(tmp_path, monkeypatch):
+    snippet = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert scope["features"].shape == (2, 64)
+    assert torch.isfinite(scope["features"]).all()
+    assert (tmp_path / "calib.safetensors").is_file()
