@@ -7,6 +7,9 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("regcache.demo", "run the pipeline on the embedded default model"),
+    "validate": ("regcache.lightning_cli", "calibrate / search registers / evaluate (LightningCLI, --config FILE)"),
+    "report": ("regcache.report", "turn several runs' metrics.json into the paper-style Markdown table"),
+    "make-shards": ("regcache.data.make_shards", "write CLIP_benchmark webdataset shards from images / captions"),
 }
 
 

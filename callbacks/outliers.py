@@ -1,0 +1,105 @@
+"""Per-block outlier profile of the residual stream, before (plain float model) and after (as evaluated)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from regcache.eval import OutlierStats
+
+from regcache._lightning import pl
+from regcache.module import plain_float
+from regcache.utils import write_json
+
+
+def plot_profile(profiles: dict[str, dict[str, dict]], path: Path, title: str = "") -> Path:
+    """Max and mean token L2 norm per block, one line per profile; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, blocks in profiles.items():
+        names = list(blocks)
+        ax.plot(range(len(names)), [blocks[n]["max_l2"] for n in names], marker="o", label=f"{label}: max")
+        ax.plot(range(len(names)), [blocks[n]["mean_l2"] for n in names], ls="--", label=f"{label}: mean")
+    ax.set_xlabel("block (input residual stream)")
+    ax.set_ylabel("token L2 norm")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+class OutlierReport(pl.Callback):
+    """Token-norm statistics at every block input during validation, reduced across ranks.
+
+    ``after``: the model as evaluated (quantized, with registers and deletion if installed).
+    ``before``: the plain float model, on the first ``before_batches`` batches of each rank.
+    Writes ``outliers.json`` and ``outliers.png`` into the run directory; the summary goes into
+    metrics.json under ``outliers``.
+    """
+
+    def __init__(self, before_batches: int = 8, rel_thresholds: tuple[float, ...] = (5.0, 10.0)) -> None:
+        self.before_batches = before_batches
+        self.rel_thresholds = rel_thresholds
+        self._handles: list[Any] = []
+
+    def _hook(self, stats: OutlierStats, index: int):
+        def hook(_module, _inputs, output):
+            stats.update(index, output)
+
+        return hook
+
+    def _attach(self, encoder, stats: OutlierStats) -> None:
+        self._handles = [b.tap_input.register_forward_hook(self._hook(stats, i)) for i, b in enumerate(encoder.blocks)]
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        skip = pl_module.encoder.num_prefix_tokens
+        self.after = OutlierStats(rel_thresholds=self.rel_thresholds, skip_tokens=skip)
+        self.before = OutlierStats(rel_thresholds=self.rel_thresholds, skip_tokens=skip)
+        self.seen_before = 0
+        self._attach(pl_module.encoder, self.after)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.seen_before >= self.before_batches:
+            return
+        self._detach()
+        self._attach(pl_module.encoder, self.before)
+        with plain_float(pl_module.encoder), torch.no_grad():
+            pl_module.encoder(batch["image"].to(pl_module.device))
+        self._detach()
+        self._attach(pl_module.encoder, self.after)
+        self.seen_before += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._detach()
+        device = pl_module.device if pl_module.device.type == "cuda" else None
+        profiles = {"before": self.before.compute(device=device), "after": self.after.compute(device=device)}
+        summary = {
+            "max_l2_before": max((b["max_l2"] for b in profiles["before"].values()), default=None),
+            "max_l2_after": max((b["max_l2"] for b in profiles["after"].values()), default=None),
+            "json": str(pl_module.run_dir / "outliers.json"),
+            "plot": str(pl_module.run_dir / "outliers.png"),
+        }
+        rc = pl_module.results.get("regcache") or {}
+        if rc.get("l_q") is not None:
+            lq = str(rc["l_q"])
+            summary["max_l2_at_lq_before"] = profiles["before"].get(lq, {}).get("max_l2")
+            summary["max_l2_at_lq_after"] = profiles["after"].get(lq, {}).get("max_l2")
+        pl_module.results["outliers"] = summary
+        if trainer.is_global_zero:
+            write_json(pl_module.run_dir / "outliers.json", json.loads(json.dumps(profiles)))
+            plot_profile(profiles, pl_module.run_dir / "outliers.png", title=pl_module.hparams.model)

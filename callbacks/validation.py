@@ -1,0 +1,196 @@
+"""Metric wiring: each callback turns the module's per-batch embeddings into one family of metrics.
+
+All metrics keep global sample ids and are computed once per epoch (distributed-safe), then stored
+in ``pl_module.results["metrics"]`` under ``<dataset>/<metric>`` as fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from regcache.eval import (
+    FeatureFidelity,
+    KNNAccuracy,
+    RetrievalRecallAtK,
+    ZeroShotAccuracy,
+    build_zeroshot_classifier,
+    zeroshot_logits,
+)
+from torch.nn import functional as F
+
+from regcache._lightning import pl
+
+
+def _datamodule(trainer: pl.Trainer):
+    dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "dataset_task"):
+        raise RuntimeError("validation callbacks need the regcache ValidationSuite datamodule")
+    return dm
+
+
+def _store(pl_module: pl.LightningModule, name: str, values: dict[str, float]) -> None:
+    for key, value in values.items():
+        pl_module.results["metrics"][f"{name}/{key}"] = float(value)
+        pl_module.log(f"{name}/{key}", float(value), rank_zero_only=True, add_dataloader_idx=False)
+
+
+class _PerDataset(pl.Callback):
+    """Keeps one metric object per validation dataloader of the task this callback handles."""
+
+    task: str = ""
+
+    def __init__(self) -> None:
+        self.metrics: dict[int, Any] = {}
+
+    def applies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> bool:
+        """Whether this callback measures dataloader ``idx``."""
+        return _datamodule(trainer).dataset_task(idx) == self.task
+
+    def make_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> Any:
+        raise NotImplementedError
+
+    def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.metrics = {}
+        for idx in range(len(_datamodule(trainer).names)):
+            if self.applies(trainer, pl_module, idx):
+                self.metrics[idx] = self.make_metric(trainer, pl_module, idx).to(pl_module.device)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for idx, metric in self.metrics.items():
+            _store(pl_module, pl_module.dataset_name(idx), self.results(metric.compute()))
+            metric.reset()
+
+
+class ZeroShotValidation(_PerDataset):
+    """Zero-shot top-1 / top-5 (micro) and mean per-class recall (CLIP_benchmark protocol)."""
+
+    task = "classification"
+
+    def __init__(self, cache_dir: str | None = None, text_batch_size: int = 256) -> None:
+        super().__init__()
+        self.cache_dir = cache_dir
+        self.text_batch_size = text_batch_size
+        self.classifiers: dict[int, torch.Tensor] = {}
+
+    def applies(self, trainer, pl_module, idx) -> bool:
+        return pl_module.has_text_tower and super().applies(trainer, pl_module, idx)
+
+    def make_metric(self, trainer, pl_module, idx):
+        dm = _datamodule(trainer)
+        with torch.inference_mode(False), torch.no_grad():
+            self.classifiers[idx] = build_zeroshot_classifier(
+                pl_module.net,
+                pl_module.tokenizer,
+                dm.classnames(idx),
+                dm.templates(idx),
+                device=pl_module.device,
+                batch_size=self.text_batch_size,
+                cache_dir=self.cache_dir or str(pl_module.run_dir / "cache"),
+                model_id=pl_module.loaded.identity,
+            )
+        return ZeroShotAccuracy(num_classes=len(dm.classnames(idx)))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if dataloader_idx in self.metrics:
+            logits = zeroshot_logits(outputs["features"], self.classifiers[dataloader_idx])
+            self.metrics[dataloader_idx].update(logits, batch["label"].to(logits.device), batch["sample_id"])
+
+    def results(self, computed):
+        return {
+            "zeroshot_top1": computed["top1"],
+            "zeroshot_top5": computed["top5"],
+            "mean_per_class_recall": computed["mean_per_class_recall"],
+        }
+
+
+class RetrievalValidation(_PerDataset):
+    """Image→text and text→image Recall@{1,5,10}, any-positive-hit convention (CLIP_benchmark keys)."""
+
+    task = "retrieval"
+
+    def applies(self, trainer, pl_module, idx) -> bool:
+        return pl_module.has_text_tower and super().applies(trainer, pl_module, idx)
+
+    def make_metric(self, trainer, pl_module, idx):
+        return RetrievalRecallAtK(ks=(1, 5, 10))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if dataloader_idx not in self.metrics:
+            return
+        captions = [c for caps in batch["captions"] for c in caps]
+        owners = torch.cat(
+            [torch.full((len(caps),), int(i)) for caps, i in zip(batch["captions"], batch["sample_id"], strict=True)]
+        )
+        text = F.normalize(pl_module.encode_text(captions).float(), dim=-1)
+        image = F.normalize(outputs["features"].float(), dim=-1)
+        self.metrics[dataloader_idx].update(image, batch["sample_id"], text, owners.to(text.device))
+
+    def results(self, computed):
+        out = {}
+        for k in (1, 5, 10):
+            out[f"image_retrieval_recall@{k}"] = computed[f"text_to_image_R@{k}"]  # text query → images
+            out[f"text_retrieval_recall@{k}"] = computed[f"image_to_text_R@{k}"]  # image query → captions
+        return out
+
+
+class KNNValidation(_PerDataset):
+    """k-NN top-1 (cosine, k=20, T=0.07) against a labelled bank from the dataset's reference split.
+
+    Measures classification datasets of encoders without a text tower (DINOv2), or all of them
+    with ``always=True``. The bank is embedded by the model under evaluation.
+    """
+
+    task = "classification"
+
+    def __init__(self, k: int = 20, temperature: float = 0.07, always: bool = False) -> None:
+        super().__init__()
+        self.k, self.temperature, self.always = k, temperature, always
+
+    def applies(self, trainer, pl_module, idx) -> bool:
+        return (self.always or not pl_module.has_text_tower) and super().applies(trainer, pl_module, idx)
+
+    def make_metric(self, trainer, pl_module, idx):
+        dm = _datamodule(trainer)
+        feats, labels = [], []
+        with torch.inference_mode(False), torch.no_grad():
+            for batch in dm.bank_dataloader(idx):
+                feats.append(pl_module.encoder(batch["image"].to(pl_module.device)).float())
+                labels.append(batch["label"].to(pl_module.device))
+        bank_f, bank_l = torch.cat(feats), torch.cat(labels)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from regcache.eval import all_gather_uneven
+
+            bank_f = torch.cat(all_gather_uneven(bank_f))
+            bank_l = torch.cat(all_gather_uneven(bank_l))
+        return KNNAccuracy(bank_f, bank_l, num_classes=len(dm.classnames(idx)), k=self.k, temperature=self.temperature)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if dataloader_idx in self.metrics:
+            feats = outputs["features"].float()
+            self.metrics[dataloader_idx].update(feats, batch["label"].to(feats.device), batch["sample_id"])
+
+    def results(self, computed):
+        return {"knn_top1": computed["top1"], "knn_top5": computed["top5"]}
+
+
+class FidelityValidation(_PerDataset):
+    """Mean cosine between the quantized model's embeddings and the float model's (every dataset)."""
+
+    def applies(self, trainer, pl_module, idx) -> bool:
+        return pl_module.fidelity
+
+    def make_metric(self, trainer, pl_module, idx):
+        return FeatureFidelity()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if dataloader_idx in self.metrics:
+            self.metrics[dataloader_idx].update(
+                outputs["features"], batch["sample_id"], reference=outputs["float_features"]
+            )
+
+    def results(self, computed):
+        return {"feature_cosine_to_float": computed["mean_cosine"]}

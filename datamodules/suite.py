@@ -1,0 +1,107 @@
+"""Several named CLIP_benchmark datasets in one validation run, plus the calibration / reference sources."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datamodules.webdataset_shards import WebDatasetDataModule
+
+from regcache._lightning import pl
+
+
+class ValidationSuite(pl.LightningDataModule):
+    """Named datasets under one root; each is reported under its name.
+
+    Args:
+        root: directory (or URL prefix) holding the datasets; one override moves them all.
+        datasets: ``{name: options}`` where options are :class:`WebDatasetDataModule` arguments
+            plus ``path`` (relative to ``root``; default: the name).
+        calibration: name of the dataset whose ``calib_split`` feeds calibration.
+        reference: name of the dataset whose ``ref_split`` feeds the register search / k-NN bank.
+        batch_size, num_workers, seed: shared loader settings (a dataset's own options win).
+    """
+
+    def __init__(
+        self,
+        root: str = "data",
+        datasets: dict[str, dict[str, Any]] | None = None,
+        calibration: str | None = None,
+        reference: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not datasets:
+            raise ValueError("ValidationSuite needs at least one dataset: datasets={name: {path: ..., ...}}")
+        for role, name in (("calibration", calibration), ("reference", reference)):
+            if name is not None and name not in datasets:
+                raise ValueError(f"{role}={name!r} is not one of the datasets {sorted(datasets)}")
+        self.root = root
+        self.calibration = calibration
+        self.reference = reference
+        self.modules: dict[str, WebDatasetDataModule] = {}
+        for name, options in datasets.items():
+            options = dict(options)
+            path = options.pop("path", name)
+            location = path if "://" in path or path.startswith(("/", "pipe:")) else os.path.join(root, path)
+            options.setdefault("batch_size", batch_size)
+            options.setdefault("num_workers", num_workers)
+            options.setdefault("seed", seed)
+            self.modules[name] = WebDatasetDataModule(location, **options)
+
+    @property
+    def names(self) -> list[str]:
+        """Dataset names in dataloader order."""
+        return list(self.modules)
+
+    def _module(self, idx_or_name: int | str) -> WebDatasetDataModule:
+        return self.modules[idx_or_name if isinstance(idx_or_name, str) else self.names[idx_or_name]]
+
+    def set_transform(self, transform: Callable) -> None:
+        """Use the encoder's preprocessing for every dataset."""
+        for m in self.modules.values():
+            m.transform = transform
+
+    def dataset_task(self, idx: int) -> str:
+        """``classification`` or ``retrieval``."""
+        return self._module(idx).task
+
+    def classnames(self, idx: int) -> list[str]:
+        """Class names of a classification dataset."""
+        return self._module(idx).classnames
+
+    def templates(self, idx: int) -> list[str]:
+        """Zero-shot templates of a classification dataset."""
+        return self._module(idx).templates
+
+    def setup(self, stage: str | None = None) -> None:
+        for m in self.modules.values():
+            m.setup(stage)
+
+    def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
+        return [m.val_dataloader() for m in self.modules.values()]
+
+    def calib_dataloader(self) -> torch.utils.data.DataLoader:
+        """Calibration images (rank-local, all of them)."""
+        if self.calibration is None:
+            raise RuntimeError("no calibration dataset: set data.calibration to a dataset with calib_split")
+        return self.modules[self.calibration].calib_dataloader()
+
+    def reference_dataloader(self) -> torch.utils.data.DataLoader:
+        """Reference images for the register search."""
+        if self.reference is None:
+            raise RuntimeError("no reference dataset: set data.reference to a dataset with ref_split")
+        return self.modules[self.reference].reference_dataloader()
+
+    def bank_dataloader(self, idx: int) -> torch.utils.data.DataLoader:
+        """Labelled k-NN bank of a dataset: its reference split."""
+        return self._module(idx).reference_dataloader()
+
+    def skipped_samples(self, device: torch.device | None = None) -> dict[str, int]:
+        """Unreadable samples skipped during evaluation, per dataset, summed over ranks (collective)."""
+        dev = device if device is not None and device.type == "cuda" else None
+        return {n: m.reduced_skip_counts("eval", device=dev)["skipped_samples"] for n, m in self.modules.items()}

@@ -1,0 +1,111 @@
+"""``regcache validate``: LightningCLI over QuantizedEncoder + ValidationSuite, with composable configs.
+
+A config may start with ``defaults: [piece.yaml, ...]`` (paths relative to the file): the pieces
+are merged in order, then the file itself on top, so the paper's grid is a few lines per run.
+Everything else is plain LightningCLI: ``--print_config``, dotted overrides (``--data.root /data``,
+``--model.w_bits 6``), several ``--config`` files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CALLBACKS = (
+    "callbacks.calibration.Calibration",
+    "callbacks.validation.ZeroShotValidation",
+    "callbacks.validation.RetrievalValidation",
+    "callbacks.validation.KNNValidation",
+    "callbacks.validation.FidelityValidation",
+    "callbacks.outliers.OutlierReport",
+)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins, lists are replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def compose(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load a YAML config, resolving its ``defaults`` pieces recursively."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path in _seen:
+        raise ValueError(f"config defaults form a cycle: {' -> '.join(map(str, (*_seen, path)))}")
+    data = yaml.safe_load(path.read_text()) or {}
+    merged: dict[str, Any] = {}
+    for piece in data.pop("defaults", []) or []:
+        merged = deep_merge(merged, compose(path.parent / piece, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def _expand_configs(argv: list[str], workdir: Path) -> list[str]:
+    """Replace every ``--config FILE`` by the composed file; default the run dir to runs/<config name>."""
+    out, last_stem = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        value = None
+        if arg == "--config" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        config = compose(value)
+        last_stem = Path(value).stem
+        if "model" in config and isinstance(config["model"], dict):
+            config["model"].setdefault("run_dir", f"runs/{last_stem}")
+        composed = workdir / f"{len(out)}-{Path(value).name}"
+        composed.write_text(yaml.safe_dump(config, sort_keys=False))
+        out += ["--config", str(composed)]
+    return out
+
+
+def run_cli(argv: list[str]) -> Any:
+    """Instantiate and run the LightningCLI on already-expanded arguments."""
+    import callbacks.calibration
+    import callbacks.outliers
+    import callbacks.validation  # noqa: F401
+    from datamodules.suite import ValidationSuite
+    from regcache._lightning import pl
+    from regcache.module import QuantizedEncoder
+
+    LightningCLI = importlib.import_module(f"{pl.__name__}.cli").LightningCLI
+
+    def instantiate(dotted: str):
+        module, _, name = dotted.rpartition(".")
+        return getattr(sys.modules[module], name)()
+
+    return LightningCLI(
+        QuantizedEncoder,
+        ValidationSuite,
+        args=argv,
+        trainer_defaults={"callbacks": [instantiate(c) for c in DEFAULT_CALLBACKS], "logger": False},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``regcache validate``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with tempfile.TemporaryDirectory(prefix="regcache-config-") as tmp:
+        cli = run_cli(["validate", *_expand_configs(argv, Path(tmp))])
+    module = cli.model
+    if cli.trainer.is_global_zero:
+        print(f"results: {module.run_dir / 'metrics.json'}")
+    return 0

@@ -1,0 +1,162 @@
+"""The LightningModule: a (quantized) encoder under evaluation. Metrics live in the callbacks.
+
+``validation_step`` computes the image embedding once (and the float model's, for fidelity)
+and returns it; ``callbacks.validation`` turn the outputs into zero-shot, retrieval, k-NN and
+fidelity metrics, ``callbacks.calibration`` calibrates, ``callbacks.register_search`` installs
+RegCache. Only orchestration here: the math is in ``regcache.encoders`` / ``regcache.quant``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regcache._lightning import pl
+from regcache.encoders import adapt
+from regcache.loading import load_model
+from regcache.quant import METHODS, QuantConfig, quant_mode, quantize_
+from regcache.utils import write_json
+
+
+def build_quant_config(
+    method: str, w_bits: int, a_bits: int, options: dict[str, Any] | None = None
+) -> QuantConfig | None:
+    """The method's config object, or None for the float model."""
+    if method in ("float", "fp", "none"):
+        return None
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose 'float' or one of {sorted(METHODS)}")
+    return METHODS[method](w_bits=w_bits, a_bits=a_bits, **(options or {}))
+
+
+@contextmanager
+def plain_float(encoder: torch.nn.Module):
+    """The encoder as the original float model: quantizers off, register prefixes and deletions bypassed."""
+    blocks = list(encoder.blocks)
+    saved = [(b.attn.prefix, b.input_filter) for b in blocks]
+    try:
+        for b in blocks:
+            b.attn.prefix, b.input_filter = None, None
+        with quant_mode(encoder, "float"):
+            yield encoder
+    finally:
+        for b, (prefix, flt) in zip(blocks, saved, strict=True):
+            b.attn.prefix, b.input_filter = prefix, flt
+
+
+class QuantizedEncoder(pl.LightningModule):
+    """An encoder (open_clip, hf-hub, timm or local checkpoint) with an optional PTQ method attached.
+
+    Args:
+        model: model name (``ViT-B-16``, ``hf-hub:...``, ``timm:...``, ``regcache-testbed``).
+        pretrained: tag, local file or None (random init).
+        image_size: input resolution override.
+        method: ``float`` or a registered method (``naive``, ``ptq4vit``, ``repq_vit``, ``noisyquant``).
+        w_bits, a_bits: bit widths.
+        method_options: extra fields of the method's config.
+        fidelity: also run the float model on every batch and report feature cosine to it.
+        run_dir: where artifacts (calibration, register cache, metrics.json) go.
+    """
+
+    def __init__(
+        self,
+        model: str = "regcache-tiny-vit",
+        pretrained: str | None = None,
+        image_size: int | None = None,
+        method: str = "float",
+        w_bits: int = 8,
+        a_bits: int = 8,
+        method_options: dict[str, Any] | None = None,
+        fidelity: bool = True,
+        run_dir: str = "runs/default",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.loaded = load_model(model, pretrained, image_size=image_size)
+        self.net = self.loaded.model  # registered: moves with the module (text tower included)
+        self.encoder = adapt(self.net)
+        self.quant_config = build_quant_config(method, w_bits, a_bits, method_options)
+        self.manifest = quantize_(self.encoder, self.quant_config) if self.quant_config else None
+        self.fidelity = fidelity and self.quant_config is not None
+        self.run_dir = Path(run_dir)
+        self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
+        self.dataset_names: list[str] = []
+
+    # ---------------------------------------------------------------- model info
+    @property
+    def preprocess(self):
+        """The encoder's own image preprocessing (PIL → tensor)."""
+        return self.loaded.preprocess
+
+    @property
+    def tokenizer(self):
+        """Text tokenizer (None for image-only encoders)."""
+        return self.loaded.tokenizer
+
+    @property
+    def has_text_tower(self) -> bool:
+        """Zero-shot / retrieval possible (else k-NN)."""
+        return self.loaded.has_text_tower
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Text embeddings of raw strings (the text tower runs in float: only the vision tower is quantized)."""
+        tokens = self.tokenizer(texts).to(self.device)
+        return self.net.encode_text(tokens)
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_transform"):
+            datamodule.set_transform(self.preprocess)
+            self.dataset_names = list(datamodule.names)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+    def on_validation_start(self) -> None:
+        self._counts = torch.zeros(max(len(self.dataset_names), 1), dtype=torch.long, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        images = batch["image"].to(self.device)
+        self._counts[dataloader_idx] += images.shape[0]
+        out = {"features": self.encoder(images)}
+        if self.fidelity:
+            with plain_float(self.encoder):
+                out["float_features"] = self.encoder(images)
+        return out
+
+    def on_validation_end(self) -> None:
+        counts = self._counts.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self.results["num_samples"] = {self.dataset_name(i): int(c) for i, c in enumerate(counts.tolist())}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "skipped_samples"):
+            self.results["skipped_samples"] = datamodule.skipped_samples(self.device)
+        self.write_results()
+
+    def dataset_name(self, dataloader_idx: int) -> str:
+        """Name under which a validation dataloader's metrics are reported."""
+        return self.dataset_names[dataloader_idx] if dataloader_idx < len(self.dataset_names) else str(dataloader_idx)
+
+    def describe(self) -> dict[str, Any]:
+        """The run's identity for metrics.json."""
+        cfg = self.quant_config
+        return {
+            "model": self.hparams.model,
+            "pretrained": self.hparams.pretrained,
+            "method": cfg.name if cfg else "float",
+            "w_bits": cfg.w_bits if cfg else None,
+            "a_bits": cfg.a_bits if cfg else None,
+            "method_options": cfg.to_dict() if cfg else None,
+        }
+
+    def write_results(self, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``metrics.json`` into the run directory (rank 0 only) and return its path."""
+        path = self.run_dir / "metrics.json"
+        if self.trainer is None or self.trainer.is_global_zero:
+            write_json(path, {**self.describe(), **self.results, **(extra or {})})
+        return path

@@ -1,0 +1,58 @@
+"""``regcache report RUN_DIR...``: several runs' metrics.json as one paper-style Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_METRICS = ("zeroshot_top1", "image_retrieval_recall@1", "text_retrieval_recall@1", "knn_top1")
+
+
+def load_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """metrics.json of each run directory (or file)."""
+    runs = []
+    for p in map(Path, paths):
+        f = p / "metrics.json" if p.is_dir() else p
+        if not f.is_file():
+            raise FileNotFoundError(f"no metrics.json at {f}: pass run directories written by `regcache validate`")
+        runs.append(json.loads(f.read_text()))
+    return runs
+
+
+def _bits(run: dict[str, Any]) -> str:
+    return "FP" if run.get("method") in (None, "float") else f"W{run['w_bits']}A{run['a_bits']}"
+
+
+def _regcache(run: dict[str, Any]) -> str:
+    rc = run.get("regcache")
+    if not rc:
+        return "–"
+    return f"l_q={rc.get('l_q')}, τ={rc.get('tau')}, k̃={rc.get('k_delete')}"
+
+
+def table(runs: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:
+    """Rows: runs (model, bits, method, RegCache); columns: ``<dataset>/<metric>`` present in any run, in %."""
+    columns = sorted({k for r in runs for k in r.get("metrics", {}) if k.split("/", 1)[-1] in metrics})
+    head = ["model", "bits", "method", "RegCache", *columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(runs, key=lambda r: (r.get("model", ""), _bits(r), r.get("method", ""), bool(r.get("regcache")))):
+        cells = [str(r.get("model")), _bits(r), str(r.get("method")), _regcache(r)]
+        cells += [f"{100 * r['metrics'][c]:.2f}" if c in r.get("metrics", {}) else "" for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``regcache report``."""
+    parser = argparse.ArgumentParser(prog="regcache report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run directories (or metrics.json files)")
+    parser.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS), help="metric names to tabulate")
+    parser.add_argument("--out", help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    text = table(load_runs(args.runs), tuple(args.metrics))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
