@@ -55,6 +55,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
         seed: sampling seed.
         calib_split_by_rank, ref_split_by_rank: split that set across ranks (else replicated).
         batch_size, num_workers, pin_memory: DataLoader settings (``eval_batch_size`` overrides).
+        multiprocessing_context: DataLoader worker start method (``"fork"`` avoids re-importing
+            everything in each worker when the rank process itself was spawned).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = False,
+        multiprocessing_context: str | None = None,
         image_exts: tuple[str, ...] = IMAGE_EXTS,
     ) -> None:
         super().__init__()
@@ -94,6 +97,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.multiprocessing_context = multiprocessing_context
         self.image_exts = tuple(image_exts)
         self.counters = {s: SkipCounter() for s in STAGES}
         self.info: DatasetInfo | None = None
@@ -237,6 +241,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             pin_memory=self.pin_memory,
+            multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
         )
 
     def val_dataloader(self):

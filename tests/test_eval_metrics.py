@@ -239,7 +239,7 @@ def test_build_zeroshot_classifier_by_hand_and_cache(tmp_path):
             m = e.mean(0)
             assert torch.allclose(W[:, j], m / m.norm(), atol=1e-6)
     # cache: second call does not touch the model; other templates -> other key
-    kw = dict(cache_dir=tmp_path, model_id="fake/0")
+    kw = {"cache_dir": tmp_path, "model_id": "fake/0"}
     W1 = build_zeroshot_classifier(model, _tok, classes, templates, "cpu", 4, **kw)
     calls = model.calls
     W2 = build_zeroshot_classifier(model, _tok, classes, templates, "cpu", 4, **kw)

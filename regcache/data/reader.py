@@ -114,15 +114,49 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return name[: slash + 1] + base[:dot], base[dot + 1 :].lower()
 
 
+class _TailReader:
+    """Read-through wrapper remembering the first and the last bytes read (truncation check)."""
+
+    _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.head = b""
+        self.tail = b""
+        self.nbytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if len(self.head) < 8:
+            self.head = (self.head + data)[:8]
+        self.tail = (self.tail + data)[-1024:] if len(data) < 1024 else data[-1024:]
+        self.nbytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def looks_truncated(self) -> bool:
+        """A plain tar ends with two zero blocks; a stream cut at a header boundary does not (tarfile
+        silently stops there). Not checked for compressed streams."""
+        if self.head.startswith(self._COMPRESSED_MAGIC) or self.nbytes == 0:
+            return False
+        return len(self.tail) < 1024 or any(self.tail)
+
+
 def iter_tar_samples(stream, on_error: Callable[[BaseException], None] | None = None) -> Iterator[dict]:
     """Group the members of a tar stream by key. Yields ``{"__key__", "__pos__", ext: bytes, ...}``.
 
     A read error (truncated / corrupt tar) ends the shard: ``on_error`` is called (else re-raised).
+    A stream that ends without the end-of-archive marker also counts as an error (reported after
+    its complete samples were yielded).
     """
     current: dict[str, Any] | None = None
     pos = 0
+    reader = _TailReader(stream)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tf:
+        with tarfile.open(fileobj=reader, mode="r|*") as tf:
             for member in tf:
                 if not member.isreg():
                     continue
@@ -138,6 +172,9 @@ def iter_tar_samples(stream, on_error: Callable[[BaseException], None] | None = 
                         pos += 1
                     current = {"__key__": key, "__pos__": pos}
                 current[ext] = data
+        reader.drain()
+        if reader.looks_truncated():
+            raise tarfile.ReadError("tar stream ends without the end-of-archive marker (truncated?)")
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         if on_error is None:
             raise
