@@ -210,6 +210,22 @@ def test_outlier_stats_by_hand():
     assert st3.compute()["0"]["max_l2"] == pytest.approx(5)
 
 
+def test_outlier_stats_attach_hooks():
+    blocks = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        blocks[1].weight.copy_(torch.eye(2) * 2)
+    st = OutlierStats(rel_thresholds=())
+    handles = st.attach(list(blocks))
+    x = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])
+    blocks(x)
+    for h in handles:
+        h.remove()
+    blocks(x)  # not counted any more
+    out = st.compute()
+    assert out["0"]["tokens"] == 2 and out["0"]["max_l2"] == pytest.approx(5.0)
+    assert out["1"]["max_l2"] == pytest.approx(5.0)  # input of block 1 = output of Identity
+
+
 # ------------------------------------------------------------------------------------------ zero-shot head
 class _FakeTextModel(torch.nn.Module):
     def __init__(self):

@@ -89,6 +89,22 @@ class OutlierStats:
         else:
             self._sums[name], self._maxs[name] = s, m
 
+    def attach(self, blocks, names: Sequence[str] | None = None, batch_first: bool = True) -> list:
+        """Register forward pre-hooks feeding each block's first input (the residual stream) to
+        :meth:`update`. ``blocks``: a sequence of modules (e.g. ``visual.transformer.resblocks`` or
+        timm ``blocks``); ``batch_first=False`` for (N, B, C) inputs. Returns the hook handles
+        (call ``.remove()`` on each when done)."""
+        handles = []
+        for i, blk in enumerate(blocks):
+            name = names[i] if names is not None else str(i)
+
+            def hook(_module, args, _name=name):
+                x = args[0]
+                self.update(_name, x if batch_first else x.transpose(0, 1))
+
+            handles.append(blk.register_forward_pre_hook(hook))
+        return handles
+
     def _reduced(self, device=None) -> tuple[list[str], Tensor, Tensor]:
         names = sorted(self._sums, key=_block_sort_key)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
