@@ -1,0 +1,300 @@
+"""LightningDataModule over CLIP_benchmark webdataset shards (classification and retrieval).
+
+Splits:
+
+* **evaluation** (``val_dataloader`` / ``test_dataloader`` / ``predict_dataloader``): every sample of
+  ``eval_split`` exactly once over all ranks x workers (see :mod:`regcache.data.splitting`).
+* **calibration** (``calib_dataloader``, also ``train_dataloader``) and **reference**
+  (``reference_dataloader``, e.g. a k-NN feature bank): a whole split, or ``*_size`` samples drawn
+  seeded and class-balanced from it. If drawn from the evaluation shards, the drawn samples are
+  excluded from evaluation (identity = real shard path + key), so they never overlap.
+  Calibration is replicated on every rank by default (identical statistics without collectives);
+  the reference set is split across ranks by default (gather it, e.g. with
+  :func:`regcache.eval.gather_by_id`).
+
+Ranks may receive different numbers of evaluation batches: log metrics at epoch end only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from regcache.data._lightning import pl
+from regcache.data.reader import IMAGE_EXTS, ShardDataset, SkipCounter, collate
+from regcache.data.sampling import IndexEntry, OverlapError, class_balanced_sample, scan_index
+from regcache.data.shards import DatasetInfo, is_remote, read_dataset_info, resolve_split_shards
+from regcache.data.splitting import dist_rank_world
+
+__all__ = ["ClassificationDataModule", "RetrievalDataModule", "WebDatasetDataModule"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("eval", "calib", "ref")
+
+
+def _identity(url: str) -> str:
+    return url if is_remote(url) else os.path.realpath(url.removeprefix("file://"))
+
+
+class WebDatasetDataModule(pl.LightningDataModule):
+    """Evaluation / calibration / reference loaders over ``<root>/<split>/{0..N-1}.tar``.
+
+    Args:
+        root: dataset root (local dir or URL); holds classnames / templates / dataset_type files.
+        transform: the encoder's preprocessing, ``PIL.Image -> (3,H,W) tensor``.
+        task: ``"classification"`` / ``"retrieval"``; default from ``dataset_type.txt``.
+        eval_split, calib_split, ref_split: split names (``None`` disables calib / ref).
+        eval_shards, calib_shards, ref_shards: explicit shard patterns overriding discovery
+            (brace patterns, ``pipe:`` / http URLs).
+        calib_size, ref_size: draw this many samples (seeded, class-balanced); ``None`` = whole split.
+        seed: sampling seed.
+        calib_split_by_rank, ref_split_by_rank: split that set across ranks (else replicated).
+        batch_size, num_workers, pin_memory: DataLoader settings (``eval_batch_size`` overrides).
+        multiprocessing_context: DataLoader worker start method (``"fork"`` avoids re-importing
+            everything in each worker when the rank process itself was spawned).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        transform: Callable | None = None,
+        *,
+        task: str | None = None,
+        eval_split: str = "test",
+        eval_shards: str | list[str] | None = None,
+        calib_split: str | None = None,
+        calib_shards: str | list[str] | None = None,
+        calib_size: int | None = None,
+        ref_split: str | None = None,
+        ref_shards: str | list[str] | None = None,
+        ref_size: int | None = None,
+        seed: int = 0,
+        calib_split_by_rank: bool = False,
+        ref_split_by_rank: bool = True,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = False,
+        multiprocessing_context: str | None = None,
+        image_exts: tuple[str, ...] = IMAGE_EXTS,
+    ) -> None:
+        super().__init__()
+        self.root = None if root is None else str(root)
+        self.transform = transform
+        self._task = task
+        self.eval_split, self.eval_shards = eval_split, eval_shards
+        self.calib_split, self.calib_shards, self.calib_size = calib_split, calib_shards, calib_size
+        self.ref_split, self.ref_shards, self.ref_size = ref_split, ref_shards, ref_size
+        self.seed = seed
+        self.calib_split_by_rank = calib_split_by_rank
+        self.ref_split_by_rank = ref_split_by_rank
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.multiprocessing_context = multiprocessing_context
+        self.image_exts = tuple(image_exts)
+        self.counters = {s: SkipCounter() for s in STAGES}
+        self.info: DatasetInfo | None = None
+        self.urls: dict[str, list[str]] = {}
+        self.selected: dict[str, list[IndexEntry] | None] = {}
+        self.eval_exclude: set[tuple[int, str]] = set()
+        self._is_setup = False
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def task(self) -> str:
+        self._ensure_setup()
+        return self._task  # type: ignore[return-value]
+
+    @property
+    def classnames(self) -> list[str]:
+        self._ensure_setup()
+        return list(self.info.classnames)
+
+    @property
+    def templates(self) -> list[str]:
+        self._ensure_setup()
+        return list(self.info.templates)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    # ------------------------------------------------------------------ setup
+    def prepare_data(self) -> None:  # nothing to download
+        pass
+
+    def setup(self, stage: str | None = None) -> None:
+        self._ensure_setup()
+
+    def _ensure_setup(self) -> None:
+        if self._is_setup:
+            return
+        self.info = read_dataset_info(self.root)
+        if self._task is None:
+            self._task = self.info.dataset_type
+        if self._task == "classification" and self.root is not None and not self.info.classnames:
+            log.warning("no classnames.txt under %r: zero-shot classification needs class names", self.root)
+        self.urls["eval"] = resolve_split_shards(self.root, self.eval_split, self.eval_shards)
+        eval_ids = {_identity(u): i for i, u in enumerate(self.urls["eval"])}
+        for stage, split, shards, size in (
+            ("calib", self.calib_split, self.calib_shards, self.calib_size),
+            ("ref", self.ref_split, self.ref_shards, self.ref_size),
+        ):
+            if split is None and shards is None:
+                self.selected[stage] = None
+                continue
+            urls = resolve_split_shards(self.root, split or "", shards)
+            self.urls[stage] = urls
+            shared = [u for u in urls if _identity(u) in eval_ids]
+            if size is None:
+                if shared:
+                    raise OverlapError(
+                        f"{stage} split {split!r} uses {len(shared)} evaluation shard(s) (e.g. {shared[0]!r}) "
+                        f"in full: set {stage}_size to draw a subset (excluded from evaluation) or use a "
+                        "different split."
+                    )
+                self.selected[stage] = None
+                continue
+            entries = scan_index(urls, with_labels=self._task == "classification")
+            picked = class_balanced_sample(entries, size, seed=self.seed)
+            self.selected[stage] = picked
+            if len(picked) < size:
+                warnings.warn(f"{stage}: only {len(picked)} samples available (< {size})", stacklevel=2)
+            n_excl = 0
+            for e in picked:
+                j = eval_ids.get(_identity(urls[e.shard]))
+                if j is not None:
+                    self.eval_exclude.add((j, e.key))
+                    n_excl += 1
+            if n_excl:
+                warnings.warn(
+                    f"{n_excl} {stage} sample(s) drawn from the evaluation shards are excluded from "
+                    "evaluation (calibration/reference never overlap evaluation)",
+                    stacklevel=2,
+                )
+        self._is_setup = True
+        self.check_disjoint()
+
+    def identities(self, stage: str) -> set[tuple[str, str]] | None:
+        """(real shard path, key) of a drawn calib/ref subset (None when it is a whole split)."""
+        self._ensure_setup()
+        sel = self.selected.get(stage)
+        if sel is None:
+            return None
+        return {(_identity(self.urls[stage][e.shard]), e.key) for e in sel}
+
+    def check_disjoint(self) -> None:
+        """Raise :class:`OverlapError` if calibration/reference can overlap the evaluation samples."""
+        eval_ids = [_identity(u) for u in self.urls["eval"]]
+        excluded = {(eval_ids[j], k) for j, k in self.eval_exclude}
+        for stage in ("calib", "ref"):
+            if stage not in self.urls:
+                continue
+            ids = self.identities(stage)
+            if ids is None:  # whole split: must not share any shard with eval
+                shared = {_identity(u) for u in self.urls[stage]} & set(eval_ids)
+                if shared:
+                    raise OverlapError(f"{stage} shares evaluation shards {sorted(shared)[:3]}")
+                continue
+            leaked = {i for i in ids if i[0] in set(eval_ids)} - excluded
+            if leaked:
+                raise OverlapError(f"{stage} samples present in evaluation: {sorted(leaked)[:3]}")
+
+    # ------------------------------------------------------------------ datasets / loaders
+    def dataset(self, stage: str = "eval") -> ShardDataset:
+        """A fresh :class:`ShardDataset` for ``stage`` in ``("eval", "calib", "ref")``."""
+        self._ensure_setup()
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}")
+        if stage != "eval" and stage not in self.urls:
+            raise RuntimeError(f"no {stage} split configured (set {stage}_split / {stage}_shards)")
+        split_by_rank = {"eval": True, "calib": self.calib_split_by_rank, "ref": self.ref_split_by_rank}[
+            stage
+        ]
+        rank, world = dist_rank_world()  # fixed now: spawn-started workers do not see the process group
+        sel = None if stage == "eval" else self.selected.get(stage)
+        return ShardDataset(
+            self.urls[stage],
+            transform=self.transform,
+            task=self._task,
+            select=None if sel is None else [(e.shard, e.key) for e in sel],
+            exclude=self.eval_exclude if stage == "eval" else None,
+            split_by_rank=split_by_rank,
+            rank=rank,
+            world_size=world,
+            image_exts=self.image_exts,
+            counter=self.counters[stage],
+        )
+
+    def dataloader(self, stage: str = "eval", batch_size: int | None = None) -> torch.utils.data.DataLoader:
+        bs = batch_size or (self.eval_batch_size if stage == "eval" else self.batch_size)
+        return torch.utils.data.DataLoader(
+            self.dataset(stage),
+            batch_size=bs,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
+        )
+
+    def val_dataloader(self):
+        return self.dataloader("eval")
+
+    def test_dataloader(self):
+        return self.dataloader("eval")
+
+    def predict_dataloader(self):
+        return self.dataloader("eval")
+
+    def calib_dataloader(self):
+        return self.dataloader("calib")
+
+    def train_dataloader(self):
+        """The calibration loader (for Lightning-driven calibration)."""
+        return self.dataloader("calib")
+
+    def reference_dataloader(self):
+        return self.dataloader("ref")
+
+    # ------------------------------------------------------------------ skipped-sample accounting
+    def skip_counts(self, stage: str = "eval") -> dict[str, int]:
+        """Skipped samples / shard read errors seen by this process (its workers included)."""
+        return self.counters[stage].as_dict()
+
+    def reduced_skip_counts(
+        self, stage: str = "eval", device: torch.device | str | None = None
+    ) -> dict[str, int]:
+        """:meth:`skip_counts` summed over ranks. A collective when torch.distributed is initialised:
+        call it on every rank (e.g. in ``on_validation_epoch_end``). For NCCL pass the CUDA device."""
+        c = self.counters[stage]
+        t = torch.tensor([c.skipped, c.shard_errors], dtype=torch.long, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return {"skipped_samples": int(t[0]), "shard_errors": int(t[1])}
+
+    def reset_skip_counts(self) -> None:
+        for c in self.counters.values():
+            c.reset()
+
+
+class ClassificationDataModule(WebDatasetDataModule):
+    """:class:`WebDatasetDataModule` with ``task="classification"``."""
+
+    def __init__(self, root=None, transform=None, **kwargs) -> None:
+        kwargs.setdefault("task", "classification")
+        super().__init__(root, transform, **kwargs)
+
+
+class RetrievalDataModule(WebDatasetDataModule):
+    """:class:`WebDatasetDataModule` with ``task="retrieval"`` (batches carry ``captions``)."""
+
+    def __init__(self, root=None, transform=None, **kwargs) -> None:
+        kwargs.setdefault("task", "retrieval")
+        super().__init__(root, transform, **kwargs)

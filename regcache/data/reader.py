@@ -1,0 +1,356 @@
+"""Streaming reader of CLIP_benchmark webdataset shards (plain PyTorch ``IterableDataset``).
+
+Each yielded sample is a dict::
+
+    image      float tensor (3, H, W)       -- output of the encoder's own transform
+    label      int                          -- classification (``.cls``)
+    captions   list[str]                    -- retrieval (``.txt``, one caption per line)
+    sample_id  int                          -- global id, see :func:`make_sample_id`
+    key        str                          -- the ``__key__`` inside the shard (e.g. ``s0000123``)
+
+:func:`collate` turns a list of them into the batch dict (``image`` (B,3,H,W), ``label`` (B,) long,
+``sample_id`` (B,) long, ``key`` list[str], ``captions`` list[list[str]]).
+
+Corrupt / undecodable samples and unreadable shard tails are skipped and counted in a
+:class:`SkipCounter` shared with dataloader worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .shards import open_stream
+from .splitting import Assignment, ShardPart, assign_work, current_consumer
+
+__all__ = [
+    "IMAGE_EXTS",
+    "ShardDataset",
+    "SkipCounter",
+    "collate",
+    "default_transform",
+    "iter_tar_samples",
+    "make_sample_id",
+    "split_sample_id",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("webp", "jpg", "jpeg", "png")
+_KEY_DIGITS = re.compile(r"(\d+)$")
+_LOCAL_BITS = 32
+_POSITION_FLAG = 1 << 31
+
+
+def make_sample_id(shard_index: int, key: str, position: int) -> int:
+    """Global sample id: ``shard_index << 32 | local``.
+
+    ``local`` is the number at the end of the key (CLIP_benchmark keys ``s0000123`` -> 123) when it is
+    below 2**31, else ``2**31 + position`` (position of the sample inside its shard). Unique across
+    the dataset because the shard index is part of it; stable across runs, ranks and workers.
+    """
+    m = _KEY_DIGITS.search(key)
+    if m is not None and int(m.group(1)) < _POSITION_FLAG:
+        local = int(m.group(1))
+    else:
+        local = _POSITION_FLAG + position
+    return (int(shard_index) << _LOCAL_BITS) | local
+
+
+def split_sample_id(sample_id: int) -> tuple[int, int]:
+    """Inverse of :func:`make_sample_id`: (shard_index, local)."""
+    sample_id = int(sample_id)
+    return sample_id >> _LOCAL_BITS, sample_id & ((1 << _LOCAL_BITS) - 1)
+
+
+class SkipCounter:
+    """Counts skipped samples and failed shard reads across dataloader worker processes."""
+
+    def __init__(self) -> None:
+        self._skipped = mp.Value("q", 0)
+        self._shard_errors = mp.Value("q", 0)
+
+    def add_skipped(self, n: int = 1) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value += n
+
+    def add_shard_error(self, n: int = 1) -> None:
+        with self._shard_errors.get_lock():
+            self._shard_errors.value += n
+
+    @property
+    def skipped(self) -> int:
+        return int(self._skipped.value)
+
+    @property
+    def shard_errors(self) -> int:
+        return int(self._shard_errors.value)
+
+    def reset(self) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value = 0
+        with self._shard_errors.get_lock():
+            self._shard_errors.value = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"skipped_samples": self.skipped, "shard_errors": self.shard_errors}
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """webdataset convention: key = dir + basename up to the first dot, ext = the rest (lower case)."""
+    slash = name.rfind("/")
+    base = name[slash + 1 :]
+    dot = base.find(".")
+    if dot <= 0:
+        return None
+    return name[: slash + 1] + base[:dot], base[dot + 1 :].lower()
+
+
+class _TailReader:
+    """Read-through wrapper remembering the first and the last bytes read (truncation check)."""
+
+    _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.head = b""
+        self.tail = b""
+        self.nbytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if len(self.head) < 8:
+            self.head = (self.head + data)[:8]
+        self.tail = (self.tail + data)[-1024:] if len(data) < 1024 else data[-1024:]
+        self.nbytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def looks_truncated(self) -> bool:
+        """A plain tar ends with two zero blocks; a stream cut at a header boundary does not (tarfile
+        silently stops there). Not checked for compressed streams."""
+        if self.head.startswith(self._COMPRESSED_MAGIC) or self.nbytes == 0:
+            return False
+        return len(self.tail) < 1024 or any(self.tail)
+
+
+def iter_tar_samples(stream, on_error: Callable[[BaseException], None] | None = None) -> Iterator[dict]:
+    """Group the members of a tar stream by key. Yields ``{"__key__", "__pos__", ext: bytes, ...}``.
+
+    A read error (truncated / corrupt tar) ends the shard: ``on_error`` is called (else re-raised).
+    A stream that ends without the end-of-archive marker also counts as an error (reported after
+    its complete samples were yielded).
+    """
+    current: dict[str, Any] | None = None
+    pos = 0
+    reader = _TailReader(stream)
+    try:
+        with tarfile.open(fileobj=reader, mode="r|*") as tf:
+            for member in tf:
+                if not member.isreg():
+                    continue
+                parts = _split_name(member.name)
+                if parts is None or parts[0].rsplit("/", 1)[-1].startswith("__"):
+                    continue
+                key, ext = parts
+                f = tf.extractfile(member)
+                data = f.read() if f is not None else b""
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                        pos += 1
+                    current = {"__key__": key, "__pos__": pos}
+                current[ext] = data
+        reader.drain()
+        if reader.looks_truncated():
+            raise tarfile.ReadError("tar stream ends without the end-of-archive marker (truncated?)")
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        if on_error is None:
+            raise
+        on_error(e)
+        return  # drop the possibly incomplete last sample
+    if current is not None:
+        yield current
+
+
+def default_transform(size: int = 224):
+    """Resize (bicubic) + center crop + ToTensor, *without* normalisation. Prefer the encoder's own."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()]
+    )
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Iterate the samples of a list of shards, split across ranks x dataloader workers exactly once.
+
+    Args:
+        urls: ordered shard URLs (index in this list = shard index of the sample ids).
+        transform: callable ``PIL.Image -> tensor`` (the encoder's preprocessing).
+        task: ``"classification"`` (needs ``.cls``) or ``"retrieval"`` (needs ``.txt``).
+        select: optional set of ``(shard_index, key)``: read only these samples (a drawn subset).
+            They are split across consumers round-robin in sorted order.
+        exclude: optional set of ``(shard_index, key)`` never yielded (e.g. calibration samples drawn
+            from the evaluation split).
+        split_by_rank: split across distributed ranks (evaluation). ``False`` gives every rank the full
+            set (still split across the workers of a rank), e.g. for calibration.
+        rank, world_size: fixed at dataloader-construction time by the datamodule; ``None`` means read
+            torch.distributed / env when iterating.
+        counter: shared :class:`SkipCounter` (created if not given).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        transform: Callable | None = None,
+        task: str = "classification",
+        select: Iterable[tuple[int, str]] | None = None,
+        exclude: Iterable[tuple[int, str]] | None = None,
+        split_by_rank: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        image_exts: tuple[str, ...] = IMAGE_EXTS,
+        counter: SkipCounter | None = None,
+        max_warnings: int = 10,
+    ) -> None:
+        super().__init__()
+        if task not in ("classification", "retrieval"):
+            raise ValueError(f"task must be 'classification' or 'retrieval', got {task!r}")
+        self.urls = list(urls)
+        self.transform = transform if transform is not None else default_transform()
+        self.task = task
+        self.select = None if select is None else frozenset((int(s), str(k)) for s, k in select)
+        self.exclude = frozenset((int(s), str(k)) for s, k in (exclude or ()))
+        self.split_by_rank = split_by_rank
+        self.rank = rank
+        self.world_size = world_size
+        self.image_exts = tuple(image_exts)
+        self.counter = counter if counter is not None else SkipCounter()
+        self.max_warnings = max_warnings
+        self._warned = 0
+
+    # ------------------------------------------------------------------ work assignment
+    def _consumer(self) -> tuple[int, int, int, int]:
+        rank, world, worker, nw = current_consumer(self.split_by_rank)
+        if self.split_by_rank and self.rank is not None:
+            rank, world = self.rank, self.world_size or 1
+        return rank, world, worker, nw
+
+    def plan(self, rank: int, world: int, worker: int, num_workers: int, warn: bool = True):
+        """List of (ShardPart, wanted_keys | None) for one consumer (public for tests)."""
+        if self.select is None:
+            warn = warn and rank == 0 and worker == 0
+            a: Assignment = assign_work(len(self.urls), rank, world, worker, num_workers, warn=warn)
+            return [(p, None) for p in a.parts]
+        nw = max(num_workers, 1)
+        consumers, c = world * nw, rank * nw + worker
+        mine = sorted(self.select)[c::consumers]
+        by_shard: dict[int, set[str]] = {}
+        for s, k in mine:
+            by_shard.setdefault(s, set()).add(k)
+        return [(ShardPart(s), frozenset(keys)) for s, keys in sorted(by_shard.items())]
+
+    # ------------------------------------------------------------------ decoding
+    def _warn(self, msg: str) -> None:
+        if self._warned < self.max_warnings:
+            log.warning(msg)
+            self._warned += 1
+            if self._warned == self.max_warnings:
+                log.warning("further skipped-sample warnings of this reader are suppressed")
+
+    def decode(self, raw: dict, shard_index: int) -> dict:
+        key = raw["__key__"]
+        img_ext = next((e for e in self.image_exts if e in raw), None)
+        if img_ext is None:
+            raise ValueError(f"no image member ({'/'.join(self.image_exts)})")
+        with Image.open(io.BytesIO(raw[img_ext])) as im:
+            im = im.convert("RGB")
+        out = {
+            "image": self.transform(im),
+            "sample_id": make_sample_id(shard_index, key, raw["__pos__"]),
+            "key": key,
+        }
+        if self.task == "classification":
+            if "cls" not in raw:
+                raise ValueError("no .cls member")
+            out["label"] = int(raw["cls"].decode("utf-8").strip())
+        else:
+            if "txt" not in raw:
+                raise ValueError("no .txt member")
+            caps = [c.strip() for c in raw["txt"].decode("utf-8").splitlines() if c.strip()]
+            if not caps:
+                raise ValueError("empty .txt")
+            out["captions"] = caps
+        return out
+
+    # ------------------------------------------------------------------ iteration
+    def iter_shard(self, shard_index: int, part: ShardPart | None = None, wanted=None) -> Iterator[dict]:
+        url = self.urls[shard_index]
+
+        def on_error(e: BaseException) -> None:
+            self.counter.add_shard_error()
+            self._warn(f"shard {url!r}: read error, rest of the shard skipped: {e!r}")
+
+        remaining = set(wanted) if wanted is not None else None
+        try:
+            stream = open_stream(url)
+        except Exception as e:  # noqa: BLE001
+            on_error(e)
+            return
+        try:
+            for raw in iter_tar_samples(stream, on_error=on_error):
+                if part is not None and not part.keeps(raw["__pos__"]):
+                    continue
+                key = raw["__key__"]
+                if remaining is not None:
+                    if key not in remaining:
+                        continue
+                    remaining.discard(key)
+                if (shard_index, key) in self.exclude:
+                    continue
+                try:
+                    yield self.decode(raw, shard_index)
+                except Exception as e:  # noqa: BLE001 - never crash a long run on one sample
+                    self.counter.add_skipped()
+                    self._warn(f"skipped sample {key!r} of shard {url!r}: {e!r}")
+                if remaining is not None and not remaining:
+                    break
+        finally:
+            try:
+                stream.close()
+            except Exception as e:  # noqa: BLE001
+                log.debug("closing %r failed: %r", url, e)
+        if remaining:
+            self.counter.add_skipped(len(remaining))
+            self._warn(f"{len(remaining)} selected sample(s) not found in shard {url!r}")
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, nw = self._consumer()
+        for part, wanted in self.plan(rank, world, worker, nw):
+            yield from self.iter_shard(part.shard, part, wanted)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch dict: image (B,3,H,W), label (B,) long | captions list[list[str]], sample_id (B,), key."""
+    batch: dict[str, Any] = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "sample_id": torch.tensor([s["sample_id"] for s in samples], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+    }
+    if samples and "label" in samples[0]:
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    if samples and "captions" in samples[0]:
+        batch["captions"] = [list(s["captions"]) for s in samples]
+    return batch

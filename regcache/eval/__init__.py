@@ -1,0 +1,35 @@
+"""Evaluation metrics, zero-shot classifier builder and outlier statistics (plain torch/torchmetrics)."""
+
+from .distributed import all_gather_uneven, dedupe_by_id, first_occurrence, gather_by_id
+from .metrics import (
+    FeatureFidelity,
+    KNNAccuracy,
+    RetrievalRecallAtK,
+    ZeroShotAccuracy,
+    feature_cosine_by_id,
+    knn_votes,
+    retrieval_recall_at_k,
+    topk_accuracy,
+)
+from .outliers import OutlierStats
+from .zeroshot import build_zeroshot_classifier, classifier_cache_key, fill_template, zeroshot_logits
+
+__all__ = [
+    "FeatureFidelity",
+    "KNNAccuracy",
+    "OutlierStats",
+    "RetrievalRecallAtK",
+    "ZeroShotAccuracy",
+    "all_gather_uneven",
+    "build_zeroshot_classifier",
+    "classifier_cache_key",
+    "dedupe_by_id",
+    "feature_cosine_by_id",
+    "fill_template",
+    "first_occurrence",
+    "gather_by_id",
+    "knn_votes",
+    "retrieval_recall_at_k",
+    "topk_accuracy",
+    "zeroshot_logits",
+]

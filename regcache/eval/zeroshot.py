@@ -1,0 +1,109 @@
+"""Zero-shot classifier (text-tower class embeddings) for CLIP-like models, with a disk cache.
+
+Distribution policy: when torch.distributed is initialised with world size > 1, rank 0 builds (or
+loads from cache) the classifier and broadcasts it; every rank must therefore call
+:func:`build_zeroshot_classifier` (it is a collective). Only rank 0 reads/writes the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["build_zeroshot_classifier", "classifier_cache_key", "fill_template", "zeroshot_logits"]
+
+log = logging.getLogger(__name__)
+
+Template = str | Callable[[str], str]
+
+
+def fill_template(template: Template, classname: str) -> str:
+    """``"a photo of a {c}."`` -> filled string; callables (open_clip style) are called."""
+    return template(classname) if callable(template) else template.replace("{c}", classname)
+
+
+def classifier_cache_key(model_id: str, classnames: Sequence[str], templates: Sequence[Template]) -> str:
+    """sha256 over the model identity string, the templates and the class names."""
+    payload = json.dumps(
+        {
+            "model": model_id,
+            "templates": [fill_template(t, "{c}") for t in templates],
+            "classnames": list(classnames),
+        },
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+@torch.no_grad()
+def _compute(model, tokenizer, classnames, templates, device, batch_size) -> Tensor:
+    texts = [fill_template(t, c) for c in classnames for t in templates]
+    embs = []
+    for s in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[s : s + batch_size])
+        tokens = tokens.to(device) if isinstance(tokens, Tensor) else tokens
+        embs.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    e = torch.cat(embs).reshape(len(classnames), len(templates), -1)
+    return F.normalize(e.mean(dim=1), dim=-1).T.contiguous()  # (embed_dim, num_classes)
+
+
+def build_zeroshot_classifier(
+    model,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    model_id: str | None = None,
+) -> Tensor:
+    """Zero-shot classification head, shape ``(embed_dim, num_classes)``, float32 on ``device``.
+
+    Per class: fill every template, tokenize, ``model.encode_text``, L2-normalise each, average,
+    renormalise. Cached as ``<cache_dir>/zeroshot_<sha256>.pt`` when both ``cache_dir`` and
+    ``model_id`` (a string naming the exact weights, e.g. ``"ViT-B-16-quickgelu/openai"``) are given.
+    Collective under torch.distributed (rank 0 computes, then broadcasts).
+    """
+    if not classnames or not templates:
+        raise ValueError("need at least one class name and one template")
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    W: Tensor | None = None
+    if rank == 0:
+        path = None
+        if cache_dir is not None and model_id is not None:
+            key = classifier_cache_key(model_id, classnames, templates)
+            path = Path(cache_dir) / f"zeroshot_{key}.pt"
+            if path.is_file():
+                W = torch.load(path, map_location="cpu", weights_only=True)
+                log.info("loaded zero-shot classifier from %s", path)
+        if W is None:
+            W = _compute(model, tokenizer, list(classnames), list(templates), device, batch_size)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(W.cpu(), tmp)
+                os.replace(tmp, path)
+        W = W.to(device=device, dtype=torch.float32)
+    if distributed:
+        shape = [tuple(W.shape) if W is not None else None]
+        dist.broadcast_object_list(shape, src=0)
+        if W is None:
+            W = torch.empty(shape[0], dtype=torch.float32, device=device)
+        dist.broadcast(W, src=0)
+    return W
+
+
+def zeroshot_logits(image_features: Tensor, classifier: Tensor) -> Tensor:
+    """``100 * normalize(image_features) @ classifier``."""
+    return 100.0 * F.normalize(image_features.float(), dim=-1) @ classifier.to(image_features.device)
