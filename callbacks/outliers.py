@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from regcache.eval import OutlierStats
 
 from regcache._lightning import pl
+from regcache.eval import OutlierStats
 from regcache.module import plain_float
 from regcache.utils import write_json
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from regcache.data._lightning import pl
+from regcache._lightning import pl
 from regcache.data.reader import IMAGE_EXTS, ShardDataset, SkipCounter, collate
 from regcache.data.sampling import IndexEntry, OverlapError, class_balanced_sample, scan_index
 from regcache.data.shards import DatasetInfo, is_remote, read_dataset_info, resolve_split_shards

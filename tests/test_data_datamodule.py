@@ -147,7 +147,7 @@ def test_pipe_source_through_webdataset(shared_data):
 
 
 def test_lightning_validate_smoke(tmp_path, shared_data):
-    from regcache.data._lightning import pl
+    from regcache._lightning import pl
     from regcache.eval import ZeroShotAccuracy
 
     class Tiny(pl.LightningModule):

@@ -306,7 +306,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         remaining = set(wanted) if wanted is not None else None
         try:
             stream = open_stream(url)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             on_error(e)
             return
         try:
@@ -322,7 +322,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     continue
                 try:
                     yield self.decode(raw, shard_index)
-                except Exception as e:  # noqa: BLE001 - never crash a long run on one sample
+                except Exception as e:
                     self.counter.add_skipped()
                     self._warn(f"skipped sample {key!r} of shard {url!r}: {e!r}")
                 if remaining is not None and not remaining:
@@ -330,7 +330,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         finally:
             try:
                 stream.close()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.debug("closing %r failed: %r", url, e)
         if remaining:
             self.counter.add_skipped(len(remaining))

@@ -87,7 +87,7 @@ def read_text(url: str) -> str | None:
             return p.read_text(encoding="utf-8") if p.is_file() else None
         with open_stream(url) as f:
             return f.read().decode("utf-8")
-    except Exception:  # noqa: BLE001 - remote fetch failures mean "absent"
+    except Exception:
         return None
 
 

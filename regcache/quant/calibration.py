@@ -35,7 +35,10 @@ def iter_images(
 ) -> Iterator[torch.Tensor]:
     """Images of each batch moved to the encoder's device and dtype, with a progress bar."""
     device, dtype = module_device_dtype(encoder)
-    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        total = len(batches)
+    except TypeError:  # iterable-style datasets have no length
+        total = None
     for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
         yield batch_images(batch).to(device=device, dtype=dtype, non_blocking=True)
 

@@ -1,0 +1,149 @@
+"""End to end: `regcache validate` on a tiny model and tiny shards through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from regcache.data.make_shards import write_coco_shards, write_imagefolder_shards
+from regcache.lightning_cli import compose
+from regcache.lightning_cli import main as validate_main
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+def _image(rgb, seed: int) -> Image.Image:
+    noise = np.random.default_rng(seed).integers(-25, 25, (40, 40, 3))
+    return Image.fromarray(np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    for split, n in (("test", 6), ("train", 4)):
+        folder = root / f"folder_{split}"
+        for c, rgb in COLORS.items():
+            (folder / c).mkdir(parents=True)
+            for i in range(n):
+                _image(rgb, hash((split, c, i)) % 2**32).save(folder / c / f"{i}.png")
+        write_imagefolder_shards(folder, root / "colors", split=split, shard_size=5, templates=["a {c} square."])
+    imgs = root / "coco_images"
+    imgs.mkdir()
+    coco = {"images": [], "annotations": []}
+    for i, (c, rgb) in enumerate(list(COLORS.items()) * 2):
+        _image(rgb, 100 + i).save(imgs / f"{i}.png")
+        coco["images"].append({"id": i, "file_name": f"{i}.png"})
+        coco["annotations"] += [{"image_id": i, "caption": f"a {c} thing"}, {"image_id": i, "caption": f"{c} {i}"}]
+    (root / "coco.json").write_text(json.dumps(coco))
+    write_coco_shards(imgs, root / "coco.json", root / "captions", shard_size=4)
+    return root
+
+
+def _config(tmp_path: Path, shards: Path, method: str, **model) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+        "model": {"model": "regcache-tiny-vit", "method": method, "run_dir": str(tmp_path / "run"), **model},
+        "data": {
+            "root": str(shards),
+            "datasets": {
+                "colors": {"calib_split": "train", "calib_size": 6, "ref_split": "train", "ref_size": 6},
+                "captions": {},
+            },
+            "calibration": "colors",
+            "batch_size": 4,
+            "num_workers": 0,
+        },
+    }
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run(config: Path, *extra: str) -> dict:
+    assert validate_main(["--config", str(config), *extra]) == 0
+    return json.loads((Path(yaml.safe_load(config.read_text())["model"]["run_dir"]) / "metrics.json").read_text())
+
+
+def test_validate_naive_writes_metrics_json(tmp_path, shards, capsys):
+    config = _config(tmp_path, shards, "naive", w_bits=6, a_bits=6)
+    result = _run(config)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"results: {tmp_path / 'run' / 'metrics.json'}"
+    assert {"model", "pretrained", "method", "w_bits", "a_bits", "regcache", "metrics", "num_samples"} <= set(result)
+    assert {"skipped_samples", "outliers"} <= set(result)
+    assert (result["method"], result["w_bits"], result["a_bits"], result["regcache"]) == ("naive", 6, 6, None)
+    metrics = result["metrics"]
+    expected = {"colors/zeroshot_top1", "colors/zeroshot_top5", "colors/mean_per_class_recall"}
+    expected |= {f"captions/{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert expected <= set(metrics)
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert metrics["colors/zeroshot_top5"] == 1.0  # 3 classes: the true class is always in the top 5
+    assert metrics["captions/text_retrieval_recall@10"] == 1.0  # 12 captions, 2 positives per image
+    assert result["num_samples"] == {"colors": 18, "captions": 6}
+    assert result["skipped_samples"] == {"colors": 0, "captions": 0}
+    assert (tmp_path / "run" / "outliers.png").is_file()
+    # the calibration state was saved; a second run reloads it and reproduces every metric
+    again = _run(config)
+    assert again["metrics"] == metrics
+    assert again["calibration"]["loaded"] and not result["calibration"]["loaded"]
+
+
+def test_float_zero_shot_matches_direct_computation(tmp_path, shards):
+    """The CLI's zero-shot top-1 equals a direct computation with the same (seeded) model."""
+    result = _run(_config(tmp_path, shards, "float"))
+    import webdataset as wds
+
+    from regcache.loading import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model("regcache-tiny-vit")
+    classnames = (shards / "colors" / "classnames.txt").read_text().split()
+    with torch.no_grad():
+        text = loaded.model.encode_text(loaded.tokenizer([f"a {c} square." for c in classnames]))
+        text = torch.nn.functional.normalize(text, dim=-1)
+        urls = sorted(str(p) for p in (shards / "colors" / "test").glob("*.tar"))
+        correct = total = 0
+        for sample in wds.WebDataset(urls, shardshuffle=False).decode("pil"):
+            image = loaded.preprocess(sample["png"].convert("RGB"))[None]
+            feats = torch.nn.functional.normalize(loaded.model.encode_image(image), dim=-1)
+            correct += int((feats @ text.T).argmax() == int(sample["cls"]))
+            total += 1
+    assert total == 18
+    assert result["metrics"]["colors/zeroshot_top1"] == pytest.approx(correct / total)
+
+
+def test_two_process_run_equals_one_process(tmp_path, shards):
+    config = _config(tmp_path, shards, "naive", w_bits=8, a_bits=8)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    outs = {}
+    for devices in (1, 2):
+        run_dir = tmp_path / f"run{devices}"
+        cmd = [sys.executable, "-m", "regcache.cli", "validate", "--config", str(config)]
+        cmd += [f"--model.run_dir={run_dir}", f"--trainer.devices={devices}"]
+        if devices == 2:
+            cmd += ["--trainer.strategy=ddp"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip().splitlines()[-1] == f"results: {run_dir / 'metrics.json'}"
+        outs[devices] = json.loads((run_dir / "metrics.json").read_text())
+    assert outs[2]["metrics"] == pytest.approx(outs[1]["metrics"], abs=1e-6)
+    assert outs[2]["num_samples"] == outs[1]["num_samples"]
+
+
+def test_compose_defaults(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  method: naive\n  w_bits: 8\ntrainer:\n  devices: 1\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\nmodel:\n  w_bits: 6\n")
+    assert compose(tmp_path / "b.yaml") == {"model": {"method": "naive", "w_bits": 6}, "trainer": {"devices": 1}}
+    (tmp_path / "c.yaml").write_text("defaults: [c.yaml]\n")
+    with pytest.raises(ValueError, match="cycle"):
+        compose(tmp_path / "c.yaml")
