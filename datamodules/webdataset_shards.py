@@ -215,9 +215,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             raise ValueError(f"stage must be one of {STAGES}")
         if stage != "eval" and stage not in self.urls:
             raise RuntimeError(f"no {stage} split configured (set {stage}_split / {stage}_shards)")
-        split_by_rank = {"eval": True, "calib": self.calib_split_by_rank, "ref": self.ref_split_by_rank}[
-            stage
-        ]
+        split_by_rank = {"eval": True, "calib": self.calib_split_by_rank, "ref": self.ref_split_by_rank}[stage]
         rank, world = dist_rank_world()  # fixed now: spawn-started workers do not see the process group
         sel = None if stage == "eval" else self.selected.get(stage)
         return ShardDataset(
@@ -268,9 +266,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         """Skipped samples / shard read errors seen by this process (its workers included)."""
         return self.counters[stage].as_dict()
 
-    def reduced_skip_counts(
-        self, stage: str = "eval", device: torch.device | str | None = None
-    ) -> dict[str, int]:
+    def reduced_skip_counts(self, stage: str = "eval", device: torch.device | str | None = None) -> dict[str, int]:
         """:meth:`skip_counts` summed over ranks. A collective when torch.distributed is initialised:
         call it on every rank (e.g. in ``on_validation_epoch_end``). For NCCL pass the CUDA device."""
         c = self.counters[stage]

@@ -133,7 +133,7 @@ def test_missing_path_and_empty_split_errors(tmp_path):
     with pytest.raises(ShardSourceError, match=r"does not exist.*test/\{0\.\.N-1\}\.tar.*make-shards"):
         WebDatasetDataModule(tmp_path / "nope", SMALL).setup()
     (tmp_path / "empty" / "test").mkdir(parents=True)
-    with pytest.raises(ShardSourceError, match="has no test/\\*.tar shards"):
+    with pytest.raises(ShardSourceError, match=r"has no test/\*.tar shards"):
         WebDatasetDataModule(tmp_path / "empty", SMALL).setup()
     with pytest.raises(ShardSourceError, match=r"do not exist.*first: .*/x/3\.tar"):
         WebDatasetDataModule(None, SMALL, eval_shards=str(tmp_path / "x" / "{3..4}.tar")).setup()
@@ -167,9 +167,7 @@ def test_lightning_validate_smoke(tmp_path, shared_data):
             self.acc.reset()
 
     root = shared_data / "cifar10"
-    dm = WebDatasetDataModule(
-        root, SMALL, eval_shards=str(root / "test" / "0.tar"), batch_size=500, num_workers=1
-    )
+    dm = WebDatasetDataModule(root, SMALL, eval_shards=str(root / "test" / "0.tar"), batch_size=500, num_workers=1)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
         enable_checkpointing=False, default_root_dir=tmp_path,

@@ -36,9 +36,7 @@ def _image_features(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def _text_features(captions: list[str]) -> torch.Tensor:
-    rows = [
-        torch.randn(16, generator=torch.Generator().manual_seed(zlib.crc32(c.encode()))) for c in captions
-    ]
+    rows = [torch.randn(16, generator=torch.Generator().manual_seed(zlib.crc32(c.encode()))) for c in captions]
     return torch.stack(rows)
 
 
@@ -91,9 +89,7 @@ def _worker(rank, world, workers, cifar_root, coco_root, port, out_dir):
         all_ids = torch.cat(all_gather_uneven(local_ids))
         uniq = gather_by_id(local_ids)[0]
 
-        rdm = WebDatasetDataModule(
-            coco_root, SMALL, batch_size=5, num_workers=workers, multiprocessing_context="fork"
-        )
+        rdm = WebDatasetDataModule(coco_root, SMALL, batch_size=5, num_workers=workers, multiprocessing_context="fork")
         rr = RetrievalRecallAtK()
         n_ret = 0
         for b in rdm.val_dataloader():

@@ -82,7 +82,7 @@ def test_coco_retrieval_roundtrip(tmp_path):
     caps = {}
     for b in dm.val_dataloader():
         assert "label" not in b and b["image"].shape[1:] == (3, 16, 16)
-        for k, c in zip(b["key"], b["captions"]):
+        for k, c in zip(b["key"], b["captions"], strict=False):
             caps[k] = c
     assert len(caps) == 6 and all(len(c) == 5 for c in caps.values())
     assert caps["s0000002"][3] == "image 2 caption 3"

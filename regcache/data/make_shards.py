@@ -120,9 +120,7 @@ def write_imagefolder_shards(
     src, out = Path(src), Path(out)
     classes = sorted(d.name for d in src.iterdir() if d.is_dir()) if src.is_dir() else []
     if not classes:
-        raise FileNotFoundError(
-            f"no class sub-folders in {src} (expected an ImageFolder tree src/<class>/*.jpg)"
-        )
+        raise FileNotFoundError(f"no class sub-folders in {src} (expected an ImageFolder tree src/<class>/*.jpg)")
     if classnames is not None and len(classnames) != len(classes):
         raise ValueError(f"{len(classnames)} class names for {len(classes)} class folders")
     out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +143,7 @@ def write_imagefolder_shards(
     return {"samples": n, "shards": w.nshards, "classes": len(classes)}
 
 
-def _coco_records(
-    captions_json: Path | None, karpathy_json: Path | None, split: str
-) -> list[tuple[str, list[str]]]:
+def _coco_records(captions_json: Path | None, karpathy_json: Path | None, split: str) -> list[tuple[str, list[str]]]:
     """[(relative image path, captions)] ordered by image id / Karpathy order."""
     captions: dict[int, list[str]] = {}
     files: dict[int, str] = {}
@@ -164,10 +160,7 @@ def _coco_records(
         if im.get("split") != split:
             continue
         cid = int(im.get("cocoid", im.get("imgid", -1)))
-        if cid in captions:
-            caps = captions[cid]
-        else:
-            caps = [" ".join(s["raw"].split()) for s in im.get("sentences", [])]
+        caps = captions[cid] if cid in captions else [" ".join(s["raw"].split()) for s in im.get("sentences", [])]
         rel = str(Path(im.get("filepath", "")) / im["filename"]) if im.get("filepath") else im["filename"]
         recs.append((files.get(cid, rel), caps))
     return recs
@@ -191,9 +184,7 @@ def write_coco_shards(
     if captions_json is None and karpathy_json is None:
         raise ValueError("need a COCO captions JSON and/or a Karpathy split JSON")
     image_dir, out = Path(image_dir), Path(out)
-    recs = _coco_records(
-        Path(captions_json) if captions_json else None, karpathy_json and Path(karpathy_json), split
-    )
+    recs = _coco_records(Path(captions_json) if captions_json else None, karpathy_json and Path(karpathy_json), split)
     out.mkdir(parents=True, exist_ok=True)
     n = ncap = missing = 0
     with ShardWriter(out / split, shard_size) as w:
@@ -234,9 +225,7 @@ def _build_parser() -> argparse.ArgumentParser:
     common(f)
     c = sub.add_parser("coco", help="COCO-style captions JSON + image dir -> retrieval shards")
     c.add_argument("image_dir")
-    c.add_argument(
-        "captions_json", nargs="?", default=None, help="COCO captions JSON (optional with --karpathy)"
-    )
+    c.add_argument("captions_json", nargs="?", default=None, help="COCO captions JSON (optional with --karpathy)")
     c.add_argument("out")
     c.add_argument("--karpathy", help="Karpathy split JSON (dataset_coco.json): write its --split images")
     c.add_argument("--max-captions", type=int, default=None, help="keep at most this many captions per image")

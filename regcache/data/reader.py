@@ -58,10 +58,7 @@ def make_sample_id(shard_index: int, key: str, position: int) -> int:
     the dataset because the shard index is part of it; stable across runs, ranks and workers.
     """
     m = _KEY_DIGITS.search(key)
-    if m is not None and int(m.group(1)) < _POSITION_FLAG:
-        local = int(m.group(1))
-    else:
-        local = _POSITION_FLAG + position
+    local = int(m.group(1)) if m is not None and int(m.group(1)) < _POSITION_FLAG else _POSITION_FLAG + position
     return (int(shard_index) << _LOCAL_BITS) | local
 
 
@@ -188,9 +185,7 @@ def default_transform(size: int = 224):
     """Resize (bicubic) + center crop + ToTensor, *without* normalisation. Prefer the encoder's own."""
     from torchvision import transforms as T
 
-    return T.Compose(
-        [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()]
-    )
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()])
 
 
 class ShardDataset(torch.utils.data.IterableDataset):

@@ -122,9 +122,7 @@ def resolve_split_shards(root: str | os.PathLike | None, split: str, shards: str
             )
         return urls
     if root is None:
-        raise ShardSourceError(
-            f"No dataset root and no shard pattern given for split {split!r}. {_MAKE_SHARDS_HINT}"
-        )
+        raise ShardSourceError(f"No dataset root and no shard pattern given for split {split!r}. {_MAKE_SHARDS_HINT}")
     root = str(root)
     split_dir = _join(root, split)
     nshards_txt = read_text(_join(split_dir, "nshards.txt"))

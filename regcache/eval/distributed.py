@@ -44,7 +44,7 @@ def all_gather_uneven(t: Tensor | None, group=None, device: torch.device | str |
     padded[: t.shape[0]] = t
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded, group=group)
-    return [o[:n] for o, n in zip(out, sizes)]
+    return [o[:n] for o, n in zip(out, sizes, strict=False)]
 
 
 def _default_device(group=None) -> torch.device:

@@ -41,9 +41,7 @@ class _GatherMetric(Metric):
         group = process_group or self.process_group
         for attr in sorted(self._reductions):
             val = getattr(self, attr)
-            local = (
-                torch.cat(val) if isinstance(val, list) and val else (None if isinstance(val, list) else val)
-            )
+            local = torch.cat(val) if isinstance(val, list) and val else (None if isinstance(val, list) else val)
             gathered = all_gather_uneven(local, group=group, device=self.device)
             setattr(self, attr, [torch.cat(gathered)] if gathered else [])
 
@@ -241,9 +239,7 @@ class KNNAccuracy(_GatherMetric):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.register_buffer(
-            "bank_features", F.normalize(bank_features.detach().float(), dim=-1), persistent=False
-        )
+        self.register_buffer("bank_features", F.normalize(bank_features.detach().float(), dim=-1), persistent=False)
         self.register_buffer("bank_labels", bank_labels.detach().long(), persistent=False)
         self.num_classes = int(num_classes if num_classes is not None else int(bank_labels.max()) + 1)
         self.k, self.temperature, self.top_k = k, temperature, tuple(top_k)
@@ -252,9 +248,7 @@ class KNNAccuracy(_GatherMetric):
         self.add_state("preds", default=[], dist_reduce_fx="cat")
 
     def update(self, features: Tensor, labels: Tensor, sample_ids: Tensor) -> None:
-        votes = knn_votes(
-            features, self.bank_features, self.bank_labels, self.num_classes, self.k, self.temperature
-        )
+        votes = knn_votes(features, self.bank_features, self.bank_labels, self.num_classes, self.k, self.temperature)
         self.preds.append(votes.topk(min(max(self.top_k), self.num_classes), dim=1).indices)
         self.labels.append(labels.detach().long().flatten().to(votes.device))
         self.ids.append(_ids_or_none(sample_ids, features.shape[0], votes.device))
@@ -295,9 +289,7 @@ class FeatureFidelity(_GatherMetric):
 
     higher_is_better = True
 
-    def __init__(
-        self, reference_ids: Tensor | None = None, reference_features: Tensor | None = None, **kwargs
-    ) -> None:
+    def __init__(self, reference_ids: Tensor | None = None, reference_features: Tensor | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if (reference_ids is None) != (reference_features is None):
             raise ValueError("give both reference_ids and reference_features, or neither")
@@ -319,9 +311,7 @@ class FeatureFidelity(_GatherMetric):
             if not bool((self.ref_ids[pos] == ids).all()):
                 raise KeyError("some sample ids are missing from the reference bank")
             reference = self.ref_feats[pos]
-        cos = F.cosine_similarity(
-            features.detach().float(), reference.detach().float().to(features.device), dim=-1
-        )
+        cos = F.cosine_similarity(features.detach().float(), reference.detach().float().to(features.device), dim=-1)
         self.ids.append(ids)
         self.cos.append(cos)
 

@@ -145,9 +145,7 @@ class OutlierStats:
                 "mean_linf": s[2] / n,
                 "max_linf": m[1],
                 "frac_l2_above_abs": {f"{t:g}": s[3 + j] / n for j, t in enumerate(self.abs_thresholds)},
-                "frac_l2_above_rel_median": {
-                    f"{t:g}": s[3 + na + j] / n for j, t in enumerate(self.rel_thresholds)
-                },
+                "frac_l2_above_rel_median": {f"{t:g}": s[3 + na + j] / n for j, t in enumerate(self.rel_thresholds)},
             }
             out[name] = rec
         return out
