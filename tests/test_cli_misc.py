@@ -1,0 +1,60 @@
+"""`regcache report`, `regcache submit --dry-run` and the command dispatcher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from regcache.cli import main as cli_main
+from regcache.report import load_runs
+
+
+def _run(tmp_path, name, method, bits, regcache, top1):
+    d = tmp_path / name
+    d.mkdir()
+    record = {
+        "model": "ViT-B-16",
+        "pretrained": "laion2b_s34b_b88k",
+        "method": method,
+        "w_bits": bits,
+        "a_bits": bits,
+        "regcache": regcache,
+        "metrics": {"imagenet1k/zeroshot_top1": top1, "imagenet1k/zeroshot_top5": 0.9},
+    }
+    (d / "metrics.json").write_text(json.dumps(record))
+    return d
+
+
+def test_report_table(tmp_path, capsys):
+    runs = [
+        _run(tmp_path, "a", "naive", 6, None, 0.5819),
+        _run(tmp_path, "b", "naive", 6, {"l_q": 6, "tau": 3, "k_delete": 2}, 0.6665),
+        _run(tmp_path, "c", "float", None, None, 0.70),
+    ]
+    assert cli_main(["report", *map(str, runs), "--out", str(tmp_path / "t.md")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "| model | bits | method | RegCache | imagenet1k/zeroshot_top1 |"
+    assert out[2] == "| ViT-B-16 | FP | float | – | 70.00 |"
+    assert out[3] == "| ViT-B-16 | W6A6 | naive | – | 58.19 |"
+    assert out[4] == "| ViT-B-16 | W6A6 | naive | l_q=6, τ=3, k̃=2 | 66.65 |"
+    assert (tmp_path / "t.md").read_text().strip() == "\n".join(out)
+    with pytest.raises(FileNotFoundError, match=r"metrics\.json"):
+        load_runs([tmp_path / "missing"])
+
+
+def test_submit_dry_run_maps_nodes_and_gpus(capsys):
+    argv = ["submit", "--config", "train_configs/grid/x.yaml", "--nodes", "2", "--gpus-per-node", "4"]
+    assert cli_main([*argv, "--dry-run", "--partition", "gpu", "--data.root=/datasets"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --no-requeue" in script
+    assert "#SBATCH --partition=gpu" in script
+    assert "--trainer.num_nodes=2 --trainer.devices=4 --trainer.strategy=ddp" in script
+    assert '"auto_requeue": false' in script and "--data.root=/datasets" in script
+    assert "srun regcache validate --config train_configs/grid/x.yaml" in script
+
+
+def test_unknown_command(capsys):
+    assert cli_main(["nope"]) == 2
+    assert "unknown command" in capsys.readouterr().err
