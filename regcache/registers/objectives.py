@@ -1,0 +1,106 @@
+"""Objectives that score a configuration from its final embeddings of the reference images.
+
+Every objective is called as ``objective(embeddings, float_embeddings) -> float`` on the (N, D)
+final embeddings of the reference images in stream order (the float model's embeddings of the
+same images come second, for label-free objectives). ``greater_is_better`` says which way ranks.
+The data/eval package can wire its own metrics in with :class:`Predictions` (any callable
+mapping embeddings to predicted labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.nn import functional as F
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+class Objective:
+    """Base: a score of final embeddings; subclasses register under ``name``."""
+
+    name: ClassVar[str] = ""
+    greater_is_better: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            OBJECTIVES[cls.name] = cls
+
+    def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def drop(self, score: float, reference: float) -> float:
+        """How much worse ``score`` is than ``reference`` (positive = worse)."""
+        return reference - score if self.greater_is_better else score - reference
+
+    def sort_key(self, score: float) -> float:
+        """Key that sorts best first with ``sorted``."""
+        return -score if self.greater_is_better else score
+
+
+@dataclass
+class ZeroShotTop1(Objective):
+    """Top-1 accuracy (%) of a zero-shot classifier on a labelled reference split (``acc_ref``).
+
+    ``classifier``: (D, C) class embeddings (normalized text prototypes), logits = normalized
+    image embedding @ classifier. ``labels``: (N,) in reference stream order.
+    """
+
+    name: ClassVar[str] = "acc_ref"
+    labels: torch.Tensor
+    classifier: torch.Tensor
+
+    def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
+        logits = F.normalize(embeddings.float(), dim=-1) @ self.classifier.to(embeddings.device, torch.float32)
+        return _accuracy(logits.argmax(dim=-1), self.labels)
+
+
+@dataclass
+class Predictions(Objective):
+    """Top-1 accuracy (%) of any caller-given ``predict(embeddings) -> labels`` (e.g. k-NN)."""
+
+    name: ClassVar[str] = "predictions"
+    labels: torch.Tensor
+    predict: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
+        return _accuracy(self.predict(embeddings), self.labels)
+
+
+@dataclass
+class EmbeddingCosine(Objective):
+    """Label-free: mean cosine similarity of each final embedding to the float model's."""
+
+    name: ClassVar[str] = "cosine"
+
+    def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
+        return float(F.cosine_similarity(embeddings.float(), float_embeddings.float(), dim=-1).mean())
+
+
+@dataclass
+class EmbeddingMSE(Objective):
+    """Label-free: mean squared error of the final embeddings against the float model's (lower is better)."""
+
+    name: ClassVar[str] = "mse"
+    greater_is_better: ClassVar[bool] = False
+
+    def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
+        return float((embeddings.float() - float_embeddings.float()).pow(2).mean())
+
+
+def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    labels = labels.to(predicted.device)
+    if predicted.shape != labels.shape:
+        raise ValueError(f"{predicted.shape[0]} predictions for {labels.shape[0]} labels: reference order mismatch")
+    return 100.0 * float((predicted == labels).float().mean())
+
+
+def make_objective(name: str, **kwargs: Any) -> Objective:
+    """Build a registered objective by name, e.g. ``make_objective("acc_ref", labels=y, classifier=W)``."""
+    if name not in OBJECTIVES:
+        raise KeyError(f"unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](**kwargs)

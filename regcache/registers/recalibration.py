@@ -1,0 +1,124 @@
+"""Reset and re-run a method's calibration, on the whole encoder or only on blocks >= start.
+
+Re-calibration scope. A method's calibration is *depth-causal* when the parameters it picks for
+block i depend only on the stream entering block i and on block i itself. Naive min-max is: it
+observes every activation with the whole model in float, so block i's ranges depend on the float
+stream entering it. For such methods a configuration that changes only blocks >= s (prefix from
+l_start, deletion at l_q, s = min(l_start, l_q)) leaves the calibration of blocks < s as it was,
+and re-calibrating blocks >= s alone, from the cached stream entering block s, is exact.
+
+``TAIL_CALIBRATION[name]`` says which stream that is: ``"float"`` (the float model's, as naive)
+or ``"quantized"`` (the quantized model's, for methods that calibrate block by block on
+quantized inputs). A method class may instead declare ``tail_calibration_input`` itself.
+Methods not declared (e.g. PTQ4ViT's Hessian-guided search, which looks at the network's
+output) are always re-calibrated whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from regcache.encoders.base import VisionEncoder
+from regcache.quant.api import QuantConfig
+from regcache.quant.modules import quantizers
+
+TAIL_CALIBRATION: dict[str, str] = {"naive": "float"}
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def tail_calibration_input(config: QuantConfig) -> str | None:
+    """``"float"`` / ``"quantized"`` if ``config`` can be re-calibrated on a tail of blocks, else None."""
+    return getattr(type(config), "tail_calibration_input", None) or TAIL_CALIBRATION.get(config.name)
+
+
+def _block_index(key: str) -> int | None:
+    m = _BLOCK.match(key)
+    return int(m.group(1)) if m else None
+
+
+class TailView(VisionEncoder):
+    """Blocks ``start..`` of an encoder as an encoder whose "images" are residual streams.
+
+    Shares the blocks (a method calibrating it calibrates them) but not the embedding or the
+    earlier blocks, so ``config.calibrate(view, streams)`` touches only the tail. Block indices
+    inside the view start at 0.
+    """
+
+    def __init__(self, encoder: VisionEncoder, start: int) -> None:
+        super().__init__(list(encoder.blocks[start:]), encoder.num_prefix_tokens, encoder.embed_dim, encoder.source)
+        object.__setattr__(self, "_full", encoder)  # not a submodule: its other modules stay untouched
+        self.family = encoder.family
+        self.quant_config = getattr(encoder, "quant_config", None)
+        self.start = start
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._full.pool(tokens)
+
+
+class Recalibrator:
+    """Holds a transformed encoder's pre-calibration state to reset and re-calibrate it at will.
+
+    The snapshot holds every quantizer's buffers, plus the block weights when the method edits
+    weights (``modifies_weights``), so re-calibration never folds twice.
+    """
+
+    def __init__(self, encoder: VisionEncoder) -> None:
+        self.encoder = encoder
+        self.config: QuantConfig = encoder.quant_config
+        self.tail_input = tail_calibration_input(self.config)
+        self.initial = self.state()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the current quantization state (quantizer buffers, edited weights)."""
+        owners = {n for n, _ in quantizers(self.encoder)}
+        out = {}
+        for key, t in self.encoder.state_dict().items():
+            if key.rpartition(".")[0] in owners or (self.config.modifies_weights and key.startswith("blocks.")):
+                out[key] = t.detach().clone()
+        return out
+
+    @staticmethod
+    def _in_range(key: str, start: int, end: int | None) -> bool:
+        block = _block_index(key)
+        if block is None:  # outside the blocks (e.g. a quantized head): belongs to the whole model
+            return start == 0 and end is None
+        return block >= start and (end is None or block < end)
+
+    def load(self, state: dict[str, Any], start: int = 0, end: int | None = None) -> None:
+        """Restore ``state`` for blocks in [start, end)."""
+        subset = {k: v for k, v in state.items() if self._in_range(k, start, end)}
+        self.encoder.load_state_dict(subset, strict=False)
+
+    def reset(self, start: int = 0) -> None:
+        """Back to the uncalibrated state (float mode) for blocks >= start."""
+        self.load(self.initial, start)
+        for name, q in quantizers(self.encoder):
+            if self._in_range(name + ".", start, None):
+                q.mode = "float"
+
+    def recalibrate(self, batches: Iterable[Any], start: int = 0) -> None:
+        """Reset blocks >= start and run the method's calibration on them.
+
+        ``start == 0``: ``batches`` are images and the whole model is calibrated. ``start > 0``:
+        ``batches`` are the streams entering block ``start`` (see :data:`TAIL_CALIBRATION`).
+        """
+        if start > 0 and self.tail_input is None:
+            raise ValueError(f"{self.config.tag} is not declared depth-causal: re-calibrate the whole model")
+        self.reset(start)
+        target = self.encoder if start == 0 else TailView(self.encoder, start)
+        with torch.inference_mode(False):
+            self.config.calibrate(target, batches, progress=False)
+
+    def head_unchanged(self, reference: dict[str, torch.Tensor], end: int) -> bool:
+        """Whether blocks < end hold exactly the quantization state in ``reference``."""
+        now = self.state()
+        return all(
+            torch.equal(now[k], v) for k, v in reference.items() if _block_index(k) is None or _block_index(k) < end
+        )

@@ -1,0 +1,405 @@
+"""Grid search over (register, τ, k̃, l_start): the RegCache configuration that scores best.
+
+Per configuration the register prefix (τ copies, blocks >= l_start) and token deletion (k̃ at
+l_q) are installed on the quantized encoder, the base method is re-calibrated with them in place
+(the paper's protocol), and the objective is measured on the reference images.
+
+What is computed once (strategy ``"cached"``):
+
+- the float model's reference embeddings (label-free objectives) and the register caches (one
+  batched derivation per l_start);
+- the stream entering block s = min(l_start, l_q), per reference batch, through the *quantized*
+  blocks < s, and per calibration batch through the float (or quantized, see
+  :mod:`regcache.registers.recalibration`) blocks < s. A configuration changes nothing before s,
+  and for depth-causal methods (naive) the calibration of blocks < s does not change either, so
+  only blocks >= s are re-calibrated and run. For other methods the whole model is re-calibrated;
+  the cached reference streams are reused only if the calibration of blocks < s came out
+  bit-identical (checked), otherwise that configuration runs the full model.
+
+``recalibrate="once"`` (an approximation, off by default) calibrates the plain model once and
+runs many (register, τ) configurations of one (k̃, l_start) as one batch: sample ``p*B + b`` is
+reference image b under configuration p, with per-sample prefixes (``AttentionPrefix`` with P =
+batch). Under per-configuration re-calibration the quantizers differ between configurations, so
+there configurations run one after another.
+
+``strategy="naive_loop"`` is the straightforward reference: every configuration re-calibrates and
+runs the full quantized model on every reference image. Both strategies give the same numbers.
+
+The state (every finished configuration's row) is written atomically after each configuration,
+so an interrupted search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from regcache.encoders.base import VisionEncoder
+from regcache.quant.api import QuantConfig, quantize_
+from regcache.quant.calibration import batch_images
+from regcache.quant.modules import quant_mode
+from regcache.registers._common import device_dtype, float_fingerprint, plain_float
+from regcache.registers.cache import RegisterCache, derive_cache
+from regcache.registers.curation import Candidates
+from regcache.registers.deletion import install_deletion, remove_deletion
+from regcache.registers.objectives import Objective
+from regcache.registers.prefix import install_batched_prefix, install_prefix, remove_prefix
+from regcache.registers.recalibration import Recalibrator
+from regcache.utils import write_json
+
+MODES = ("base", "prefix", "delete", "both")
+Strategy = Literal["cached", "naive_loop"]
+
+
+@dataclass(frozen=True)
+class SearchPoint:
+    """One configuration: register entry (None = no prefix), τ (0 = no prefix), k̃, l_start."""
+
+    register: int | None
+    tau: int
+    delete_k: int
+    l_start: int
+
+    @property
+    def key(self) -> str:
+        """Stable identifier used in the saved state."""
+        return f"r{self.register}-t{self.tau}-k{self.delete_k}-s{self.l_start}"
+
+    @property
+    def mode(self) -> str:
+        """Which ablation this is: base, prefix, delete or both."""
+        has_prefix = self.register is not None and self.tau > 0
+        return {(False, False): "base", (True, False): "prefix", (False, True): "delete", (True, True): "both"}[
+            (has_prefix, self.delete_k > 0)
+        ]
+
+
+def search_grid(
+    num_registers: int,
+    taus: Sequence[int],
+    delete_ks: Sequence[int],
+    l_starts: Sequence[int],
+    modes: Sequence[str] = ("both",),
+    include_base: bool = True,
+) -> list[SearchPoint]:
+    """The configurations of the requested ablations (prefix only / delete only / both), without repeats."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    taus = [t for t in taus if t > 0]
+    points = [SearchPoint(None, 0, 0, l_starts[0])] if include_base or "base" in modes else []
+    if "delete" in modes:
+        points += [SearchPoint(None, 0, k, l_starts[0]) for k in delete_ks if k > 0]
+    if "prefix" in modes:
+        points += [SearchPoint(r, t, 0, s) for s, r, t in itertools.product(l_starts, range(num_registers), taus)]
+    if "both" in modes:
+        grid = itertools.product(l_starts, delete_ks, range(num_registers), taus)
+        points += [SearchPoint(r, t, k, s) for s, k, r, t in grid]
+    return list(dict.fromkeys(points))
+
+
+@dataclass
+class SearchResult:
+    """Every configuration tried with its score, best first."""
+
+    spec: dict[str, Any]
+    rows: list[dict[str, Any]]
+    greater_is_better: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ranked(self) -> list[dict[str, Any]]:
+        """Rows sorted best first."""
+        sign = -1.0 if self.greater_is_better else 1.0
+        return sorted(self.rows, key=lambda r: (sign * r["score"], r["key"]))
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The winning configuration's row."""
+        return self.ranked[0]
+
+    def scores(self) -> dict[str, float]:
+        """``{key: score}``."""
+        return {r["key"]: r["score"] for r in self.rows}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"spec": self.spec, "best": self.best, "table": self.ranked, "stats": self.stats}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the ranked table and the winner as JSON (atomically)."""
+        return write_json(path, self.to_dict())
+
+
+def _images(batches: Iterable[Any]) -> list[torch.Tensor]:
+    return [batch_images(b) for b in batches]
+
+
+class RegisterSearch:
+    """Grid search of RegCache configurations for a float encoder and a base PTQ method.
+
+    ``calibration`` / ``reference``: re-iterable image batches (tensors, tuples or dicts);
+    ``objective`` scores the reference images' final embeddings (labels in reference order).
+    Register caches come from ``caches`` ({l_start: cache}) or are derived from ``candidates``.
+    ``prefix_only_at``: install the prefix only in that block (DINOv2 v4: l_q).
+    ``cache_device``: where cached streams live (default: the encoder's device; "cpu" for big pools).
+    """
+
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        config: QuantConfig,
+        calibration: Iterable[Any],
+        reference: Iterable[Any],
+        objective: Objective,
+        l_q: int,
+        candidates: Candidates | None = None,
+        *,
+        caches: dict[int, RegisterCache] | None = None,
+        taus: Sequence[int] = range(1, 16),
+        delete_ks: Sequence[int] = (0, 1, 2, 4, 8),
+        l_starts: Sequence[int] | None = None,
+        modes: Sequence[str] = ("both",),
+        include_base: bool = True,
+        derivation: str = "propagate",
+        derivation_options: dict[str, Any] | None = None,
+        prefix_only_at: int | None = None,
+        recalibrate: Literal["per_config", "once"] = "per_config",
+        configs_per_batch: int = 8,
+        cache_device: torch.device | str | None = None,
+        state_path: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        if getattr(encoder, "quant_config", None) is not None:
+            raise ValueError("pass the float encoder: the search quantizes its own copy")
+        if recalibrate not in ("per_config", "once"):
+            raise ValueError(f"recalibrate must be 'per_config' or 'once', got {recalibrate!r}")
+        self.encoder = encoder
+        self.config = config
+        self.calibration = _images(calibration)
+        self.reference = _images(reference)
+        self.objective = objective
+        self.l_q = l_q
+        self.l_starts = list(l_starts) if l_starts is not None else [l_q]
+        self.prefix_only_at = prefix_only_at
+        self.recalibrate_mode = recalibrate
+        self.configs_per_batch = configs_per_batch
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.progress = progress
+        self.device, self.dtype = device_dtype(encoder)
+        self.cache_device = torch.device(cache_device) if cache_device is not None else self.device
+        if caches is None:
+            if candidates is None:
+                raise ValueError("give candidates (to derive register caches) or caches")
+            with torch.no_grad():
+                caches = {
+                    s: derive_cache(encoder, candidates, s, derivation, **(derivation_options or {}))
+                    for s in self.l_starts
+                }
+        missing = set(self.l_starts) - set(caches)
+        if missing:
+            raise ValueError(f"no register cache for l_start {sorted(missing)}")
+        self.caches = caches
+        num_registers = min(caches[s].num_entries for s in self.l_starts)
+        self.points = search_grid(num_registers, taus, delete_ks, self.l_starts, modes, include_base)
+        self.quantized: VisionEncoder | None = None
+        self._prepared_for: str | None = None
+        self.spec = {
+            "method": config.to_dict(),
+            "objective": objective.name,
+            "model_fingerprint": float_fingerprint(encoder),
+            "l_q": l_q,
+            "l_starts": self.l_starts,
+            "prefix_only_at": prefix_only_at,
+            "derivation": caches[self.l_starts[0]].derivation,
+            "recalibrate": recalibrate,
+            "calibration_images": sum(x.shape[0] for x in self.calibration),
+            "reference_images": sum(x.shape[0] for x in self.reference),
+            "points": [p.key for p in self.points],
+        }
+
+    # ---- state ------------------------------------------------------------------------------------
+    def _load_state(self) -> dict[str, dict[str, Any]]:
+        if self.state_path is None or not self.state_path.is_file():
+            return {}
+        state = json.loads(self.state_path.read_text())
+        if state["spec"] != self.spec:
+            raise ValueError(
+                f"{self.state_path} belongs to a different search (other model, method, grid or data); "
+                "remove it or pass another state_path"
+            )
+        return {row["key"]: row for row in state["rows"]}
+
+    def _save_state(self, rows: dict[str, dict[str, Any]]) -> None:
+        if self.state_path is not None:
+            write_json(self.state_path, {"spec": self.spec, "rows": list(rows.values())})
+
+    def _row(self, point: SearchPoint, score: float) -> dict[str, Any]:
+        row = {"key": point.key, **asdict(point), "mode": point.mode, "score": score}
+        if point.register is not None:
+            prov = self.caches[point.l_start].entry(point.register).provenance
+            row["register_provenance"] = prov[0] if len(prov) == 1 else prov
+        return row
+
+    # ---- setup --------------------------------------------------------------------------------------
+    def _start(self, point: SearchPoint) -> int:
+        return min(point.l_start, self.l_q)
+
+    @torch.no_grad()
+    def _prepare(self, strategy: Strategy) -> None:
+        """Float embeddings, the quantized copy calibrated on the plain model, cached streams."""
+        if self._prepared_for == strategy:
+            return
+        with plain_float(self.encoder):
+            self.float_embeddings = torch.cat([self.encoder(x.to(self.device, self.dtype)) for x in self.reference])
+        if self.quantized is None:
+            self.quantized = copy.deepcopy(self.encoder)
+            quantize_(self.quantized, copy.deepcopy(self.config))
+            self.recalibrator = Recalibrator(self.quantized)
+        self._clear()
+        self.recalibrator.recalibrate(self.calibration)  # plain model: fixes blocks < s for depth-causal methods
+        self.plain_state = self.recalibrator.state()
+        self.streams: dict[int, list[torch.Tensor]] = {}
+        self.calibration_streams: dict[int, list[torch.Tensor]] = {}
+        if strategy == "cached":
+            for s in sorted({self._start(p) for p in self.points}):
+                self.streams[s] = self._streams(self.quantized, self.reference, s)
+                tail = self.recalibrator.tail_input
+                if tail is not None:
+                    source = self.quantized if tail == "quantized" else self.encoder
+                    with quant_mode(source, "quant" if tail == "quantized" else "float"):
+                        self.calibration_streams[s] = self._streams(source, self.calibration, s)
+        self._prepared_for = strategy
+
+    def _streams(self, encoder: VisionEncoder, batches: list[torch.Tensor], s: int) -> list[torch.Tensor]:
+        """The stream entering block s for every batch (blocks < s carry neither prefix nor deletion)."""
+        out = []
+        for x in batches:
+            h = encoder.forward_blocks(encoder.embed(x.to(self.device, self.dtype)), 0, s)
+            out.append(h.to(self.cache_device))
+        return out
+
+    def _clear(self) -> None:
+        remove_prefix(self.quantized)
+        remove_deletion(self.quantized)
+
+    def install(self, point: SearchPoint, encoder: VisionEncoder | None = None) -> None:
+        """Put configuration ``point`` (prefix + deletion) on ``encoder`` (default: the search's quantized copy)."""
+        encoder = encoder if encoder is not None else self.quantized
+        remove_prefix(encoder)
+        remove_deletion(encoder)
+        if point.register is not None and point.tau > 0:
+            install_prefix(encoder, self.caches[point.l_start].entry(point.register), point.tau, self.prefix_only_at)
+        install_deletion(encoder, self.l_q, point.delete_k)
+
+    # ---- evaluation --------------------------------------------------------------------------------
+    def _score(self, embeddings: torch.Tensor) -> float:
+        return self.objective(embeddings, self.float_embeddings)
+
+    @torch.no_grad()
+    def _evaluate_full(self) -> float:
+        q = self.quantized
+        return self._score(torch.cat([q(x.to(self.device, self.dtype)) for x in self.reference]))
+
+    @torch.no_grad()
+    def _evaluate_tail(self, s: int) -> float:
+        q = self.quantized
+        outs = [q.pool(q.forward_blocks(h.to(self.device), s)) for h in self.streams[s]]
+        return self._score(torch.cat(outs))
+
+    def _recalibrate(self, point: SearchPoint, strategy: Strategy) -> bool:
+        """Re-calibrate for ``point``; returns whether the cached reference streams are still valid."""
+        if self.recalibrate_mode == "once":
+            return True
+        s = self._start(point)
+        rc = self.recalibrator
+        if strategy == "cached" and rc.tail_input is not None:
+            if len(self.streams) > 1:  # blocks < s may hold another l_start's calibration
+                rc.load(self.plain_state, 0, s)
+            rc.recalibrate(self.calibration_streams[s], start=s)
+            return True
+        rc.recalibrate(self.calibration)
+        return strategy == "cached" and rc.head_unchanged(self.plain_state, s)
+
+    def _run_point(self, point: SearchPoint, strategy: Strategy) -> float:
+        self.install(point)
+        streams_valid = self._recalibrate(point, strategy)
+        if strategy == "cached" and streams_valid:
+            self.stats["tail_runs"] += 1
+            return self._evaluate_tail(self._start(point))
+        self.stats["full_runs"] += 1
+        return self._evaluate_full()
+
+    @torch.no_grad()
+    def _run_batched(self, points: list[SearchPoint]) -> list[float]:
+        """Many (register, τ) of one (k̃, l_start) at once: per-sample prefixes, shared quantizers."""
+        first = points[0]
+        s = self._start(first)
+        q = self.quantized
+        self.install(SearchPoint(None, 0, first.delete_k, first.l_start))
+        caches = [self.caches[p.l_start].entry(p.register) for p in points]
+        taus = [p.tau for p in points]
+        outs: list[list[torch.Tensor]] = [[] for _ in points]
+        for h in self.streams[s]:
+            b = h.shape[0]
+            install_batched_prefix(q, caches, taus, repeat=b, only=self.prefix_only_at)
+            x = h.to(self.device).repeat(len(points), *([1] * (h.ndim - 1)))  # sample p*b + i = image i
+            emb = q.pool(q.forward_blocks(x, s)).view(len(points), b, -1)
+            for p in range(len(points)):
+                outs[p].append(emb[p])
+        self.stats["batched_runs"] += 1
+        return [self._score(torch.cat(o)) for o in outs]
+
+    def _groups(self, todo: list[SearchPoint], strategy: Strategy) -> list[list[SearchPoint]]:
+        """Units of work: single points, or batches of (register, τ) points when quantizers are shared."""
+        if not (strategy == "cached" and self.recalibrate_mode == "once"):
+            return [[p] for p in todo]
+        groups, pending = [], {}
+        for p in todo:
+            if p.register is None or p.tau == 0:
+                groups.append([p])
+            else:
+                pending.setdefault((p.delete_k, p.l_start), []).append(p)
+        for ps in pending.values():
+            groups += [ps[i : i + self.configs_per_batch] for i in range(0, len(ps), self.configs_per_batch)]
+        return groups
+
+    # ---- driver ------------------------------------------------------------------------------------
+    def run(
+        self, strategy: Strategy = "cached", callback: Callable[[dict[str, Any]], None] | None = None
+    ) -> SearchResult:
+        """Evaluate every configuration not in the saved state; returns the ranked table.
+
+        ``callback(row)`` runs after each configuration is saved (progress reporting, early stop).
+        """
+        if strategy not in ("cached", "naive_loop"):
+            raise ValueError(f"strategy must be 'cached' or 'naive_loop', got {strategy!r}")
+        rows = self._load_state()
+        todo = [p for p in self.points if p.key not in rows]
+        self.stats = {"tail_runs": 0, "full_runs": 0, "batched_runs": 0, "resumed": len(self.points) - len(todo)}
+        if todo:
+            self._prepare(strategy)
+        bar = tqdm(total=len(self.points), initial=len(rows), desc="register search", disable=not self.progress)
+        try:
+            for group in self._groups(todo, strategy):
+                scores = self._run_batched(group) if len(group) > 1 else [self._run_point(group[0], strategy)]
+                for point, score in zip(group, scores, strict=True):
+                    rows[point.key] = self._row(point, score)
+                    self._save_state(rows)
+                    bar.update(1)
+                    if callback is not None:
+                        callback(rows[point.key])
+        finally:
+            bar.close()
+            if self.quantized is not None:
+                self._clear()
+        ordered = [rows[p.key] for p in self.points]
+        return SearchResult({**self.spec, "strategy": strategy}, ordered, self.objective.greater_is_better, self.stats)

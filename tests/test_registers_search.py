@@ -1,0 +1,127 @@
+"""Register grid search: cached strategy = naive full-forward loop; resume after interruption; batching."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import images, make_model
+
+from regcache.encoders import adapt
+from regcache.quant import NaiveConfig
+from regcache.registers import (
+    EmbeddingCosine,
+    RegisterSearch,
+    ZeroShotTop1,
+    curate_candidates,
+    search_grid,
+)
+
+
+@dataclass
+class WholeModelNaive(NaiveConfig):
+    """Naive, but not declared depth-causal: the search must re-calibrate it whole."""
+
+    name = "test-naive-whole"
+
+
+def _setup(family="openclip"):
+    encoder = adapt(make_model(family))
+    calib = [images(family, 4, seed=20), images(family, 3, seed=21)]
+    ref = [images(family, 4, seed=30), images(family, 4, seed=31)]
+    candidates = curate_candidates(encoder, [images(family, 4, seed=40)], layers=1, k=2, progress=False)
+    return encoder, calib, ref, candidates
+
+
+def _search(config=None, family="openclip", **kw):
+    encoder, calib, ref, candidates = _setup(family)
+    kw = {"taus": (1, 5), "delete_ks": (0, 2), "modes": ("prefix", "delete", "both"), "progress": False} | kw
+    return RegisterSearch(encoder, config or NaiveConfig(6, 6), calib, ref, EmbeddingCosine(), 2, candidates, **kw)
+
+
+def test_grid_modes():
+    pts = search_grid(2, taus=(1, 3), delete_ks=(0, 2), l_starts=[4], modes=("prefix", "delete", "both"))
+    modes = [p.mode for p in pts]
+    assert modes.count("base") == 1 and modes.count("delete") == 1
+    assert modes.count("prefix") == 4 and modes.count("both") == 4
+    assert len({p.key for p in pts}) == len(pts)
+
+
+@pytest.mark.parametrize(
+    ("family", "kw"),
+    [
+        ("openclip", {"l_starts": [1, 2], "taus": (3,)}),
+        ("siglip", {"modes": ("both",), "delete_ks": (2,), "taus": (3,)}),
+    ],
+)
+def test_cached_search_equals_naive_loop(family, kw):
+    search = _search(family=family, **kw)
+    cached = search.run("cached")
+    loop = search.run("naive_loop")
+    assert cached.stats["tail_runs"] == len(search.points) and cached.stats["full_runs"] == 0
+    assert loop.stats["full_runs"] == len(search.points)
+    a, b = cached.scores(), loop.scores()
+    assert a.keys() == b.keys() and len(a) == len(search.points) > 2
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert len(set(a.values())) > len(a) // 2  # configurations really differ
+    assert cached.best["key"] == loop.best["key"]
+
+
+def test_whole_model_recalibration_reuses_streams_only_when_exact():
+    search = _search(WholeModelNaive(6, 6), taus=(2,), delete_ks=(3,), modes=("both",))
+    cached = search.run("cached")
+    # calibration of blocks < l_start is unchanged (naive is in fact depth-causal): the check lets streams be reused
+    assert cached.stats["tail_runs"] == len(search.points)
+    loop = search.run("naive_loop")
+    for key, score in cached.scores().items():
+        assert score == pytest.approx(loop.scores()[key], abs=1e-6)
+
+
+def test_resume_after_interruption(tmp_path):
+    reference = _search(modes=("prefix", "delete")).run("cached")
+    state = tmp_path / "search.json"
+    done = []
+
+    def stop_after_four(row):
+        done.append(row["key"])
+        if len(done) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _search(state_path=state, modes=("prefix", "delete")).run("cached", callback=stop_after_four)
+    assert len(json.loads(state.read_text())["rows"]) == 4
+    resumed = _search(state_path=state, modes=("prefix", "delete")).run("cached")
+    assert resumed.stats["resumed"] == 4
+    assert resumed.stats["tail_runs"] == len(reference.rows) - 4
+    assert resumed.rows == reference.rows
+    resumed.save(tmp_path / "result.json")
+    assert json.loads((tmp_path / "result.json").read_text())["best"] == reference.best
+    with pytest.raises(ValueError, match="different search"):
+        _search(state_path=state, modes=("prefix", "delete"), taus=(1, 2, 3)).run("cached")
+
+
+def test_batched_once_equals_loop():
+    search = _search(recalibrate="once", configs_per_batch=3, modes=("prefix",), taus=(1, 5, 9))
+    batched = search.run("cached")
+    loop = search.run("naive_loop")
+    assert batched.stats["batched_runs"] > 0
+    for key, score in batched.scores().items():
+        assert score == pytest.approx(loop.scores()[key], abs=1e-5), key
+
+
+def test_search_with_zero_shot_objective():
+    encoder, calib, ref, candidates = _setup()
+    classifier = torch.nn.functional.normalize(torch.randn(32, 5, generator=torch.Generator().manual_seed(0)), dim=0)
+    with torch.no_grad():
+        labels = (torch.nn.functional.normalize(torch.cat([encoder(x) for x in ref]), dim=-1) @ classifier).argmax(-1)
+    objective = ZeroShotTop1(labels, classifier)
+    search = RegisterSearch(
+        encoder, NaiveConfig(8, 8), calib, ref, objective, 2, candidates, taus=(1,), delete_ks=(1,), progress=False
+    )
+    result = search.run()
+    base = next(r for r in result.rows if r["mode"] == "base")
+    assert 0.0 <= base["score"] <= 100.0
+    assert result.best["score"] >= base["score"]
