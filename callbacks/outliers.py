@@ -10,7 +10,7 @@ import torch
 
 from regcache._lightning import pl
 from regcache.eval import OutlierStats
-from regcache.module import plain_float
+from regcache.registers import plain_float
 from regcache.utils import write_json
 
 

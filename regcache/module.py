@@ -8,7 +8,6 @@ RegCache. Only orchestration here: the math is in ``regcache.encoders`` / ``regc
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ import torch
 from regcache._lightning import pl
 from regcache.encoders import adapt
 from regcache.loading import load_model
-from regcache.quant import METHODS, QuantConfig, quant_mode, quantize_
+from regcache.quant import METHODS, QuantConfig, quantize_
+from regcache.registers import plain_float
 from regcache.utils import write_json
 
 
@@ -30,21 +30,6 @@ def build_quant_config(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose 'float' or one of {sorted(METHODS)}")
     return METHODS[method](w_bits=w_bits, a_bits=a_bits, **(options or {}))
-
-
-@contextmanager
-def plain_float(encoder: torch.nn.Module):
-    """The encoder as the original float model: quantizers off, register prefixes and deletions bypassed."""
-    blocks = list(encoder.blocks)
-    saved = [(b.attn.prefix, b.input_filter) for b in blocks]
-    try:
-        for b in blocks:
-            b.attn.prefix, b.input_filter = None, None
-        with quant_mode(encoder, "float"):
-            yield encoder
-    finally:
-        for b, (prefix, flt) in zip(blocks, saved, strict=True):
-            b.attn.prefix, b.input_filter = prefix, flt
 
 
 class QuantizedEncoder(pl.LightningModule):

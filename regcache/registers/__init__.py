@@ -7,6 +7,7 @@ search = RegisterSearch(encoder, NaiveConfig(8, 8), calib, ref, objective, sweep
 result = search.run()                                                            # result.best
 """
 
+from regcache.registers._common import plain_float
 from regcache.registers.cache import DERIVATIONS, RegisterCache, derive_cache, register_derivation
 from regcache.registers.curation import Candidates, curate_candidates
 from regcache.registers.deletion import TokenDeletion, install_deletion, remove_deletion
@@ -50,6 +51,7 @@ __all__ = [
     "install_deletion",
     "install_prefix",
     "make_objective",
+    "plain_float",
     "regcache_flops",
     "register_derivation",
     "remove_deletion",
