@@ -36,6 +36,7 @@ class Calibration(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.quant_config is None or self.done:
             return
+        pl_module.attach_method()
         path = Path(self.state_path) if self.state_path else self.default_path(pl_module)
         state = None
         if trainer.is_global_zero:

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from datamodules.webdataset_shards import WebDatasetDataModule
 
+from datamodules.webdataset_shards import WebDatasetDataModule
 from regcache._lightning import pl
 
 
@@ -91,11 +91,21 @@ class ValidationSuite(pl.LightningDataModule):
             raise RuntimeError("no calibration dataset: set data.calibration to a dataset with calib_split")
         return self.modules[self.calibration].calib_dataloader()
 
-    def reference_dataloader(self) -> torch.utils.data.DataLoader:
-        """Reference images for the register search."""
+    def reference_dataloader(self, split_by_rank: bool = True) -> torch.utils.data.DataLoader:
+        """Reference images for the register search (every rank sees all of them with ``split_by_rank=False``)."""
         if self.reference is None:
             raise RuntimeError("no reference dataset: set data.reference to a dataset with ref_split")
-        return self.modules[self.reference].reference_dataloader()
+        module = self.modules[self.reference]
+        saved, module.ref_split_by_rank = module.ref_split_by_rank, split_by_rank
+        try:
+            return module.reference_dataloader()
+        finally:
+            module.ref_split_by_rank = saved
+
+    def reference_info(self) -> tuple[list[str], list[str]]:
+        """Class names and templates of the reference dataset (for the ``acc_ref`` objective)."""
+        module = self.modules[self.reference]
+        return module.classnames, module.templates
 
     def bank_dataloader(self, idx: int) -> torch.utils.data.DataLoader:
         """Labelled k-NN bank of a dataset: its reference split."""

@@ -64,7 +64,7 @@ class QuantizedEncoder(pl.LightningModule):
         self.net = self.loaded.model  # registered: moves with the module (text tower included)
         self.encoder = adapt(self.net)
         self.quant_config = build_quant_config(method, w_bits, a_bits, method_options)
-        self.manifest = quantize_(self.encoder, self.quant_config) if self.quant_config else None
+        self.manifest = None  # attached by attach_method(), after any register search on the float model
         self.fidelity = fidelity and self.quant_config is not None
         self.run_dir = Path(run_dir)
         self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
@@ -90,6 +90,11 @@ class QuantizedEncoder(pl.LightningModule):
         """Text embeddings of raw strings (the text tower runs in float: only the vision tower is quantized)."""
         tokens = self.tokenizer(texts).to(self.device)
         return self.net.encode_text(tokens)
+
+    def attach_method(self) -> None:
+        """Attach the PTQ method's quantizers (once); the register search must run on the float model first."""
+        if self.quant_config is not None and self.manifest is None:
+            self.manifest = quantize_(self.encoder, self.quant_config)
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:

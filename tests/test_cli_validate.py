@@ -61,6 +61,7 @@ def _config(tmp_path: Path, shards: Path, method: str, **model) -> Path:
                 "captions": {},
             },
             "calibration": "colors",
+            "reference": "colors",
             "batch_size": 4,
             "num_workers": 0,
         },
@@ -147,3 +148,53 @@ def test_compose_defaults(tmp_path):
     (tmp_path / "c.yaml").write_text("defaults: [c.yaml]\n")
     with pytest.raises(ValueError, match="cycle"):
         compose(tmp_path / "c.yaml")
+
+
+def _regcache_config(tmp_path: Path, shards: Path, run: str) -> Path:
+    config = yaml.safe_load(_config(tmp_path, shards, "naive", w_bits=6, a_bits=6).read_text())
+    config["model"]["run_dir"] = str(tmp_path / run)
+    search = {"objective": "acc_ref", "search_images": 6, "sweep_images": 6, "num_candidates": 2}
+    search |= {"taus": [1, 3], "delete_ks": [0, 1], "modes": ["both", "prefix", "delete"]}
+    config["trainer"]["callbacks"] = [{"class_path": "callbacks.register_search.RegisterSearch", "init_args": search}]
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_register_search_through_the_cli_resumes_after_interruption(tmp_path, shards, monkeypatch):
+    from regcache.registers import search as search_module
+
+    reference = _run(_regcache_config(tmp_path, shards, "uninterrupted"))
+    rc = reference["regcache"]
+    assert {"l_q", "l_start", "tau", "k_delete", "objective", "search_seconds"} <= set(rc)
+    assert 0 <= rc["l_q"] < 6 and rc["objective"] == "acc_ref"
+    table = json.loads(Path(rc["result"]).read_text())["table"]
+    # base, delete-only k̃=1, prefix-only (2 registers × 2 τ), both with k̃=1 (k̃=0 is prefix-only)
+    assert len(table) == 1 + 1 + 2 * 2 + 2 * 2
+    assert table[0]["key"] == json.loads(Path(rc["result"]).read_text())["best"]["key"]
+
+    config = _regcache_config(tmp_path, shards, "interrupted")
+    original, saves = search_module.RegisterSearch._save_state, []
+
+    def crash_after_three(self, rows):
+        original(self, rows)
+        saves.append(len(rows))
+        if len(saves) == 3:
+            raise RuntimeError("simulated preemption")
+
+    monkeypatch.setattr(search_module.RegisterSearch, "_save_state", crash_after_three)
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        _run(config)
+    monkeypatch.setattr(search_module.RegisterSearch, "_save_state", original)
+    resumed = _run(config)
+    resumed_result = json.loads(Path(resumed["regcache"]["result"]).read_text())
+    assert resumed_result["stats"]["resumed"] == 3
+    scores = {r["key"]: r["score"] for r in resumed_result["table"]}
+    assert scores == pytest.approx({r["key"]: r["score"] for r in table})
+    assert {k: v for k, v in resumed["regcache"].items() if k not in ("search_seconds", "result")} == {
+        k: v for k, v in rc.items() if k not in ("search_seconds", "result")
+    }
+    assert resumed["metrics"] == pytest.approx(reference["metrics"])
+    # a finished search is reused as is
+    again = _run(config)
+    assert again["regcache"]["search_seconds"] == resumed["regcache"]["search_seconds"]

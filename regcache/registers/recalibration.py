@@ -103,16 +103,18 @@ class Recalibrator:
             if self._in_range(name + ".", start, None):
                 q.mode = "float"
 
-    def recalibrate(self, batches: Iterable[Any], start: int = 0) -> None:
+    def recalibrate(self, batches: Iterable[Any], start: int = 0, streams: bool | None = None) -> None:
         """Reset blocks >= start and run the method's calibration on them.
 
-        ``start == 0``: ``batches`` are images and the whole model is calibrated. ``start > 0``:
-        ``batches`` are the streams entering block ``start`` (see :data:`TAIL_CALIBRATION`).
+        ``streams`` (default: ``start > 0``): ``batches`` are the residual streams entering block
+        ``start`` (see :data:`TAIL_CALIBRATION`) and only blocks >= start are calibrated; otherwise
+        ``batches`` are images and the whole model is calibrated.
         """
-        if start > 0 and self.tail_input is None:
+        streams = start > 0 if streams is None else streams
+        if streams and self.tail_input is None:
             raise ValueError(f"{self.config.tag} is not declared depth-causal: re-calibrate the whole model")
         self.reset(start)
-        target = self.encoder if start == 0 else TailView(self.encoder, start)
+        target = TailView(self.encoder, start) if streams else self.encoder
         with torch.inference_mode(False):
             self.config.calibrate(target, batches, progress=False)
 

@@ -324,7 +324,7 @@ class RegisterSearch:
         if strategy == "cached" and rc.tail_input is not None:
             if len(self.streams) > 1:  # blocks < s may hold another l_start's calibration
                 rc.load(self.plain_state, 0, s)
-            rc.recalibrate(self.calibration_streams[s], start=s)
+            rc.recalibrate(self.calibration_streams[s], start=s, streams=True)
             return True
         rc.recalibrate(self.calibration)
         return strategy == "cached" and rc.head_unchanged(self.plain_state, s)

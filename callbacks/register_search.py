@@ -1,0 +1,235 @@
+"""RegCache before calibration: sensitivity sweep → curation → register cache → grid search → install.
+
+Multi-GPU: the sweep, the curation and the register caches are computed on rank 0 and broadcast
+(they are cheap next to the search, and one source rules out rank disagreement); the grid
+search's configurations are split across ranks (rank r takes configurations r, r+W, ...), each
+rank saving its own resumable state, and the rows are gathered so every rank picks the same
+winner. The winner (its register cache and the search table) is saved in the run directory
+and reused by later runs unless ``force``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from regcache._lightning import pl
+from regcache.eval import build_zeroshot_classifier
+from regcache.quant.calibration import batch_images
+from regcache.registers import (
+    RegisterCache,
+    SearchResult,
+    curate_candidates,
+    derive_cache,
+    install_deletion,
+    install_prefix,
+    make_objective,
+    sensitivity_sweep,
+)
+from regcache.registers import (
+    RegisterSearch as GridSearch,
+)
+from regcache.utils import write_json
+
+
+def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    return [r for part in gathered for r in part]
+
+
+class RegisterSearch(pl.Callback):
+    """Find and install the RegCache configuration for the module's base method.
+
+    Args:
+        objective: ``acc_ref`` (zero-shot top-1 on the reference split; needs a text tower),
+            ``cosine`` or ``mse`` (label-free, to the float model's final embedding).
+        l_q: sensitive block; None runs the sensitivity sweep.
+        sweep_bits: bits of the sweep's one-block quantization (paper: W8A8).
+        sweep_images: reference images used by the sweep.
+        search_images: reference images scored per configuration.
+        num_candidates: k of the streaming top-k curation (v1: 20).
+        curation_layers_before: also curate up to this many blocks before l_q (v4 option: 3).
+        taus, delete_ks: the grid (paper: τ ∈ 1..15, k̃ ∈ a small set).
+        l_start_offsets: l_start = l_q - offset for each offset (0 = prefix from l_q on).
+        modes: ablations: ``both``, ``prefix``, ``delete``.
+        derivation: ``propagate`` (default) or ``in_context``.
+        prefix_only_at_lq: install the prefix only in block l_q (DINOv2, paper v4).
+        recalibrate: ``per_config`` (exact, default) or ``once`` (batched approximation).
+        force: recompute even if a saved result exists.
+    """
+
+    def __init__(
+        self,
+        objective: str = "acc_ref",
+        l_q: int | None = None,
+        sweep_bits: int = 8,
+        sweep_images: int = 256,
+        search_images: int = 1000,
+        num_candidates: int = 20,
+        curation_layers_before: int = 0,
+        taus: list[int] | None = None,
+        delete_ks: list[int] | None = None,
+        l_start_offsets: list[int] | None = None,
+        modes: list[str] | None = None,
+        derivation: str = "propagate",
+        prefix_only_at_lq: bool = False,
+        recalibrate: str = "per_config",
+        force: bool = False,
+    ) -> None:
+        self.objective_name = objective
+        self.l_q = l_q
+        self.sweep_bits = sweep_bits
+        self.sweep_images = sweep_images
+        self.search_images = search_images
+        self.num_candidates = num_candidates
+        self.curation_layers_before = curation_layers_before
+        self.taus = taus or list(range(1, 16))
+        self.delete_ks = delete_ks if delete_ks is not None else [0, 2, 4, 8]
+        self.l_start_offsets = l_start_offsets or [0]
+        self.modes = modes or ["both"]
+        self.derivation = derivation
+        self.prefix_only_at_lq = prefix_only_at_lq
+        self.recalibrate = recalibrate
+        self.force = force
+        self.done = False
+
+    # ------------------------------------------------------------------ data
+    def _reference(self, trainer, pl_module, limit: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        images, labels, seen = [], [], 0
+        for batch in trainer.datamodule.reference_dataloader(split_by_rank=False):
+            x = batch_images(batch).to(pl_module.device)
+            images.append(x[: limit - seen])
+            if isinstance(batch, dict) and "label" in batch:
+                labels.append(batch["label"][: limit - seen].to(pl_module.device))
+            seen += images[-1].shape[0]
+            if seen >= limit:
+                break
+        if not images:
+            raise RuntimeError("the reference split is empty: the register search needs reference images")
+        return images, torch.cat(labels) if labels else None
+
+    def _objective(self, trainer, pl_module, labels: torch.Tensor | None):
+        """The search objective; ``_objective(...)(labels[:n])`` scores a prefix of the reference."""
+        if self.objective_name != "acc_ref":
+            return lambda _labels=None: make_objective(self.objective_name)
+        if not pl_module.has_text_tower or labels is None:
+            raise ValueError("objective acc_ref needs a text tower and a labelled reference split; use cosine or mse")
+        classnames, templates = trainer.datamodule.reference_info()
+        with torch.inference_mode(False), torch.no_grad():
+            classifier = build_zeroshot_classifier(
+                pl_module.net,
+                pl_module.tokenizer,
+                classnames,
+                templates,
+                device=pl_module.device,
+                cache_dir=str(pl_module.run_dir / "cache"),
+                model_id=pl_module.loaded.identity,
+            )
+        return lambda subset=labels: make_objective("acc_ref", labels=subset, classifier=classifier)
+
+    # ------------------------------------------------------------------ steps
+    def _rank0_artifacts(self, trainer, pl_module, reference, labels, make_objective_for, out: Path) -> dict[str, Any]:
+        """Sweep (unless l_q is given), curation and register caches: computed on rank 0 only."""
+        encoder, config = pl_module.encoder, pl_module.quant_config
+        progress = trainer.progress_bar_callback is not None
+        calibration = list(trainer.datamodule.calib_dataloader())
+        l_q = self.l_q
+        sweep_summary = None
+        if l_q is None:
+            sweep_config = dataclasses.replace(config, w_bits=self.sweep_bits, a_bits=self.sweep_bits)
+            subset = reference[: max(1, self.sweep_images // max(1, reference[0].shape[0]))]
+            n_images = sum(x.shape[0] for x in subset)
+            objective = make_objective_for(None if labels is None else labels[:n_images])
+            sweep = sensitivity_sweep(encoder, sweep_config, calibration, subset, objective, progress=progress)
+            sweep.save(out)
+            l_q = sweep.l_q
+            sweep_summary = sweep.table()
+        layers = list(range(max(0, l_q - self.curation_layers_before), l_q + 1))
+        candidates = curate_candidates(encoder, reference, layers, k=self.num_candidates, progress=progress)
+        candidates.save(out / "candidates.safetensors")
+        caches = {}
+        for offset in self.l_start_offsets:
+            l_start = max(0, l_q - offset)
+            caches[l_start] = derive_cache(encoder, candidates, l_start, self.derivation)
+            caches[l_start].save(out / f"cache_lstart{l_start}.safetensors")
+        return {"l_q": l_q, "caches": caches, "sweep": sweep_summary}
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.done or pl_module.quant_config is None:
+            return
+        out = pl_module.run_dir / "regcache"
+        result_path = out / "search_result.json"
+        encoder = pl_module.encoder
+        start = time.perf_counter()
+        with torch.inference_mode(False), torch.no_grad():
+            reference, labels = self._reference(trainer, pl_module, self.search_images)
+            make = self._objective(trainer, pl_module, labels)
+            objective = make()
+            if result_path.is_file() and not self.force:  # a finished search: reuse its winner
+                data = json.loads(result_path.read_text())
+                best, l_q, seconds = data["best"], data["spec"]["l_q"], data.get("search_seconds")
+                cache = RegisterCache.load(out / f"cache_lstart{best['l_start']}.safetensors", encoder)
+            else:
+                artifacts = (
+                    self._rank0_artifacts(trainer, pl_module, reference, labels, make, out)
+                    if trainer.is_global_zero
+                    else None
+                )
+                artifacts = trainer.strategy.broadcast(artifacts, src=0)
+                l_q, caches = artifacts["l_q"], artifacts["caches"]
+                rank, world = trainer.global_rank, trainer.world_size
+                search = GridSearch(
+                    encoder,
+                    pl_module.quant_config,
+                    list(trainer.datamodule.calib_dataloader()),
+                    reference,
+                    objective,
+                    l_q,
+                    caches=caches,
+                    taus=self.taus,
+                    delete_ks=self.delete_ks,
+                    l_starts=sorted(caches),
+                    modes=self.modes,
+                    prefix_only_at=l_q if self.prefix_only_at_lq else None,
+                    recalibrate=self.recalibrate,
+                    state_path=out / f"search_state.rank{rank}of{world}.json",
+                    progress=trainer.progress_bar_callback is not None,
+                )
+                search.points = search.points[rank::world]
+                partial = search.run()
+                rows = _gather_rows(partial.rows)
+                result = SearchResult(partial.spec, rows, objective.greater_is_better, partial.stats)
+                best = result.best
+                seconds = time.perf_counter() - start
+                if trainer.is_global_zero:
+                    write_json(
+                        result_path, {**result.to_dict(), "search_seconds": seconds, "sweep": artifacts["sweep"]}
+                    )
+                cache = caches[best["l_start"]]
+        if best["register"] is not None and best["tau"] > 0:
+            install_prefix(
+                encoder, cache.entry(best["register"]), best["tau"], only=l_q if self.prefix_only_at_lq else None
+            )
+        install_deletion(encoder, l_q, best["delete_k"])
+        pl_module.results["regcache"] = {
+            "l_q": l_q,
+            "l_start": best["l_start"],
+            "tau": best["tau"],
+            "k_delete": best["delete_k"],
+            "register": best["register"],
+            "mode": best["mode"],
+            "objective": self.objective_name,
+            "objective_score": best["score"],
+            "search_seconds": seconds,
+            "result": str(result_path),
+        }
+        self.done = True
