@@ -216,6 +216,13 @@ def test_every_family_calibrates_manifest_and_state_roundtrip(tmp_path, family):
         assert torch.equal(fresh(x), encoder(x))
 
 
+def test_sequential_calibration_runs():
+    encoder = adapt(make_model("dinov2"))
+    quantize_(encoder, PTQ4ViTConfig(w_bits=8, a_bits=8, sequential=True, hessian_grad="pseudo_label", **FAST))
+    calibrate_(encoder, calib_batches("dinov2"), progress=False)
+    assert cosine_to_float(encoder, images("dinov2", n=4, seed=3)) > 0.99
+
+
 def test_head_and_patch_embed_coverage_flags():
     encoder = adapt(make_model("clip"))
     manifest = quantize_(encoder, PTQ4ViTConfig(quantize_head=False, quantize_patch_embed=False))

@@ -425,8 +425,9 @@ def _search(
     """Set ``operand.step`` to the candidate with the least summed error, per group.
 
     ``error(steps (k, G), rows)`` returns the (k, G) error of k candidates on a slice of the data;
-    ``row_bytes`` / ``fixed_bytes`` are the extra memory one candidate needs per data row / once,
-    so candidates and rows are chunked to keep the extra memory under ``budget``.
+    ``row_bytes`` / ``fixed_bytes`` are the memory of one candidate's main tensors per data row /
+    once; candidates (then rows) are chunked to keep them under ``budget``. Transient temporaries
+    of the elementwise fake quantization can add up to about as much again at peak.
     """
     cands = operand.candidates
     per_candidate = fixed_bytes + rows * row_bytes
