@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--l-q", type=int, default=None, help="sensitive block for the search (default L//2)")
     p.add_argument("--max-configs", type=int, default=None, help="cap the cached search's grid (default: all)")
     p.add_argument("--loop-configs", type=int, default=None, help="configurations for the naive loop (default 24)")
+    p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/bench_register_search.json)")
     args = p.parse_args()
 
@@ -87,7 +88,9 @@ def main() -> None:
     loop_configs = pick(args.loop_configs, 24, 4)
 
     seed_everything(0)
-    encoder = adapt(load_model(model_name, device=str(device)).model).eval()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    encoder = adapt(load_model(model_name, device=str(device)).model).to(dtype=dtype).eval()
     size = encoder.image_size[0] if isinstance(encoder.image_size, tuple) else encoder.image_size
     l_q = args.l_q if args.l_q is not None else encoder.num_blocks // 2
     calib = random_batches(n_cal, bs, size, device, seed=1)

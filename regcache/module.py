@@ -44,6 +44,7 @@ class QuantizedEncoder(pl.LightningModule):
         method_options: extra fields of the method's config.
         fidelity: also run the float model on every batch and report feature cosine to it.
         run_dir: where artifacts (calibration, register cache, metrics.json) go.
+        matmul_precision: ``torch.set_float32_matmul_precision`` ("high": TF32 matmuls on GPUs).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class QuantizedEncoder(pl.LightningModule):
         method_options: dict[str, Any] | None = None,
         fidelity: bool = True,
         run_dir: str = "runs/default",
+        matmul_precision: str = "high",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -98,6 +100,7 @@ class QuantizedEncoder(pl.LightningModule):
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
+        torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_transform"):
             datamodule.set_transform(self.preprocess)
