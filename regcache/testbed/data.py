@@ -21,7 +21,7 @@ from torchvision.transforms import functional as TF
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DATA_DIR = ASSETS_DIR / "data"
 CIFAR10_SAMPLE = DATA_DIR / "cifar10_sample"  # test: evaluation sample; train: calibration / reference sample
-IMAGENET_SAMPLE = DATA_DIR / "imagenet1k_sample_small"  # one image per class, shorter side 64
+IMAGENET_SAMPLE = DATA_DIR / "imagenet1k_sample_small"  # one image per class, shorter side 48
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS = (".webp", ".jpg", ".jpeg", ".png")

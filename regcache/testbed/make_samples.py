@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--imagenet", type=Path, required=True)
     p.add_argument("--test-per-class", type=int, default=50)
     p.add_argument("--ref-per-class", type=int, default=30)
-    p.add_argument("--imagenet-size", type=int, default=64)
+    p.add_argument("--imagenet-size", type=int, default=48)
     p.add_argument("--jpeg-quality", type=int, default=85)
     args = p.parse_args(argv)
     write_dataset(
