@@ -17,6 +17,8 @@ class ValidationSuite(pl.LightningDataModule):
 
     Args:
         root: directory (or URL prefix) holding the datasets; one override moves them all.
+            ``builtin`` is the sample data shipped with regcache (``cifar10_sample``,
+            ``imagenet1k_sample_small``).
         datasets: ``{name: options}`` where options are :class:`WebDatasetDataModule` arguments
             plus ``path`` (relative to ``root``; default: the name).
         calibration: name of the dataset whose ``calib_split`` feeds calibration.
@@ -40,6 +42,10 @@ class ValidationSuite(pl.LightningDataModule):
         for role, name in (("calibration", calibration), ("reference", reference)):
             if name is not None and name not in datasets:
                 raise ValueError(f"{role}={name!r} is not one of the datasets {sorted(datasets)}")
+        if root == "builtin":
+            from regcache.testbed.data import DATA_DIR
+
+            root = str(DATA_DIR)
         self.root = root
         self.calibration = calibration
         self.reference = reference

@@ -204,6 +204,10 @@ def load_model(
     ``image_size`` overrides the input resolution (e.g. 224 for DINOv2, whose default is 518).
     """
     device = str(device)
+    if name == "regcache-testbed":  # the embedded testbed: committed weights and its own preprocessing
+        from regcache.testbed import load_testbed
+
+        return load_testbed(pretrained, device)
     if name.startswith(TIMM_PREFIX):
         return _timm(name, pretrained, device, image_size)
     return _open_clip(name, pretrained, device, image_size)
