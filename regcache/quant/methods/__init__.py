@@ -1,5 +1,7 @@
 """PTQ methods; importing this package registers each of them in ``regcache.quant.METHODS``."""
 
 from regcache.quant.methods.naive import NaiveConfig
+from regcache.quant.methods.noisyquant import NoisyQuantConfig
+from regcache.quant.methods.repq_vit import RepQViTConfig
 
-__all__ = ["NaiveConfig"]
+__all__ = ["NaiveConfig", "NoisyQuantConfig", "RepQViTConfig"]
