@@ -291,3 +291,27 @@ def test_config_registry_and_roundtrip():
     assert config.tag == "repq_vit-W4A4" and config.num_calibration_images == 32
     back = config_from_dict(__import__("json").loads(__import__("json").dumps(config.to_dict())))
     assert back == config
+
+
+def test_fold_into_linear_without_bias(tmp_path):
+    import timm
+
+    def model():
+        torch.manual_seed(0)
+        kw = {"img_size": 28, "patch_size": 14, "embed_dim": 64, "depth": 2, "num_heads": 4, "num_classes": 0}
+        return timm.create_model("vit_small_patch14_dinov2", qkv_bias=False, **kw).eval()
+
+    x = images("dinov2", n=4, seed=7)
+    encoder = adapt(model())
+    assert encoder.blocks[0].attn.qkv.bias is None
+    with torch.no_grad():
+        reference = encoder(x)
+    quantize_(encoder, RepQViTConfig(w_bits=8, a_bits=8))
+    calibrate_(encoder, calib_batches("dinov2"), progress=False)
+    assert encoder.blocks[0].attn.qkv.bias.abs().max() > 0  # the folded shift lives in the new bias
+    with torch.no_grad(), quant_mode(encoder, "float"):
+        assert rel_err(encoder(x), reference) <= 1e-5
+    fresh = adapt(model())
+    load_quant_state(fresh, save_quant_state(encoder, tmp_path / "s.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), encoder(x))

@@ -214,7 +214,7 @@ class RepQViTConfig(QuantConfig):
                 module.b_quantizer = UniformQuantizer(self.a_bits, symmetric=False)
         for _, linear in norm_linear_pairs(encoder):
             if linear.bias is None:  # the folded shift needs a bias; zero keeps the function unchanged
-                linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device))
+                linear.bias = nn.Parameter(torch.zeros_like(linear.weight[:, 0]))
         stem = patch_embed_conv(encoder) if self.quantize_patch_embed else None
         if stem is not None:
             parent, attr, conv = stem
