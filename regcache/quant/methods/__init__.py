@@ -1,6 +1,8 @@
 """PTQ methods; importing this package registers each of them in ``regcache.quant.METHODS``."""
 
 from regcache.quant.methods.naive import NaiveConfig
+from regcache.quant.methods.noisyquant import NoisyQuantConfig
 from regcache.quant.methods.ptq4vit import PTQ4ViTConfig
+from regcache.quant.methods.repq_vit import RepQViTConfig
 
-__all__ = ["NaiveConfig", "PTQ4ViTConfig"]
+__all__ = ["NaiveConfig", "NoisyQuantConfig", "PTQ4ViTConfig", "RepQViTConfig"]

@@ -1,0 +1,377 @@
+"""NoisyQuant (Liu et al., CVPR 2023): a fixed noisy bias before activation quantization.
+
+After the official kriskrisliu/NoisyQuant code (``fast_quant.py``, ``validate.py``):
+
+- quantized tensors: the weights and inputs of the block linears qkv / proj / fc1 / fc2 only (not
+  the head, not the patch embedding, not the attention matmuls);
+- weights: symmetric, per output channel, min-max. The reference fake-quantizes them in place;
+  here a weight quantizer computes exactly the same values, so float mode stays the float model
+  and nothing but quantizer buffers needs saving (``modifies_weights = False``);
+- inputs: symmetric, per tensor; clip = absmax · i / 1000 (i = 1000 .. 1) of least output MSE
+  ``mean((W_q Q(x) - W_q x)^2)`` (x clamped to ±clip in the search, as the reference);
+- a fixed noise vector N (length C_in) per linear: y = W_q Q(x + N) + (b - W_q N). Its mean shift
+  m ∈ Δ · {-200 .. 199} / 200 and then its amplitude k ∈ {0 .. 1999} / 1000 (N = m + k N₀) are
+  searched by the same output MSE;
+- calibration is sequential as in the reference: a first sweep sets every clip on inputs produced
+  by the already quantized (noise-free) layers before it, a second sweep searches every noise on
+  inputs produced by the already noisy-quantized layers before it.
+
+The candidate evaluation is batched (many candidates per matmul, memory bounded by
+``search_chunk_elements``; the output MSE goes through WᵀW when C_out > C_in). ``search_tokens``
+evaluates the objective on a seeded uniform sample of that many input tokens per linear; the
+reference uses every token (``search_tokens=None``, ~25x more work for ViT-B/16 at 1024 images).
+This sampling is a speed departure from the reference, not a quirk fix. The clip search's absmax
+always comes from all tokens.
+
+Departures from the official code, each behind a flag that :meth:`NoisyQuantConfig.reference` sets:
+
+- ``seeded_noise`` (default True; reference False): N₀ is drawn from a generator seeded by
+  ``seed`` instead of the unseeded global RNG;
+- ``gaussian_noise`` (default False; reference True): the paper samples N₀ from a uniform
+  distribution, U(-Δ, Δ); the official code draws ``(randn * 2 - 1) · Δ`` (Gaussian, mean -Δ);
+- ``class_balanced_calibration`` (default True; reference False) and ``num_calibration_images``
+  (default 1024 as in the paper; reference 256 as in the repo) are metadata for the datamodule
+  that draws the calibration set: the official loader takes the first N files, i.e. one class.
+  This method just uses the batches it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from regcache.quant.api import FilterFn, QuantConfig
+from regcache.quant.calibration import iter_images
+from regcache.quant.modules import QuantLinear, set_quant_mode
+from regcache.quant.quantizers import UniformQuantizer
+
+if TYPE_CHECKING:
+    from regcache.encoders.base import VisionEncoder
+
+
+class NoisyUniformQuantizer(UniformQuantizer):
+    """Symmetric per-tensor uniform quantizer that also holds its linear's fixed noisy bias ``noise``.
+
+    The quantizer itself only quantizes; :class:`NoisyQuantLinear` adds ``noise`` before it and
+    removes it through the bias. Keeping ``noise`` here saves it with the quantizer state.
+    """
+
+    kind: ClassVar[str] = "noisy_uniform"
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits, symmetric=True, granularity="tensor")
+        self.register_buffer("noise", torch.empty(0))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "noisy_bias": True}
+
+
+class NoisyQuantLinear(QuantLinear):
+    """Linear computing ``W Q(x + N) + (b - W N)``, with W the weight as used (quantized or not).
+
+    Once a noise is set it is applied in every mode, so with the quantizers in float mode the
+    output equals the original linear up to float rounding (the noise cancels through the bias).
+    """
+
+    @property
+    def noise(self) -> torch.Tensor | None:
+        """The fixed noisy bias N (length in_features), or None before calibration."""
+        q = self.input_quantizer
+        return q.noise if isinstance(q, NoisyUniformQuantizer) and q.noise.numel() else None
+
+    def corrected_bias(self, weight: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``b - W N`` for the given weight (default: the weight as the forward uses it)."""
+        w = self._effective_weight() if weight is None else weight
+        n = self.noise
+        if n is None:
+            return self.bias
+        correction = -(w @ n.to(w.dtype))
+        return correction if self.bias is None else self.bias + correction
+
+    def _effective_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._effective_weight()
+        n = self.noise
+        if n is not None:
+            x = x + n.to(x.dtype)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, w, self.corrected_bias(w))
+
+
+# ---- the searches (pure functions of the captured input and the quantized weight) ---------------
+
+
+def symmetric_fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``clamp(round(x / scale), -2^(b-1), 2^(b-1) - 1)`` times scale (the reference's activation quantizer)."""
+    n = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(x / scale), -n - 1, n) * scale
+
+
+def output_mse(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function mapping input errors E (K, T, C_in) to ``mean((E Wᵀ)^2)`` per candidate (K,).
+
+    Uses the Gram matrix WᵀW when C_out > C_in (T·C_in² instead of T·C_in·C_out work).
+    """
+    c_out, c_in = weight.shape
+    w = weight.float()
+    if c_out > c_in:
+        gram = w.t() @ w
+
+        def via_gram(err: torch.Tensor) -> torch.Tensor:
+            return ((err @ gram) * err).sum(dim=(1, 2)) / (err.shape[1] * c_out)
+
+        return via_gram
+
+    def direct(err: torch.Tensor) -> torch.Tensor:
+        return (err @ w.t()).pow(2).mean(dim=(1, 2))
+
+    return direct
+
+
+def _losses_batched(
+    num: int, errors: Callable[[slice], torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor], chunk: int
+) -> torch.Tensor:
+    """Loss of candidates 0..num-1, evaluating ``chunk`` candidates per call of ``errors(slice)``."""
+    return torch.cat([loss(errors(slice(i, min(i + chunk, num)))) for i in range(0, num, chunk)])
+
+
+def _chunk(x: torch.Tensor, weight: torch.Tensor, budget: int) -> int:
+    return max(1, budget // (x.shape[0] * max(weight.shape)))
+
+
+@torch.no_grad()
+def search_clip_scale(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bits: int,
+    absmax: torch.Tensor,
+    candidates: int = 1000,
+    budget: int = 1 << 26,
+) -> torch.Tensor:
+    """Step Δ = clip / (2^(b-1) - 1) for clip = absmax · i / candidates of least output MSE (ties: larger clip).
+
+    As the reference, x is clamped to ±clip before quantization and the error is measured against x.
+    """
+    x = x.float()
+    n = 2 ** (bits - 1) - 1
+    clips = absmax.float() * torch.arange(candidates, 0, -1, device=x.device, dtype=torch.float32) / candidates
+    scales = clips / n
+
+    def scaled_errors(s: slice) -> torch.Tensor:  # (Q(clamp(x)) - x) / Δ, computed with few full-size temporaries
+        u = x.unsqueeze(0) / scales[s].view(-1, 1, 1)
+        return u.clamp(-n, n).round_().sub_(u)
+
+    losses = _losses_batched(candidates, scaled_errors, output_mse(weight), _chunk(x, weight, budget))
+    return scales[torch.argmin(losses * scales.pow(2))]
+
+
+@torch.no_grad()
+def search_noise(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bits: int,
+    scale: torch.Tensor,
+    base_noise: torch.Tensor,
+    mean_candidates: int = 400,
+    amplitude_candidates: int = 2000,
+    search_mean: bool = True,
+    search_amplitude: bool = True,
+    budget: int = 1 << 26,
+) -> torch.Tensor:
+    """The noisy bias N = m + k · base_noise of least output MSE ``mean((W (Q(x + N) - N - x))^2)``.
+
+    m ∈ Δ · {-M/2 .. M/2 - 1} / (M/2) first, then k ∈ {0 .. K - 1} / (K/2), as the reference
+    (M = 400, K = 2000); ties keep the earlier candidate.
+    """
+    n_max = 2 ** (bits - 1) - 1
+    scale = scale.float()
+    x_steps = x.float() / scale  # errors are measured in units of Δ: the same Δ for every candidate
+    loss = output_mse(weight)
+    chunk = _chunk(x, weight, budget)
+
+    def best(noises: torch.Tensor) -> torch.Tensor:  # noises (K, C_in) or (K, 1)
+        noise_steps = noises / scale
+
+        def scaled_errors(s: slice) -> torch.Tensor:  # (Q(x + N) - (x + N)) / Δ
+            u = x_steps.unsqueeze(0) + noise_steps[s].unsqueeze(1)
+            return u.round().clamp_(-n_max - 1, n_max).sub_(u)
+
+        return noises[torch.argmin(_losses_batched(noises.shape[0], scaled_errors, loss, chunk))]
+
+    mean = torch.zeros(1, device=x.device)
+    if search_mean:
+        half = mean_candidates // 2
+        steps = torch.arange(-half, mean_candidates - half, device=x.device, dtype=torch.float32)
+        mean = best((scale * steps / half).view(-1, 1))
+    noise = mean.expand_as(base_noise).clone()
+    if search_amplitude:
+        half = amplitude_candidates // 2
+        amplitudes = torch.arange(amplitude_candidates, device=x.device, dtype=torch.float32) / half
+        noise = best(mean + amplitudes.view(-1, 1) * base_noise.float().view(1, -1))
+    return noise
+
+
+class TokenSample:
+    """Streams a linear's inputs: running absmax plus a uniform sample of ``size`` token rows (all if None)."""
+
+    def __init__(self, size: int | None, generator: torch.Generator) -> None:
+        self.size = size
+        self.generator = generator
+        self.absmax: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Take the tokens of one input tensor (..., C)."""
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        amax = rows.abs().amax()
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        if self.size is None:
+            self.rows = rows if self.rows is None else torch.cat([self.rows, rows])
+            return
+        # bottom-k of i.i.d. uniform keys = a uniform sample without replacement, in bounded memory
+        keys = torch.rand(rows.shape[0], generator=self.generator).to(rows.device)
+        if self.rows is not None:
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        if rows.shape[0] > self.size:
+            keep = keys.topk(self.size, largest=False).indices
+            rows, keys = rows[keep], keys[keep]
+        self.rows, self.keys = rows, keys
+
+
+@dataclass
+class NoisyQuantConfig(QuantConfig):
+    """NoisyQuant on linear-only W/A quantization (EasyQuant-style clip search + searched noisy bias)."""
+
+    name = "noisyquant"
+    seed: int = 0
+    seeded_noise: bool = True
+    gaussian_noise: bool = False
+    search_mean: bool = True
+    search_amplitude: bool = True
+    clip_candidates: int = 1000
+    mean_candidates: int = 400
+    amplitude_candidates: int = 2000
+    search_tokens: int | None = 8192
+    search_chunk_elements: int = 1 << 26
+    num_calibration_images: int = 1024
+    class_balanced_calibration: bool = True
+
+    @classmethod
+    def reference(cls, w_bits: int = 6, a_bits: int = 6) -> NoisyQuantConfig:
+        """The official kriskrisliu/NoisyQuant behaviour, quirks included."""
+        return cls(
+            w_bits=w_bits,
+            a_bits=a_bits,
+            seeded_noise=False,
+            gaussian_noise=True,
+            search_tokens=None,
+            num_calibration_images=256,
+            class_balanced_calibration=False,
+        )
+
+    def default_filter(self, module: nn.Module, fqn: str) -> bool:
+        """qkv, proj, fc1 and fc2 of every block (no head, no patch embedding, no attention matmuls)."""
+        return fqn.startswith("blocks.") and isinstance(module, nn.Linear)
+
+    def transform(self, encoder: VisionEncoder, filter_fn: FilterFn) -> None:
+        for name, module in list(encoder.named_modules()):
+            if not name.startswith("blocks.") or not isinstance(module, nn.Linear) or not filter_fn(module, name):
+                continue  # the sequential calibration runs block by block: only block linears qualify
+            parent_name, _, child = name.rpartition(".")
+            linear = NoisyQuantLinear.from_linear(module)
+            linear.weight_quantizer = UniformQuantizer(self.w_bits, symmetric=True, granularity="channel", axis=0)
+            linear.input_quantizer = NoisyUniformQuantizer(self.a_bits)
+            setattr(encoder.get_submodule(parent_name), child, linear)
+
+    def calibrate(self, encoder: VisionEncoder, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+        with torch.no_grad():
+            streams = [
+                encoder.embed(images) for images in iter_images(encoder, batches, progress, "NoisyQuant: images")
+            ]
+            if not streams:
+                raise ValueError("calibration data is empty: pass at least one batch of images")
+            linears = [m for m in encoder.modules() if isinstance(m, NoisyQuantLinear)]
+            for linear in linears:
+                linear.weight_quantizer.calibrate_(linear.weight)
+                linear.weight_quantizer.mode = "quant"
+                linear.input_quantizer.mode = "float"
+                linear.input_quantizer.noise = torch.empty(0, device=linear.weight.device)  # no stale noise
+            noise_rng = torch.Generator().manual_seed(self.seed)
+            sample_rng = torch.Generator().manual_seed(self.seed + 1)
+            for phase in ("clip", "noise"):
+                x = streams
+                bar = tqdm(encoder.blocks, desc=f"NoisyQuant: {phase} search", disable=not progress)
+                for block in bar:
+                    for linear in (m for m in block.modules() if isinstance(m, NoisyQuantLinear)):
+                        sample = self._capture(block, linear, x, sample_rng)
+                        if phase == "clip":
+                            self._set_clip(linear, sample)
+                        else:
+                            self._set_noise(linear, sample, noise_rng)
+                    x = [block(chunk) for chunk in x]
+        set_quant_mode(encoder, "quant")
+
+    def _capture(
+        self, block: nn.Module, linear: NoisyQuantLinear, streams: list[torch.Tensor], rng: torch.Generator
+    ) -> TokenSample:
+        sample = TokenSample(self.search_tokens, rng)
+        handle = linear.register_forward_pre_hook(lambda _m, args: sample.add(args[0]))
+        try:
+            for chunk in streams:
+                block(chunk)
+        finally:
+            handle.remove()
+        return sample
+
+    def _set_clip(self, linear: NoisyQuantLinear, sample: TokenSample) -> None:
+        w = linear.weight_quantizer(linear.weight)
+        scale = search_clip_scale(
+            sample.rows, w, self.a_bits, sample.absmax, self.clip_candidates, self.search_chunk_elements
+        )
+        linear.input_quantizer.set_scale(scale)
+        linear.input_quantizer.mode = "quant"
+
+    def _set_noise(self, linear: NoisyQuantLinear, sample: TokenSample, rng: torch.Generator) -> None:
+        q = linear.input_quantizer
+        device = q.scale.device
+        c_in = linear.in_features
+        if self.gaussian_noise:  # the official (randn * 2 - 1) · Δ
+            draw = torch.randn(c_in, generator=rng) if self.seeded_noise else torch.randn(c_in, device=device)
+        else:  # the paper's U(-Δ, Δ)
+            draw = torch.rand(c_in, generator=rng) if self.seeded_noise else torch.rand(c_in, device=device)
+        base = (draw.to(device) * 2 - 1) * q.scale
+        w = linear.weight_quantizer(linear.weight)
+        q.noise = search_noise(
+            sample.rows,
+            w,
+            self.a_bits,
+            q.scale,
+            base,
+            self.mean_candidates,
+            self.amplitude_candidates,
+            self.search_mean,
+            self.search_amplitude,
+            self.search_chunk_elements,
+        ).to(linear.weight.dtype)
+
+
+__all__ = [
+    "NoisyQuantConfig",
+    "NoisyQuantLinear",
+    "NoisyUniformQuantizer",
+    "TokenSample",
+    "output_mse",
+    "search_clip_scale",
+    "search_noise",
+    "symmetric_fake_quant",
+]

@@ -1,0 +1,273 @@
+"""RepQ-ViT (Li et al., ICCV 2023): scale reparameterization, after the official zkkli/RepQ-ViT code.
+
+What is quantized (coverage manifest):
+
+- every selected block linear: weights asymmetric per output channel, inputs asymmetric per tensor;
+- Q·Kᵀ: both operands uniform asymmetric per tensor; P·V: the softmax output with a log-√2
+  quantizer, V uniform asymmetric per tensor;
+- the patch embedding (``quantize_patch_embed``): its input (the image) at 8 bits per tensor and
+  its weight at ``w_bits`` per output channel. (The official code also quantizes the classifier
+  head; our encoders end in a projection / pooling head that stays float, like every method here.)
+
+Calibration (one forward pass over all calibration images at once, no backprop, as the reference):
+
+1. weights: per-row percentile search (:func:`regcache.quant.init.percentile_affine_search`);
+2. one pass in which every activation quantizer initialises itself, on first use, from the tensor
+   it sees (percentile search, lowest MSE) and quantizes it for the layers after it, so each
+   quantizer is calibrated on the output of the already quantized layers before it. The inputs of
+   ``attn.qkv`` and ``mlp.fc1`` (LayerNorm outputs) are calibrated per channel in this pass;
+3. reparameterization: each per-channel (Δ_c, z_c) becomes per tensor (Δ̃ = mean Δ_c, z̃ = mean z_c)
+   with r = Δ_c / Δ̃ and b = Δ̃ (z̃ - z_c) (the official ``act_min / r - target_min``); the LayerNorm
+   gets γ/r, β/r - b, the linear W·diag(r) and bias + (W·diag(r)) b, so the float function is
+   unchanged and per-tensor codes of the folded activation equal per-channel codes of the original
+   one; the linear's weight quantizer is then re-initialised on the folded weight.
+
+The LayerNorm → linear pairs come from the canonical block structure (``norm1 → attn.qkv``,
+``norm2 → mlp.fc1``), never from module names (timm's ``q_norm``/``k_norm`` are not folded). A
+LayerNorm on the residual stream (CLIP's ``ln_pre``) lies outside the blocks and is never folded; a
+norm without affine weight and bias cannot absorb the shift, so its linear keeps an ordinary
+per-tensor input quantizer.
+
+Departures from the official code, each behind a flag that :meth:`RepQViTConfig.reference` sets:
+
+- ``round_zero_point`` (default True; reference False): the official per-tensor zero point is the
+  plain mean of the per-channel zero points, usually fractional, so codes are no longer integers
+  and the per-channel → per-tensor equivalence is only approximate. Rounding it makes the
+  equivalence exact and the zero point a valid integer.
+- ``reserve_zero_code`` (default False = reference): see :mod:`regcache.quant.log_quantizers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from regcache.quant.api import FilterFn, QuantConfig, swap_linears
+from regcache.quant.calibration import iter_images
+from regcache.quant.init import REPQ_PERCENTILES, percentile_calibrate_
+from regcache.quant.log_quantizers import LogSqrt2Quantizer
+from regcache.quant.modules import MatMul, QuantLinear, quantizers, set_quant_mode
+from regcache.quant.quantizers import Quantizer, UniformQuantizer
+
+if TYPE_CHECKING:
+    from regcache.encoders.base import VisionEncoder
+
+
+_CONV_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (the patch embedding) whose input and weight pass through optional fake quantizers."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> QuantConv2d:
+        """Wrap an existing convolution, sharing its parameters."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        for attr in _CONV_ATTRS:
+            setattr(q, attr, getattr(conv, attr))
+        q.weight = conv.weight
+        q.bias = conv.bias
+        q.input_quantizer = None
+        q.weight_quantizer = None
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        return self._conv_forward(x, w, self.bias)
+
+
+def patch_embed_conv(encoder: nn.Module) -> tuple[nn.Module, str, nn.Conv2d] | None:
+    """(parent, attribute, conv) of the patch-embedding convolution: the first Conv2d outside the blocks."""
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.Conv2d) and not name.startswith("blocks."):
+            parent_name, _, attr = name.rpartition(".")
+            return (encoder.get_submodule(parent_name) if parent_name else encoder), attr, module
+    return None
+
+
+def can_fold(norm: nn.Module) -> bool:
+    """Whether a norm can absorb a per-channel scale and shift (LayerNorm with affine weight and bias)."""
+    return isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+
+
+def norm_linear_pairs(encoder: VisionEncoder) -> list[tuple[nn.LayerNorm, QuantLinear]]:
+    """The (post-LayerNorm, consuming linear) pairs to reparameterize, by block structure."""
+    pairs = []
+    for block in encoder.blocks:
+        for norm, linear in ((block.norm1, block.attn.qkv), (block.norm2, block.mlp.fc1)):
+            if isinstance(linear, QuantLinear) and linear.input_quantizer is not None and can_fold(norm):
+                pairs.append((norm, linear))
+    return pairs
+
+
+@torch.no_grad()
+def fold_layernorm_(
+    norm: nn.LayerNorm,
+    linear: nn.Linear,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    round_zero_point: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold per-channel quantization parameters of ``linear``'s input into ``norm`` and ``linear``.
+
+    Returns the per-tensor (scale, zero point) that quantizes the folded activation exactly as
+    (scale, zero_point) quantized the original one per channel (exactly when the zero point is rounded).
+    """
+    scale, zero_point = scale.reshape(-1).float(), zero_point.reshape(-1).float()
+    target_scale = scale.mean()
+    target_zp = zero_point.mean().round() if round_zero_point else zero_point.mean()
+    r = scale / target_scale
+    b = target_scale * (target_zp - zero_point)  # = (-z_c Δ_c) / r - (-z̃ Δ̃)
+    dtype = norm.weight.dtype
+    norm.weight.copy_((norm.weight.float() / r).to(dtype))
+    norm.bias.copy_((norm.bias.float() / r - b).to(dtype))
+    linear.weight.copy_((linear.weight.float() * r).to(linear.weight.dtype))
+    linear.bias.copy_((linear.bias.float() + linear.weight.float() @ b).to(linear.bias.dtype))
+    return target_scale, target_zp
+
+
+def percentile_init_(quantizer: Quantizer, x: torch.Tensor, percentiles: Sequence[float]) -> None:
+    """Initialise a RepQ-ViT quantizer from a tensor by its percentile / MSE search."""
+    if isinstance(quantizer, LogSqrt2Quantizer):
+        quantizer.calibrate_(x, percentiles)
+    elif isinstance(quantizer, UniformQuantizer):
+        percentile_calibrate_(quantizer, x, percentiles)
+    else:
+        raise TypeError(f"RepQ-ViT cannot initialise a {type(quantizer).__name__}")
+
+
+@contextmanager
+def calibrate_on_first_use(encoder: nn.Module, percentiles: Sequence[float]) -> Iterator[None]:
+    """All quantizers quantize; an uncalibrated one first initialises itself from its first input."""
+
+    def hook(quantizer: Quantizer, args: tuple[Any, ...]) -> None:
+        if not quantizer.is_calibrated:
+            percentile_init_(quantizer, args[0], percentiles)
+
+    saved = [(q, q.mode) for _, q in quantizers(encoder)]
+    handles = [q.register_forward_pre_hook(hook) for q, _ in saved]
+    for q, _ in saved:
+        q.mode = "quant"  # uncalibrated ones get their parameters in the hook, before quantizing
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for q, mode in saved:
+            q.mode = mode
+
+
+@dataclass
+class RepQViTConfig(QuantConfig):
+    """RepQ-ViT: percentile-initialised uniform quantizers, log-√2 softmax, LayerNorm reparameterization."""
+
+    name = "repq_vit"
+    modifies_weights = True
+    quantize_patch_embed: bool = True
+    patch_embed_input_bits: int = 8
+    round_zero_point: bool = True
+    reserve_zero_code: bool = False
+    percentiles: tuple[float, ...] = REPQ_PERCENTILES
+    num_calibration_images: int = 32  # the reference's single calibration batch; read by the datamodule
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.percentiles = tuple(float(p) for p in self.percentiles)
+
+    @classmethod
+    def reference(cls, w_bits: int = 4, a_bits: int = 4) -> RepQViTConfig:
+        """The official zkkli/RepQ-ViT behaviour, quirks included (fractional per-tensor zero point)."""
+        return cls(w_bits=w_bits, a_bits=a_bits, round_zero_point=False, reserve_zero_code=False)
+
+    def transform(self, encoder: VisionEncoder, filter_fn: FilterFn) -> None:
+        softmax_matmuls = {id(block.attn.matmul_pv) for block in encoder.blocks}
+        for _, module in swap_linears(encoder, filter_fn):
+            if isinstance(module, QuantLinear):
+                module.weight_quantizer = UniformQuantizer(self.w_bits, symmetric=False, granularity="channel")
+                module.input_quantizer = UniformQuantizer(self.a_bits, symmetric=False)
+            elif isinstance(module, MatMul):
+                if id(module) in softmax_matmuls:
+                    module.a_quantizer = LogSqrt2Quantizer(self.a_bits, reserve_zero_code=self.reserve_zero_code)
+                else:
+                    module.a_quantizer = UniformQuantizer(self.a_bits, symmetric=False)
+                module.b_quantizer = UniformQuantizer(self.a_bits, symmetric=False)
+        for _, linear in norm_linear_pairs(encoder):
+            if linear.bias is None:  # the folded shift needs a bias; zero keeps the function unchanged
+                linear.bias = nn.Parameter(torch.zeros_like(linear.weight[:, 0]))
+        stem = patch_embed_conv(encoder) if self.quantize_patch_embed else None
+        if stem is not None:
+            parent, attr, conv = stem
+            qconv = conv if isinstance(conv, QuantConv2d) else QuantConv2d.from_conv(conv)
+            qconv.input_quantizer = UniformQuantizer(self.patch_embed_input_bits, symmetric=False)
+            qconv.weight_quantizer = UniformQuantizer(self.w_bits, symmetric=False, granularity="channel")
+            setattr(parent, attr, qconv)
+
+    def calibrate(self, encoder: VisionEncoder, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+        if any(q.is_calibrated for _, q in quantizers(encoder)):
+            raise RuntimeError("RepQ-ViT folds weights during calibration: calibrate a freshly quantized model once")
+        chunks = list(iter_images(encoder, batches, progress, desc="RepQ-ViT: calibration images"))
+        if not chunks:
+            raise ValueError("calibration data is empty: pass at least one batch of images")
+        images = torch.cat(chunks)  # the reference calibrates on one batch
+        with torch.no_grad():
+            self._init_weights(encoder)
+            pairs = norm_linear_pairs(encoder)
+            per_tensor = {}
+            for _, linear in pairs:  # LayerNorm outputs are first calibrated per channel
+                per_tensor[linear] = linear.input_quantizer
+                linear.input_quantizer = UniformQuantizer(self.a_bits, symmetric=False, granularity="channel", axis=-1)
+            try:
+                with calibrate_on_first_use(encoder, self.percentiles):
+                    x = encoder.embed(images)
+                    for block in tqdm(encoder.blocks, desc="RepQ-ViT: calibrating blocks", disable=not progress):
+                        x = block(x)
+                    encoder.pool(x)
+                for norm, linear in tqdm(pairs, desc="RepQ-ViT: reparameterizing", disable=not progress):
+                    channel_q = linear.input_quantizer
+                    scale, zp = fold_layernorm_(
+                        norm, linear, channel_q.scale, channel_q.zero_point, self.round_zero_point
+                    )
+                    per_tensor[linear].set_scale(scale, zp)
+                    percentile_calibrate_(linear.weight_quantizer, linear.weight, self.percentiles)
+            finally:
+                for linear, q in per_tensor.items():
+                    linear.input_quantizer = q
+        set_quant_mode(encoder, "quant")
+
+    def _init_weights(self, encoder: nn.Module) -> None:
+        for module in encoder.modules():
+            if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_quantizer is not None:
+                percentile_calibrate_(module.weight_quantizer, module.weight, self.percentiles)
+
+
+__all__ = [
+    "QuantConv2d",
+    "RepQViTConfig",
+    "calibrate_on_first_use",
+    "can_fold",
+    "fold_layernorm_",
+    "norm_linear_pairs",
+    "patch_embed_conv",
+    "percentile_init_",
+]

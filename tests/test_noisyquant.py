@@ -1,0 +1,254 @@
+"""NoisyQuant: searches against brute force, noise cancellation, seeding, end to end on every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, images, make_model
+from test_repq_vit import install_random_prefix, rel_err
+from torch.nn import functional as F
+
+from regcache.encoders import adapt
+from regcache.quant import (
+    METHODS,
+    NaiveConfig,
+    calibrate_,
+    config_from_dict,
+    load_quant_state,
+    quant_mode,
+    quantize_,
+    save_quant_state,
+)
+from regcache.quant.methods.noisyquant import (
+    NoisyQuantConfig,
+    NoisyQuantLinear,
+    TokenSample,
+    search_clip_scale,
+    search_noise,
+    symmetric_fake_quant,
+)
+
+# the reference grids are 1000 / 400 / 2000 candidates; smaller ones keep CPU tests fast
+FAST = {"clip_candidates": 60, "mean_candidates": 20, "amplitude_candidates": 40, "search_tokens": 256}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def calib_batches(family: str, n: int = 2) -> list[torch.Tensor]:
+    return [images(family, n=8, seed=100 + i) for i in range(n)]
+
+
+def calibrated(family: str, bits: int = 6, prefix: bool = False, **kwargs):
+    encoder = adapt(make_model(family))
+    if prefix:
+        install_random_prefix(encoder)
+    manifest = quantize_(encoder, NoisyQuantConfig(w_bits=bits, a_bits=bits, **{**FAST, **kwargs}))
+    calibrate_(encoder, calib_batches(family), progress=False)
+    return encoder, manifest
+
+
+# ---- the searches against plain loops written like the reference --------------------------------
+
+
+def output_loss(x, xq, w):
+    return ((F.linear(xq, w) - F.linear(x, w)) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("c_out", [6, 12], ids=["direct", "gram"])
+def test_clip_search_matches_brute_force(c_out):
+    g = torch.Generator().manual_seed(c_out)
+    x = torch.randn(40, 8, generator=g) * torch.exp(torch.randn(8, generator=g))
+    w = torch.randn(c_out, 8, generator=g)
+    bits, k = 4, 30
+    absmax = x.abs().max()
+    n = 2 ** (bits - 1) - 1
+    losses = {}
+    for i in range(k, 0, -1):
+        clip = absmax / k * i
+        scale = clip / n
+        losses[scale.item()] = output_loss(x, symmetric_fake_quant(x.clamp(-clip, clip), scale, bits), w)
+    got = search_clip_scale(x, w, bits, absmax, candidates=k).item()
+    nearest = min(losses, key=lambda s: abs(s - got))
+    assert got == pytest.approx(nearest, rel=1e-6)  # one of the candidates
+    assert losses[nearest] <= min(losses.values()) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("c_out", [6, 12], ids=["direct", "gram"])
+def test_noise_search_matches_brute_force(c_out):
+    g = torch.Generator().manual_seed(c_out)
+    x = torch.randn(40, 8, generator=g) * 3
+    w = torch.randn(c_out, 8, generator=g)
+    bits, scale = 4, torch.tensor(0.5)
+    base = (torch.rand(8, generator=g) * 2 - 1) * scale
+
+    def loss(noise):
+        return output_loss(x, symmetric_fake_quant(x + noise, scale, bits) - noise, w)
+
+    means = [scale * i / 10 for i in range(-10, 10)]
+    best_mean = min(means, key=loss)  # first minimum, like the reference's strict "<"
+    amplitudes = [best_mean + base * i / 15 for i in range(30)]
+    best = min(loss(n) for n in amplitudes)
+    got = search_noise(x, w, bits, scale, base, mean_candidates=20, amplitude_candidates=30)
+    assert loss(got) <= best * (1 + 1e-5)
+    assert any(torch.allclose(got, n) for n in amplitudes)  # it is one of the candidates
+    mean_only = search_noise(x, w, bits, scale, base, 20, 30, search_amplitude=False)
+    assert torch.allclose(mean_only, best_mean.expand(8))
+
+
+def test_token_sample_keeps_a_subset_and_the_full_absmax():
+    chunks = [torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    everything = torch.cat([c.reshape(-1, 4) for c in chunks])
+    full, sampled = TokenSample(None, torch.Generator()), TokenSample(16, torch.Generator().manual_seed(0))
+    for c in chunks:
+        full.add(c)
+        sampled.add(c)
+    assert torch.equal(full.rows, everything)
+    assert sampled.rows.shape == (16, 4)
+    assert all((everything == row).all(dim=1).any() for row in sampled.rows)
+    assert len({tuple(r.tolist()) for r in sampled.rows}) == 16  # without replacement
+    assert sampled.absmax == full.absmax == everything.abs().max()
+
+
+# ---- the noisy linear ---------------------------------------------------------------------------
+
+
+def test_noise_cancels_in_float_mode_and_matches_bias_correction_form():
+    encoder, _ = calibrated("clip")
+    original = make_model("clip")  # same seed: the untouched float weights
+    fc2 = encoder.blocks[1].mlp.fc2
+    assert isinstance(fc2, NoisyQuantLinear) and fc2.noise is not None and fc2.noise.abs().max() > 0
+    weight = original.visual.transformer.resblocks[1].mlp.c_proj.weight.detach()
+    bias = original.visual.transformer.resblocks[1].mlp.c_proj.bias.detach()
+    x = torch.randn(2, 5, fc2.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with quant_mode(encoder, "float"):  # noise added, then removed through the bias
+            assert rel_err(fc2(x), F.linear(x, weight, bias)) <= 1e-6
+        w_q = fc2.weight_quantizer.fake_quant(weight)
+        scale, noise = fc2.input_quantizer.scale, fc2.noise
+        deployed = F.linear(symmetric_fake_quant(x + noise, scale, 6), w_q, bias - w_q @ noise)
+        assert rel_err(fc2(x), deployed) <= 1e-5
+        assert torch.allclose(fc2.corrected_bias(), bias - w_q @ noise, atol=1e-6)
+        noise_free = F.linear(symmetric_fake_quant(x, scale, 6), w_q, bias)
+        assert rel_err(fc2(x), noise_free) > 1e-4  # the noise does change the quantized result
+
+
+def test_noise_is_reproducible_with_the_seed():
+    def noises(seed):
+        encoder, _ = calibrated("dinov2", seed=seed)
+        return [m.noise.clone() for m in encoder.modules() if isinstance(m, NoisyQuantLinear)]
+
+    a, b, c = noises(0), noises(0), noises(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert any(not torch.equal(x, z) for x, z in zip(a, c, strict=True))
+
+
+# ---- end to end -------------------------------------------------------------------------------
+
+
+def expected_manifest(encoder) -> set[str]:
+    return {
+        f"blocks.{i}.{lin}.{slot}"
+        for i in range(encoder.num_blocks)
+        for lin in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+        for slot in ("weight", "input")
+    }
+
+
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["plain", "prefix"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_noisyquant_end_to_end(family, with_prefix, tmp_path):
+    x = images(family, n=4, seed=7)
+    encoder, manifest = calibrated(family, bits=8, prefix=with_prefix)
+    assert set(manifest.tensors) == expected_manifest(encoder)
+    kinds = {e.tensor: e.quantizer for e in manifest.entries}
+    assert kinds["blocks.0.mlp.fc2.weight"] == {
+        "kind": "uniform",
+        "bits": 8,
+        "symmetric": True,
+        "granularity": "channel",
+        "axis": 0,
+    }
+    assert kinds["blocks.0.attn.qkv.input"]["symmetric"] and kinds["blocks.0.attn.qkv.input"]["granularity"] == "tensor"
+    with torch.no_grad():
+        quantized = encoder(x)
+        with quant_mode(encoder, "float"):
+            reference = encoder(x)
+    assert F.cosine_similarity(quantized, reference, dim=-1).min() > 0.98
+
+    path = save_quant_state(encoder, tmp_path / "noisy.safetensors")
+    fresh = adapt(make_model(family))
+    if with_prefix:
+        install_random_prefix(fresh)
+    load_quant_state(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), quantized)
+
+
+def test_calibration_shows_progress(capsys):
+    encoder = adapt(make_model("siglip"))
+    quantize_(encoder, NoisyQuantConfig(w_bits=6, a_bits=6, **FAST))
+    calibrate_(encoder, calib_batches("siglip"), progress=True)
+    err = capsys.readouterr().err
+    assert "NoisyQuant: clip search" in err and "NoisyQuant: noise search" in err
+
+
+def inject_fc2_input_outlier(encoder, channel: int = 3, factor: float = 50.0) -> None:
+    """One hidden MLP channel 50x larger (fc1 row scaled up, fc2 column scaled down)."""
+    with torch.no_grad():
+        for block in encoder.blocks:
+            block.mlp.fc1.weight[channel] *= factor
+            block.mlp.fc1.bias[channel] *= factor
+            block.mlp.fc2.weight[:, channel] /= factor
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2"])
+def test_noisyquant_beats_naive_with_outlier_channel(family):
+    x = images(family, n=8, seed=9)
+    cosines = {}
+    for config in (
+        NaiveConfig(w_bits=6, a_bits=6, quantize_matmuls=False),  # the same tensors as NoisyQuant
+        NoisyQuantConfig(w_bits=6, a_bits=6, **FAST),
+    ):
+        encoder = adapt(make_model(family))
+        inject_fc2_input_outlier(encoder)
+        with torch.no_grad():
+            reference = encoder(x)
+        quantize_(encoder, config)
+        calibrate_(encoder, calib_batches(family, 4), progress=False)
+        with torch.no_grad():
+            cosines[config.name] = F.cosine_similarity(encoder(x), reference, dim=-1).mean().item()
+    assert cosines["noisyquant"] > cosines["naive"], cosines
+
+
+def test_reference_preset_and_registry():
+    assert METHODS["noisyquant"] is NoisyQuantConfig
+    ref = NoisyQuantConfig.reference(6, 6)
+    assert (ref.seeded_noise, ref.gaussian_noise, ref.class_balanced_calibration) == (False, True, False)
+    assert ref.search_tokens is None and ref.num_calibration_images == 256
+    default = NoisyQuantConfig()
+    assert (default.seeded_noise, default.gaussian_noise, default.class_balanced_calibration) == (True, False, True)
+    assert default.num_calibration_images == 1024
+    assert (default.clip_candidates, default.mean_candidates, default.amplitude_candidates) == (1000, 400, 2000)
+    assert config_from_dict(json.loads(json.dumps(ref.to_dict()))) == ref
+
+
+def test_reference_noise_follows_the_global_rng():
+    def noises(global_seed):
+        encoder = adapt(make_model("dinov2"))
+        quantize_(encoder, NoisyQuantConfig(w_bits=6, a_bits=6, seeded_noise=False, gaussian_noise=True, **FAST))
+        torch.manual_seed(global_seed)  # the official draw uses whatever state the global RNG is in
+        calibrate_(encoder, calib_batches("dinov2"), progress=False)
+        return [m.noise.clone() for m in encoder.modules() if isinstance(m, NoisyQuantLinear)]
+
+    a, b, c = noises(1), noises(1), noises(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert any(not torch.equal(x, z) for x, z in zip(a, c, strict=True))
