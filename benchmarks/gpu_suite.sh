@@ -4,12 +4,12 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 parts=${*:-"calibration search throughput"}
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for part in $parts; do
   case $part in
-    calibration) timeout 300 python3 benchmarks/bench_calibration.py --bits 8 6 ;;
-    search) timeout 300 python3 benchmarks/bench_register_search.py ;;
-    throughput) timeout 300 python3 benchmarks/bench_eval_throughput.py --methods naive --bits 8 6 ;;
+    calibration) timeout 250 python3 benchmarks/bench_calibration.py --bits 8 ;;
+    search) timeout 250 python3 benchmarks/bench_register_search.py --max-configs 300 --loop-configs 12 ;;
+    throughput) timeout 280 python3 benchmarks/bench_eval_throughput.py --methods naive --bits 8 --repeats 10 ;;
   esac
   echo "== $part exit $?"
 done
