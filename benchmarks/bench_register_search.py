@@ -97,7 +97,7 @@ def main() -> None:
     ref = random_batches(n_ref, bs, size, device, seed=2)
     pool = random_batches(n_pool, bs, size, device, seed=3)
     config, objective = NaiveConfig(8, 8), EmbeddingCosine()
-    num_tokens = encoder.embed(ref[0][:1]).shape[1]
+    num_tokens = encoder.embed(ref[0][:1].to(dtype)).shape[1]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{model_name} on {device_name}: {encoder.num_blocks} blocks, {num_tokens} tokens, l_q={l_q}")
 
