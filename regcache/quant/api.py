@@ -171,6 +171,8 @@ def quantize_(encoder: VisionEncoder, config: QuantConfig, filter_fn: FilterFn |
         )
     encoder.float_fingerprint = weights_fingerprint(encoder)
     config.transform(encoder, filter_fn or config.default_filter)
+    param = next(encoder.parameters())
+    encoder.to(param.device)  # quantizers created after the model moved must follow it
     encoder.quant_config = config
     return coverage(encoder, config.tag)
 

@@ -84,11 +84,12 @@ class Quantizer(nn.Module):
         return {"kind": self.kind, "bits": self.bits}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        # Buffers start empty and take their shape from the calibration; accept any saved shape.
+        # Buffers start empty and take their shape from the calibration; accept any saved shape
+        # (on the incoming tensor's device: an empty buffer may still sit where it was created).
         for name, buf in list(self._buffers.items()):
             key = prefix + name
             if key in state_dict and buf is not None and buf.shape != state_dict[key].shape:
-                self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device)
+                self._buffers[name] = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 
