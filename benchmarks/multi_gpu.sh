@@ -10,7 +10,7 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies "$copies" --shard-size 500
 python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies 1 --out-split train
-for config in multi_gpu multi_gpu_search; do
+for config in ${CONFIGS:-multi_gpu multi_gpu_search}; do
   for n in $counts; do
     run=/tmp/regcache-runs/$config-$n
     start=$(date +%s.%N)

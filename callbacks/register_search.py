@@ -140,6 +140,7 @@ class RegisterSearch(pl.Callback):
     def _rank0_artifacts(self, trainer, pl_module, reference, labels, make_objective_for, out: Path) -> dict[str, Any]:
         """Sweep (unless l_q is given), curation and register caches: computed on rank 0 only."""
         encoder, config = pl_module.encoder, pl_module.quant_config
+        out.mkdir(parents=True, exist_ok=True)
         progress = trainer.progress_bar_callback is not None
         calibration = list(trainer.datamodule.calib_dataloader())
         l_q = self.l_q

@@ -49,8 +49,9 @@ class Candidates:
         return self.vectors, self.norms, self.image_index, self.token_index, self.layer
 
     def save(self, path: str | Path) -> Path:
-        """Save to safetensors."""
+        """Save to safetensors (creating the parent folder)."""
         names = ("vectors", "norms", "image_index", "token_index", "layer")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file({n: t.contiguous().cpu() for n, t in zip(names, self._tensors(), strict=True)}, str(path))
         return Path(path)
 
