@@ -33,6 +33,9 @@ from regcache.testbed import CIFAR10_SAMPLE, load_split, load_testbed, read_line
 from regcache.utils import write_json
 
 
+DEMO_TAUS = (1, 2, 3, 4, 6, 8, 12, 15)  # a thinned 1..15 so the demo stays at a few CPU minutes
+
+
 def _batches(x: torch.Tensor, size: int = 100) -> list[torch.Tensor]:
     return list(x.split(size))
 
@@ -85,7 +88,7 @@ def run_demo(
         encoder, METHODS["naive"](w_bits=8, a_bits=8), calib, _batches(ref_x), acc_ref, progress=progress
     )
     l_q = sweep.l_q
-    candidates = curate_candidates(encoder, _batches(ref_x), l_q, k=8, progress=progress)
+    candidates = curate_candidates(encoder, _batches(ref_x), l_q, k=4, progress=progress)
     caches = {l_q: derive_cache(encoder, candidates, l_q)}
 
     def search(method: str) -> tuple[dict[str, dict], float]:
@@ -98,8 +101,8 @@ def run_demo(
             acc_ref,
             l_q,
             caches=caches,
-            taus=range(1, 16),
-            delete_ks=range(0, 6),
+            taus=DEMO_TAUS,
+            delete_ks=range(0, 5),
             modes=("prefix", "delete", "both"),
             progress=progress,
         ).run()
