@@ -32,7 +32,6 @@ from regcache.registers import (
 from regcache.testbed import CIFAR10_SAMPLE, load_split, load_testbed, read_lines
 from regcache.utils import write_json
 
-
 DEMO_TAUS = (1, 2, 3, 4, 6, 8, 12, 15)  # a thinned 1..15 so the demo stays at a few CPU minutes
 
 
@@ -67,7 +66,13 @@ def _quantized(float_encoder: VisionEncoder, method: str, bits: int, calib, poin
 
 
 def run_demo(
-    out_dir: str | Path = "demo", bits: int = 6, strong_method: str = "repq_vit", progress: bool = True
+    out_dir: str | Path = "demo",
+    bits: int = 6,
+    strong_method: str | None = "repq_vit",
+    progress: bool = True,
+    taus: tuple[int, ...] = DEMO_TAUS,
+    delete_ks: tuple[int, ...] = (0, 1, 2, 3, 4),
+    num_candidates: int = 4,
 ) -> Path:
     """Run every row and write ``results.json``, ``results.md`` and ``norm_profile.png`` into ``out_dir``."""
     torch.manual_seed(0)
@@ -88,7 +93,7 @@ def run_demo(
         encoder, METHODS["naive"](w_bits=8, a_bits=8), calib, _batches(ref_x), acc_ref, progress=progress
     )
     l_q = sweep.l_q
-    candidates = curate_candidates(encoder, _batches(ref_x), l_q, k=4, progress=progress)
+    candidates = curate_candidates(encoder, _batches(ref_x), l_q, k=num_candidates, progress=progress)
     caches = {l_q: derive_cache(encoder, candidates, l_q)}
 
     def search(method: str) -> tuple[dict[str, dict], float]:
@@ -101,8 +106,8 @@ def run_demo(
             acc_ref,
             l_q,
             caches=caches,
-            taus=DEMO_TAUS,
-            delete_ks=range(0, 5),
+            taus=taus,
+            delete_ks=delete_ks,
             modes=("prefix", "delete", "both"),
             progress=progress,
         ).run()
@@ -143,7 +148,7 @@ def run_demo(
     row(f"naive W{bits}A{bits} + RegCache", "naive", best["both"], seconds)
     row(f"naive W{bits}A{bits} + prefix only", "naive", best["prefix"], seconds)
     row(f"naive W{bits}A{bits} + delete only", "naive", best["delete"], seconds)
-    if strong_method in METHODS:
+    if strong_method:
         row(f"{strong_method} W{bits}A{bits}", strong_method, None)
         strong_best, strong_seconds = search(strong_method)
         row(f"{strong_method} W{bits}A{bits} + RegCache", strong_method, strong_best["both"], strong_seconds)

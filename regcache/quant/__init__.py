@@ -14,7 +14,7 @@ from regcache.quant.api import (
     quantize_,
 )
 from regcache.quant.methods import NaiveConfig
-from regcache.quant.modules import MatMul, QuantLinear, quant_mode, quantizers, set_quant_mode
+from regcache.quant.modules import MatMul, QuantConv2d, QuantLinear, quant_mode, quantizers, set_quant_mode
 from regcache.quant.quantizers import QUANTIZERS, Quantizer, UniformQuantizer, round_ste
 from regcache.quant.state import load_quant_state, save_quant_state
 
@@ -25,6 +25,7 @@ __all__ = [
     "MatMul",
     "NaiveConfig",
     "QuantConfig",
+    "QuantConv2d",
     "QuantLinear",
     "Quantizer",
     "UniformQuantizer",

@@ -49,6 +49,39 @@ class QuantLinear(nn.Linear):
         return F.linear(_apply(self.input_quantizer, x), _apply(self.weight_quantizer, self.weight), self.bias)
 
 
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose input and weight pass through optional fake quantizers (shares parameters)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_quantizer: Quantizer | None = None
+        self.weight_quantizer: Quantizer | None = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> QuantConv2d:
+        """Wrap an existing conv, sharing its parameters."""
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+        )
+        q.weight = conv.weight
+        q.bias = conv.bias
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if self.input_quantizer is None else self.input_quantizer(x)
+        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        return self._conv_forward(x, w, self.bias)
+
+
 class MatMul(nn.Module):
     """``a @ b`` as a module, so attention's Q·Kᵀ and P·V can be quantized like linears.
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from regcache.quant.api import FilterFn, QuantConfig, block_linears_and_matmuls, swap_linears
 from regcache.quant.calibration import iter_images
-from regcache.quant.modules import MatMul, QuantLinear, quantizers, set_quant_mode
+from regcache.quant.modules import MatMul, QuantConv2d, QuantLinear, quantizers, set_quant_mode
 from regcache.quant.quantizers import Quantizer, UniformQuantizer
 from regcache.quant.twin_uniform import (
     ChunkedUniformQuantizer,
@@ -59,42 +59,6 @@ GELU_ACTIVATIONS = ("GELU", "GELUTanh", "QuickGELU")
 STEM_CONVS = ("conv1", "trunk.patch_embed.proj")
 HEAD_MODULES = ("proj", "proj_head", "trunk.head")
 REFERENCE_INITIAL_SPLIT = 0.01  # the reference's split before its first search (overwritten by it)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stem conv wrapper
-# ---------------------------------------------------------------------------------------------
-class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose input and weight pass through optional fake quantizers (shares parameters)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.input_quantizer: Quantizer | None = None
-        self.weight_quantizer: Quantizer | None = None
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> QuantConv2d:
-        """Wrap an existing conv, sharing its parameters."""
-        q = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-        )
-        q.weight = conv.weight
-        q.bias = conv.bias
-        return q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x if self.input_quantizer is None else self.input_quantizer(x)
-        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
-        return self._conv_forward(x, w, self.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -789,7 +753,6 @@ __all__ = [
     "HESSIAN_GRADS",
     "HessianGrad",
     "PTQ4ViTConfig",
-    "QuantConv2d",
     "calibrate_ptq4vit",
     "candidate_factors",
     "hessian_objective",

@@ -52,49 +52,11 @@ from regcache.quant.api import FilterFn, QuantConfig, swap_linears
 from regcache.quant.calibration import iter_images
 from regcache.quant.init import REPQ_PERCENTILES, percentile_calibrate_
 from regcache.quant.log_quantizers import LogSqrt2Quantizer
-from regcache.quant.modules import MatMul, QuantLinear, quantizers, set_quant_mode
+from regcache.quant.modules import MatMul, QuantConv2d, QuantLinear, quantizers, set_quant_mode
 from regcache.quant.quantizers import Quantizer, UniformQuantizer
 
 if TYPE_CHECKING:
     from regcache.encoders.base import VisionEncoder
-
-
-_CONV_ATTRS = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "transposed",
-    "output_padding",
-    "groups",
-    "padding_mode",
-    "_reversed_padding_repeated_twice",
-)
-
-
-class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (the patch embedding) whose input and weight pass through optional fake quantizers."""
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> QuantConv2d:
-        """Wrap an existing convolution, sharing its parameters."""
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        for attr in _CONV_ATTRS:
-            setattr(q, attr, getattr(conv, attr))
-        q.weight = conv.weight
-        q.bias = conv.bias
-        q.input_quantizer = None
-        q.weight_quantizer = None
-        return q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
-        return self._conv_forward(x, w, self.bias)
 
 
 def patch_embed_conv(encoder: nn.Module) -> tuple[nn.Module, str, nn.Conv2d] | None:
@@ -262,7 +224,6 @@ class RepQViTConfig(QuantConfig):
 
 
 __all__ = [
-    "QuantConv2d",
     "RepQViTConfig",
     "calibrate_on_first_use",
     "can_fold",
