@@ -42,7 +42,8 @@ class OutlierReport(pl.Callback):
     """Token-norm statistics at every block input during validation, reduced across ranks.
 
     ``after``: the model as evaluated (quantized, with registers and deletion if installed).
-    ``before``: the plain float model, on the first ``before_batches`` batches of each rank.
+    ``before``: the plain float model: the module's fidelity pass on every batch, or (without one)
+    an extra float pass on the first ``before_batches`` batches of each rank.
     Writes ``outliers.json`` and ``outliers.png`` into the run directory; the summary goes into
     metrics.json under ``outliers``.
     """
@@ -52,40 +53,34 @@ class OutlierReport(pl.Callback):
         self.rel_thresholds = rel_thresholds
         self._handles: list[Any] = []
 
-    def _hook(self, stats: OutlierStats, index: int):
+    def _hook(self, encoder, index: int):
         def hook(_module, _inputs, output):
-            stats.update(index, output)
+            # the plain float passes (fidelity, or ours below) feed "before", the evaluated model "after"
+            (self.before if getattr(encoder, "in_plain_float", False) else self.after).update(index, output)
 
         return hook
 
-    def _attach(self, encoder, stats: OutlierStats) -> None:
-        self._handles = [b.tap_input.register_forward_hook(self._hook(stats, i)) for i, b in enumerate(encoder.blocks)]
-
-    def _detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
     def on_validation_start(self, trainer, pl_module) -> None:
-        skip = pl_module.encoder.num_prefix_tokens
+        encoder = pl_module.encoder
+        skip = encoder.num_prefix_tokens
         self.after = OutlierStats(rel_thresholds=self.rel_thresholds, skip_tokens=skip)
         self.before = OutlierStats(rel_thresholds=self.rel_thresholds, skip_tokens=skip)
         self.seen_before = 0
-        self._attach(pl_module.encoder, self.after)
+        self._handles = [
+            b.tap_input.register_forward_hook(self._hook(encoder, i)) for i, b in enumerate(encoder.blocks)
+        ]
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.seen_before >= self.before_batches:
-            return
-        self._detach()
-        self._attach(pl_module.encoder, self.before)
+        if "float_features" in outputs or self.seen_before >= self.before_batches:
+            return  # the module's fidelity pass already fed "before"
         with plain_float(pl_module.encoder), torch.no_grad():
             pl_module.encoder(batch["image"].to(pl_module.device))
-        self._detach()
-        self._attach(pl_module.encoder, self.after)
         self.seen_before += 1
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        self._detach()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         device = pl_module.device if pl_module.device.type == "cuda" else None
         profiles = {"before": self.before.compute(device=device), "after": self.after.compute(device=device)}
         summary = {

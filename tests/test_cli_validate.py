@@ -93,6 +93,9 @@ def test_validate_naive_writes_metrics_json(tmp_path, shards, capsys):
     assert result["num_samples"] == {"colors": 18, "captions": 6}
     assert result["skipped_samples"] == {"colors": 0, "captions": 0}
     assert (tmp_path / "run" / "outliers.png").is_file()
+    profile = json.loads((tmp_path / "run" / "outliers.json").read_text())
+    for block, stats in profile["after"].items():  # the evaluated pass and the float pass each saw every image
+        assert stats["tokens"] == profile["before"][block]["tokens"] == (18 + 6) * 64  # both datasets, CLS skipped
     # the calibration state was saved; a second run reloads it and reproduces every metric
     again = _run(config)
     assert again["metrics"] == metrics

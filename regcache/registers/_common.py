@@ -29,7 +29,9 @@ def require_float(encoder: VisionEncoder, what: str) -> None:
 def plain_float(encoder: VisionEncoder) -> Iterator[VisionEncoder]:
     """Run the encoder as the plain float network: no prefix, no token deletion, quantizers off."""
     saved = [(b, b.attn.prefix, b.input_filter) for b in encoder.blocks]
+    outer = getattr(encoder, "in_plain_float", False)
     try:
+        encoder.in_plain_float = True  # lets observers (e.g. OutlierReport) tell this pass apart
         for b in encoder.blocks:
             b.attn.prefix, b.input_filter = None, None
         if any(True for _ in quantizers(encoder)):
@@ -38,6 +40,7 @@ def plain_float(encoder: VisionEncoder) -> Iterator[VisionEncoder]:
         else:
             yield encoder
     finally:
+        encoder.in_plain_float = outer
         for b, prefix, filt in saved:
             b.attn.prefix, b.input_filter = prefix, filt
 
