@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -57,6 +59,16 @@ def tiny_open_clip_configs(tmp_path_factory) -> list[str]:
         (d / f"{name}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(d)
     return list(_tiny_configs())
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real shards of ../shared/data (CI has them beside the clone); skipped where absent."""
+    env = os.environ.get("REGCACHE_SHARED_DATA")
+    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (p / "cifar10" / "test" / "0.tar").is_file():
+        pytest.skip(f"shared shards not found at {p} (set REGCACHE_SHARED_DATA to <shared>/data)")
+    return p
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -114,3 +126,24 @@ def images(family: str, n: int = 4, seed: int = 1) -> torch.Tensor:
 def encode(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Final image embedding of an open_clip model or a bare tower."""
     return model.encode_image(x) if hasattr(model, "encode_image") else model(x)
+
+
+def quantized_cosine(family: str, config, batches: list[torch.Tensor], x: torch.Tensor, prepare=None) -> float:
+    """Mean cosine between a calibrated tiny model's embeddings and its own float embeddings.
+
+    ``prepare(encoder)`` edits the adapted float model in place first (e.g. injects an outlier).
+    """
+    from torch.nn import functional as F
+
+    from regcache.encoders import adapt
+    from regcache.quant import calibrate_, quantize_
+
+    encoder = adapt(make_model(family))
+    if prepare is not None:
+        prepare(encoder)
+    with torch.no_grad():
+        reference = encoder(x)
+    quantize_(encoder, config)
+    calibrate_(encoder, batches, progress=False)
+    with torch.no_grad():
+        return F.cosine_similarity(encoder(x), reference, dim=-1).mean().item()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import warnings
 from collections import Counter
@@ -18,15 +17,6 @@ from datamodules import WebDatasetDataModule
 from regcache.data import OverlapError, ShardSourceError, split_sample_id
 
 SMALL = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()])
-
-
-@pytest.fixture(scope="module")
-def shared_data() -> Path:
-    env = os.environ.get("REGCACHE_SHARED_DATA")
-    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not (p / "cifar10" / "test" / "0.tar").is_file():
-        pytest.skip(f"shared shards not found at {p} (set REGCACHE_SHARED_DATA to <shared>/data)")
-    return p
 
 
 def _run(dl):

@@ -6,7 +6,6 @@ cifar10 test shard 0: 1 shard < readers -> sample-level split; retrieval (3 shar
 
 from __future__ import annotations
 
-import os
 import socket
 import zlib
 from pathlib import Path
@@ -18,15 +17,6 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 
 SMALL = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()])
-
-
-@pytest.fixture(scope="module")
-def shared_data() -> Path:
-    env = os.environ.get("REGCACHE_SHARED_DATA")
-    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not (p / "cifar10" / "test" / "0.tar").is_file():
-        pytest.skip(f"shared shards not found at {p} (set REGCACHE_SHARED_DATA to <shared>/data)")
-    return p
 
 
 def _image_features(images: torch.Tensor, seed: int = 0) -> torch.Tensor:

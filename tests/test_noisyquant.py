@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, images, make_model
+from conftest import FAMILIES, images, make_model, quantized_cosine
 from test_repq_vit import install_random_prefix, rel_err
 from torch.nn import functional as F
 
@@ -213,19 +213,13 @@ def inject_fc2_input_outlier(encoder, channel: int = 3, factor: float = 50.0) ->
 @pytest.mark.parametrize("family", ["clip", "dinov2"])
 def test_noisyquant_beats_naive_with_outlier_channel(family):
     x = images(family, n=8, seed=9)
-    cosines = {}
-    for config in (
-        NaiveConfig(w_bits=6, a_bits=6, quantize_matmuls=False),  # the same tensors as NoisyQuant
-        NoisyQuantConfig(w_bits=6, a_bits=6, **FAST),
-    ):
-        encoder = adapt(make_model(family))
-        inject_fc2_input_outlier(encoder)
-        with torch.no_grad():
-            reference = encoder(x)
-        quantize_(encoder, config)
-        calibrate_(encoder, calib_batches(family, 4), progress=False)
-        with torch.no_grad():
-            cosines[config.name] = F.cosine_similarity(encoder(x), reference, dim=-1).mean().item()
+    cosines = {
+        config.name: quantized_cosine(family, config, calib_batches(family, 4), x, inject_fc2_input_outlier)
+        for config in (
+            NaiveConfig(w_bits=6, a_bits=6, quantize_matmuls=False),  # the same tensors as NoisyQuant
+            NoisyQuantConfig(w_bits=6, a_bits=6, **FAST),
+        )
+    }
     assert cosines["noisyquant"] > cosines["naive"], cosines
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, images, make_model
+from conftest import FAMILIES, images, make_model, quantized_cosine
 from torch.nn import functional as F
 
 from regcache.encoders import AttentionPrefix, adapt
@@ -272,16 +272,10 @@ def inject_post_norm_outlier(encoder, channel: int = 5, factor: float = 50.0) ->
 @pytest.mark.parametrize("family", ["clip", "dinov2"])
 def test_repq_beats_naive_with_outlier_channel(family):
     x = images(family, n=8, seed=9)
-    cosines = {}
-    for config in (NaiveConfig(w_bits=6, a_bits=6), RepQViTConfig(w_bits=6, a_bits=6)):
-        encoder = adapt(make_model(family))
-        inject_post_norm_outlier(encoder)
-        with torch.no_grad():
-            reference = encoder(x)
-        quantize_(encoder, config)
-        calibrate_(encoder, calib_batches(family, 4), progress=False)
-        with torch.no_grad():
-            cosines[config.name] = F.cosine_similarity(encoder(x), reference, dim=-1).mean().item()
+    cosines = {
+        config.name: quantized_cosine(family, config, calib_batches(family, 4), x, inject_post_norm_outlier)
+        for config in (NaiveConfig(w_bits=6, a_bits=6), RepQViTConfig(w_bits=6, a_bits=6))
+    }
     assert cosines["repq_vit"] > cosines["naive"], cosines
 
 
