@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn import functional as F
+
+from regcache._lightning import pl
 from regcache.eval import (
     FeatureFidelity,
     KNNAccuracy,
@@ -17,9 +20,6 @@ from regcache.eval import (
     build_zeroshot_classifier,
     zeroshot_logits,
 )
-from torch.nn import functional as F
-
-from regcache._lightning import pl
 
 
 def _datamodule(trainer: pl.Trainer):
