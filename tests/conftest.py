@@ -147,3 +147,20 @@ def quantized_cosine(family: str, config, batches: list[torch.Tensor], x: torch.
     calibrate_(encoder, batches, progress=False)
     with torch.no_grad():
         return F.cosine_similarity(encoder(x), reference, dim=-1).mean().item()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())
+
+
+def install_random_prefix(encoder, entries: int = 2, seed: int = 0) -> None:
+    """A random register prefix on blocks >= 1 (multiplicities 1 and 3), as RegCache would install."""
+    from regcache.encoders import AttentionPrefix
+
+    g = torch.Generator().manual_seed(seed)
+    for block in encoder.blocks[1:]:
+        a = block.attn
+        shape = (1, a.num_heads, entries, a.head_dim)
+        lm = torch.log(torch.tensor([1.0, 3.0][:entries])).view(1, 1, 1, entries)
+        a.prefix = AttentionPrefix(torch.randn(shape, generator=g), torch.randn(shape, generator=g), lm)

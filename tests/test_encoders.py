@@ -6,13 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, encode, images, make_model
+from conftest import FAMILIES, encode, images, make_model, rel_err
 
 from regcache.encoders import ADAPTERS, AttentionPrefix, VisionEncoder, adapt, record
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

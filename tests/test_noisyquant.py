@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, images, make_model, quantized_cosine
-from test_repq_vit import install_random_prefix, rel_err
+from conftest import FAMILIES, images, install_random_prefix, make_model, quantized_cosine, rel_err
 from torch.nn import functional as F
 
 from regcache.encoders import adapt

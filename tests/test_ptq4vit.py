@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, images, make_model
+from conftest import FAMILIES, images, install_random_prefix, make_model
 from torch import nn
 from torch.nn import functional as F
 
 from regcache.encoders import adapt
-from regcache.encoders.base import AttentionPrefix
 from regcache.quant import (
     METHODS,
     NaiveConfig,
@@ -261,16 +260,6 @@ def test_outlier_channel_ptq4vit_beats_naive_at_w6a6(family):
 
 
 # ---- RegCache prefix present during calibration ----
-def install_random_prefix(encoder, n: int = 2, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for block in encoder.blocks[1:]:
-        attn = block.attn
-        shape = (1, attn.num_heads, n, attn.head_dim)
-        attn.prefix = AttentionPrefix(
-            torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.tensor([0.0, 1.5]).view(1, 1, 1, n)
-        )
-
-
 @pytest.mark.parametrize("family", ["openclip", "siglip"])
 def test_calibrates_with_a_register_prefix_installed(family):
     encoder = adapt(make_model(family))

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, images, make_model, quantized_cosine
+from conftest import FAMILIES, images, install_random_prefix, make_model, quantized_cosine, rel_err
 from torch.nn import functional as F
 
-from regcache.encoders import AttentionPrefix, adapt
+from regcache.encoders import adapt
 from regcache.quant import (
     METHODS,
     NaiveConfig,
@@ -39,20 +39,6 @@ def single_thread():
 
 def calib_batches(family: str, n: int = 2) -> list[torch.Tensor]:
     return [images(family, n=8, seed=100 + i) for i in range(n)]
-
-
-def install_random_prefix(encoder, entries: int = 2, seed: int = 0) -> None:
-    """A random register cache on blocks >= 1 (one entry with multiplicity 3)."""
-    g = torch.Generator().manual_seed(seed)
-    for block in encoder.blocks[1:]:
-        a = block.attn
-        shape = (1, a.num_heads, entries, a.head_dim)
-        lm = torch.log(torch.tensor([1.0, 3.0][:entries])).view(1, 1, 1, entries)
-        a.prefix = AttentionPrefix(torch.randn(shape, generator=g), torch.randn(shape, generator=g), lm)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---- log-√2 quantizer -------------------------------------------------------------------------

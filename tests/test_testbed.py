@@ -23,6 +23,7 @@ from regcache.testbed import (
     read_lines,
 )
 from regcache.testbed.data import iter_shard_samples
+from regcache.testbed.diagnostics import block_outputs
 
 QUICK = 250  # test images for the quantized runs (CPU time)
 OUTLIER_FACTOR = 5.0  # a token is an outlier when its norm exceeds 5x the image's median token norm
@@ -67,16 +68,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classifier: tor
     with torch.no_grad():
         feats = torch.cat([model.encode_image(x[i : i + 250]) for i in range(0, len(x), 250)])
     return (F.normalize(feats, dim=-1) @ classifier).argmax(-1).eq(y).float().mean().item()
-
-
-def block_outputs(encoder, x: torch.Tensor) -> list[torch.Tensor]:
-    with torch.no_grad():
-        h = encoder.embed(x)
-        outs = []
-        for block in encoder.blocks:
-            h = block(h)
-            outs.append(h)
-    return outs
 
 
 def outlier_mask(tokens: torch.Tensor) -> torch.Tensor:
