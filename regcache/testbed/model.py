@@ -68,6 +68,10 @@ class TestbedSpec:
     massive_write: tuple[float, ...] = (0.2, -0.13)
     sink_key: float = 2.0
     sink_query: float = 2.0
+    # > 0: the sink heads' value and output projections are planted too (random, this gain), so
+    # their content output is only damped by the sink's share of attention: delete the sinks
+    # without a replacement and the heads' output grows ~1/(1 - sink mass)-fold (0: trained V/O)
+    sink_value_gain: float = 0.0
     # the trained features pass through the MLP of l_q: blocks before it write only the first half
     # of the free channels, the MLP of l_q writes only the second half, blocks after it read only that
     bottleneck: bool = True
@@ -213,6 +217,8 @@ def plant_(model: nn.Module, spec: TestbedSpec) -> Frozen:
                 for part in range(3):  # q, k, v rows of this head ignore every reserved channel
                     rows = torch.arange(part * c + h * hd, part * c + (h + 1) * hd)
                     pl.set(f"{b}.attn.in_proj_weight", (rows[:, None], reserved[None, :]), 0.0)
+                if spec.sink_value_gain > 0:
+                    _plant_sink_value(pl, spec, b, h, late if len(late) else torch.tensor(free), g)
                 q0, k0 = h * hd, c + h * hd
                 pl.set(f"{b}.attn.in_proj_weight", q0, 0.0)  # query dim 0: a constant bias
                 pl.set(f"{b}.attn.in_proj_bias", q0, spec.sink_query)
@@ -243,6 +249,19 @@ def _plant_bottleneck(
         pl.set(f"{b}.mlp.c_fc.weight", (slice(None), hidden), 0.0)
         pl.set(f"{b}.attn.out_proj.weight", early, 0.0)
         pl.set(f"{b}.mlp.c_proj.weight", early, 0.0)
+
+
+def _plant_sink_value(pl: _Planter, spec: TestbedSpec, b: str, h: int, reads: torch.Tensor, g) -> None:
+    """Freeze head h's value rows (random reads of ``reads``, gain ``sink_value_gain``) and its output columns."""
+    c, hd = spec.width, spec.width // spec.heads
+    rows = torch.arange(2 * c + h * hd, 2 * c + (h + 1) * hd)
+    weight = torch.zeros(hd, c)
+    weight[:, reads] = spec.sink_value_gain * torch.randn(hd, len(reads), generator=g) / len(reads) ** 0.5
+    pl.set(f"{b}.attn.in_proj_weight", rows, weight)
+    pl.set(f"{b}.attn.in_proj_bias", rows, 0.0)
+    out = torch.zeros(c, hd)
+    out[reads] = torch.randn(len(reads), hd, generator=g) / hd**0.5
+    pl.set(f"{b}.attn.out_proj.weight", (slice(None), slice(h * hd, (h + 1) * hd)), out)
 
 
 def _read(spec: TestbedSpec, channel: int, gain: float) -> torch.Tensor:

@@ -1,0 +1,128 @@
+"""Where the time goes: torch.profiler tables of one benchmark workload (run where a target is missed).
+
+    python benchmarks/profile_step.py eval --method naive --bits 8 [--regcache] [--compile]
+    python benchmarks/profile_step.py search --configs 6
+    python benchmarks/profile_step.py calibration --method noisyquant
+
+Prints the top operators by device time (self), then by CPU time, for the profiled steps only
+(warm-up excluded). ViT-B/16 shapes, random weights and images. For kernel-level detail run the
+same command under ``ncu --target-processes all -k regex:... python ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eval_throughput import install_random_regcache
+from common import device_name, sync, vision_encoder
+
+from regcache.quant import METHODS, NaiveConfig, calibrate_, quantize_
+
+
+def _images(n: int, size: int, device: str, seed: int, batch: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(min(batch, n - i), 3, size, size, generator=g).to(device) for i in range(0, n, batch)]
+
+
+def _report(prof: profile, rows: int) -> None:
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+    if torch.cuda.is_available():
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows // 2))
+
+
+def profile_eval(args, device: str) -> None:
+    """One forward at the benchmark's batch, eager or compiled."""
+    encoder, size = vision_encoder(args.model, device, torch.bfloat16)
+    if args.regcache:
+        install_random_regcache(encoder, encoder.num_blocks // 2)
+    if args.method != "float":
+        quantize_(encoder, METHODS[args.method](w_bits=args.bits, a_bits=args.bits))
+        calibrate_(encoder, _images(32, size, device, 1, 32), progress=False)
+    fn = torch.compile(encoder) if args.compile else encoder
+    x = torch.randn(args.batch, 3, size, size, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(3):
+            fn(x)
+        sync()
+        with profile(activities=_activities()) as prof:
+            for _ in range(args.steps):
+                fn(x)
+            sync()
+    _report(prof, args.rows)
+
+
+def profile_search(args, device: str) -> None:
+    """A few configurations of the cached register search (setup excluded)."""
+    from regcache.encoders import adapt
+    from regcache.loading import load_model
+    from regcache.registers import EmbeddingCosine, RegisterSearch, curate_candidates
+
+    encoder = adapt(load_model("ViT-B-16", device=device).model).to(dtype=torch.bfloat16).eval()
+    l_q = encoder.num_blocks // 2
+    ref = [x.bfloat16() for x in _images(args.reference, 224, device, 2, 125)]
+    calib = [x.bfloat16() for x in _images(32, 224, device, 1, 32)]
+    with torch.no_grad():
+        candidates = curate_candidates(encoder, ref, layers=l_q, k=4, progress=False)
+    search = RegisterSearch(
+        encoder, NaiveConfig(8, 8), calib, ref, EmbeddingCosine(), l_q, candidates, taus=range(1, 16),
+        delete_ks=(2,), progress=False,
+    )  # fmt: skip
+    points = search.points
+    search.points = points[:2]
+    search.run("cached")  # warm-up and setup
+    search.points = points[2 : 2 + args.configs]
+    sync()
+    with profile(activities=_activities()) as prof:
+        search.run("cached")
+        sync()
+    _report(prof, args.rows)
+
+
+def profile_calibration(args, device: str) -> None:
+    """One calibration of a method (fp32, the benchmark's image counts)."""
+    n = {"noisyquant": 1024}.get(args.method, 32)
+    encoder, size = vision_encoder(args.model, device, torch.float32)
+    batches = _images(n, size, device, 0, 32)
+    with profile(activities=_activities()) as prof:
+        quantize_(encoder, METHODS[args.method](w_bits=args.bits, a_bits=args.bits))
+        calibrate_(encoder, batches, progress=False)
+        sync()
+    _report(prof, args.rows)
+
+
+def _activities() -> list[ProfilerActivity]:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+
+WORKLOADS = {"eval": profile_eval, "search": profile_search, "calibration": profile_calibration}
+
+
+def main() -> None:
+    """Parse the workload and print its profile."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--model", default="openclip-b16")
+    ap.add_argument("--method", default="naive")
+    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3, help="eval: forwards profiled")
+    ap.add_argument("--configs", type=int, default=6, help="search: configurations profiled")
+    ap.add_argument("--reference", type=int, default=1000, help="search: reference images")
+    ap.add_argument("--regcache", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--rows", type=int, default=20)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"profile {args.workload} on {device_name()}, torch {torch.__version__}", flush=True)
+    WORKLOADS[args.workload](args, device)
+
+
+if __name__ == "__main__":
+    main()
