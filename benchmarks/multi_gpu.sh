@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Validate (+ register search) at 1, 2, ... GPUs on synthetic ImageNet-sized shards; metrics must match.
 #   bash benchmarks/multi_gpu.sh SRC_ROOT "1 2" [copies]
+# The same check with N CPU processes (gloo) on the bundled testbed and samples, no shards to build:
+#   CONFIGS=train_configs/demo.yaml bash benchmarks/multi_gpu.sh builtin "1 2 4"
 set -euo pipefail
 src=${1:?CLIP_benchmark-layout source root (e.g. the ImageNet one-per-class sample)}
 counts=${2:-"1 2"}
@@ -8,13 +10,19 @@ copies=${3:-10}
 data=/tmp/regcache-bench
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies "$copies" --shard-size 500
-python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies 1 --out-split train
-for config in ${CONFIGS:-multi_gpu multi_gpu_search}; do
+: > "$out/multi_gpu.jsonl"
+if [ "$src" != builtin ]; then
+  python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies "$copies" --shard-size 500
+  python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies 1 --out-split train
+fi
+for file in ${CONFIGS:-multi_gpu multi_gpu_search}; do
+  [ -f "$file" ] || file=benchmarks/configs/$file.yaml
+  config=$(basename "$file" .yaml)
   for n in $counts; do
     run=/tmp/regcache-runs/$config-$n
+    rm -rf "$run"  # a fresh run: resuming an earlier one would not time anything
     start=$(date +%s.%N)
-    python3 -m regcache.cli validate --config benchmarks/configs/$config.yaml --model.run_dir=$run \
+    python3 -m regcache.cli validate --config "$file" --model.run_dir=$run \
       --trainer.devices=$n $([ "$n" -gt 1 ] && echo --trainer.strategy=ddp) > "$out/$config-$n.log" 2>&1 \
       || { tail -30 "$out/$config-$n.log"; exit 1; }
     end=$(date +%s.%N)

@@ -225,9 +225,10 @@ def test_register_prefix_and_deletion_recover_w6a6(loaded, spec, test_set, calib
     model = copy.deepcopy(loaded.model)
     base = accuracy(naive(model, adapt(model), calib, 6), x, y, classifier)
     acc = {}
-    for prefix, delete in ((True, False), (True, True)):
+    for prefix, delete in ((True, False), (False, True), (True, True)):
         model, enc = with_regcache(loaded, calib, spec, prefix, delete)
         acc[prefix, delete] = accuracy(naive(model, enc, calib, 6), x, y, classifier)
     both = acc[True, True]
     assert both - base >= 0.6 * (fp - base), f"both {both:.3f}, naive {base:.3f}, FP {fp:.3f}"
     assert acc[True, False] < both - 0.1  # the prefix alone leaves the massive fc2 input of l_q
+    assert acc[False, True] < both - 0.1  # deleting alone takes the sink heads' sink away
