@@ -1,36 +1,21 @@
 """Measurements of the testbed's acceptance criteria (testbed.md), used by the training report.
 
 All functions take an adapted :class:`~regcache.encoders.VisionEncoder` (or the CLIP model for
-zero-shot) and plain image tensors; nothing here belongs to the RegCache core (which lives in
-``regcache/registers``): the prefix/deletion helpers are the minimal mechanism check.
+zero-shot) and plain image tensors; the RegCache steps come from ``regcache.registers``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from regcache.encoders import AttentionPrefix, VisionEncoder, adapt, record
+from regcache.encoders import VisionEncoder, adapt, record
 from regcache.quant import NaiveConfig, calibrate_, quantize_
-
-
-@torch.no_grad()
-def zeroshot_classifier(
-    model: nn.Module, tokenizer: Callable, classnames: list[str], templates: list[str]
-) -> torch.Tensor:
-    """(D, K) classifier: per class, mean of the normalized template embeddings, renormalized."""
-    device = next(model.parameters()).device
-    columns = []
-    for name in classnames:
-        tokens = tokenizer([t.replace("{c}", name) for t in templates]).to(device)
-        emb = F.normalize(model.encode_text(tokens), dim=-1).mean(dim=0)
-        columns.append(F.normalize(emb, dim=-1))
-    return torch.stack(columns, dim=1)
+from regcache.registers import curate_candidates, derive_cache, install_deletion, install_prefix
 
 
 @torch.no_grad()
@@ -101,57 +86,6 @@ def sink_mass(
     return out
 
 
-class TopNormDeletion(nn.Module):
-    """Drop, per image, the k patch tokens with the largest l-inf norm (never the first ``keep`` tokens)."""
-
-    def __init__(self, k: int, keep: int = 1) -> None:
-        super().__init__()
-        self.k, self.keep = k, keep
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.k == 0:
-            return x
-        head, rest = x[:, : self.keep], x[:, self.keep :]
-        order = rest.abs().amax(dim=-1).argsort(dim=1, descending=True)[:, self.k :].sort(dim=1).values
-        kept = rest.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
-        return torch.cat([head, kept], dim=1)
-
-
-@torch.no_grad()
-def register_prefixes(
-    encoder: VisionEncoder, z: torch.Tensor, start: int
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Propagate the one-token sequence [z] through blocks start.. in float; per block its (K, V) (1, H, 1, D)."""
-    x = z.view(1, 1, -1)
-    cache = {}
-    for i in range(start, encoder.num_blocks):
-        block = encoder.blocks[i]
-        _, k, v = block.attn.project_qkv(block.norm1(x))
-        cache[i] = (k, v)
-        x = block(x)
-    return cache
-
-
-@torch.no_grad()
-def top_token(encoder: VisionEncoder, images: torch.Tensor, layer: int) -> torch.Tensor:
-    """The patch token of largest l-inf norm at the input of ``layer`` over the images (a register candidate)."""
-    x = encoder.forward_blocks(encoder.embed(images), 0, layer)[:, 1:]
-    flat = x.reshape(-1, x.shape[-1])
-    return flat[flat.abs().amax(dim=-1).argmax()].clone()
-
-
-def install_regcache_(
-    encoder: VisionEncoder, z: torch.Tensor | None, start: int, tau: float, delete_k: int
-) -> VisionEncoder:
-    """Prefix registers from z (None: none) in blocks >= start and top-k deletion at the input of ``start``."""
-    if z is not None:
-        for i, (k, v) in register_prefixes(encoder, z, start).items():
-            lm = torch.full((1, 1, 1, 1), math.log(tau), device=k.device)
-            encoder.blocks[i].attn.prefix = AttentionPrefix(k, v, lm)
-    encoder.blocks[start].input_filter = TopNormDeletion(delete_k) if delete_k else None
-    return encoder
-
-
 def quantized_accuracy(
     model: nn.Module,
     images: torch.Tensor,
@@ -164,9 +98,13 @@ def quantized_accuracy(
     """Zero-shot accuracy of a fresh copy of the model: optional prefix/deletion, then naive W/A (None: float)."""
     clip = copy.deepcopy(model)
     encoder = adapt(clip)
-    if regcache is not None:
-        z = top_token(encoder, calib[:16], regcache["layer"]) if regcache.get("prefix", True) else None
-        install_regcache_(encoder, z, regcache["layer"], regcache.get("tau", 1.0), regcache.get("delete", 0))
+    if regcache is not None:  # the library's steps: top-1 register at l_q, propagated prefix, top-k deletion
+        layer = regcache["layer"]
+        if regcache.get("prefix", True):
+            with torch.no_grad():
+                candidates = curate_candidates(encoder, [calib[:16]], layers=layer, k=1, progress=False)
+                install_prefix(encoder, derive_cache(encoder, candidates, layer).entry(0), regcache.get("tau", 1))
+        install_deletion(encoder, layer, regcache.get("delete", 0))
     if bits is not None:
         quantize_(encoder, NaiveConfig(w_bits=bits[0], a_bits=bits[1]))
         calibrate_(encoder, [calib[i : i + 64] for i in range(0, len(calib), 64)], progress=False)
@@ -174,14 +112,9 @@ def quantized_accuracy(
 
 
 __all__ = [
-    "TopNormDeletion",
     "block_outputs",
-    "install_regcache_",
     "outlier_profile",
     "quantized_accuracy",
-    "register_prefixes",
     "sink_mass",
-    "top_token",
     "zeroshot_accuracy",
-    "zeroshot_classifier",
 ]

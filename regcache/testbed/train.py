@@ -183,14 +183,15 @@ def _zero_unused_token_rows_(model: torch.nn.Module, prompts: torch.Tensor) -> N
 def acceptance_report(path: Path, cfg: TrainConfig, device: torch.device) -> dict:
     """FP / naive / RegCache-mechanism accuracies, outlier profile and sink mass of saved weights (fp16 → fp32)."""
     from regcache.encoders import adapt
+    from regcache.eval import build_zeroshot_classifier
     from regcache.testbed import load_testbed, loaded_spec
-    from regcache.testbed.diagnostics import outlier_profile, quantized_accuracy, sink_mass, zeroshot_classifier
+    from regcache.testbed.diagnostics import outlier_profile, quantized_accuracy, sink_mass
 
     loaded = load_testbed(path, device=device)
     spec = loaded_spec(path)
     classnames = read_lines(Path(cfg.data) / "classnames.txt")
     templates = read_lines(Path(cfg.data) / "zeroshot_classification_templates.txt")
-    classifier = zeroshot_classifier(loaded.model, loaded.tokenizer, classnames, templates)
+    classifier = build_zeroshot_classifier(loaded.model, loaded.tokenizer, classnames, templates, device)
     test_x, test_y, _ = load_split(cfg.data, "test", loaded.preprocess, limit=cfg.eval_limit)
     ref_root = cfg.exclude or cfg.data
     calib, _, _ = load_split(ref_root, "train", loaded.preprocess, limit=cfg.calib_images)
