@@ -21,12 +21,14 @@ than 2^31 - 1 elements.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_NUMEL = 2**31 - 1
 _BLOCK = 1024
+_DISABLED = [False]  # set when the kernel failed to build or launch once
 
 
 @functools.cache
@@ -88,7 +90,7 @@ def launch(
         return None
     if zero_point.device != x.device or zero_point.shape != scale.shape or not 0 < x.numel() <= _MAX_NUMEL:
         return None
-    kernel = _kernel()
+    kernel = None if _DISABLED[0] else _kernel()
     if kernel is None:
         return None
     cdiv, fn = kernel
@@ -125,9 +127,17 @@ def launch(
     n = x.numel()
     scale, zero_point = scale.contiguous(), zero_point.contiguous()
     grid = (cdiv(n, _BLOCK),)
-    if x.is_cuda:
-        with torch.cuda.device(x.device):
+    try:
+        if x.is_cuda:
+            with torch.cuda.device(x.device):
+                fn[grid](xf, of, scale, zero_point, n, inner, nparam, float(qmin), float(qmax), _BLOCK)
+        else:  # the Triton interpreter
             fn[grid](xf, of, scale, zero_point, n, inner, nparam, float(qmin), float(qmax), _BLOCK)
-    else:  # the Triton interpreter
-        fn[grid](xf, of, scale, zero_point, n, inner, nparam, float(qmin), float(qmax), _BLOCK)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # a Triton without div_rn / PropagateNan, a compile failure: plain formula from now on
+        warnings.warn(f"fused fake quantization disabled ({exc!r}); using the op-by-op formula", stacklevel=2)
+        _kernel.cache_clear()
+        _DISABLED[0] = True
+        return None
     return out
