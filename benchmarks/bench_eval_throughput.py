@@ -75,18 +75,21 @@ def set_regcache(encoder, on: bool) -> None:
 
 
 def cast_model(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast every parameter and buffer except the quantizers' (they stay float32)."""
+    """Cast every parameter and buffer except the quantizers' (they stay float32); shared ones stay shared."""
+    memo: dict[int, torch.Tensor] = {}
     for module in encoder.modules():
         if isinstance(module, Quantizer):
             continue
-        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None and t.is_floating_point() and t.dtype != dtype:
-                with torch.no_grad():
-                    new = t.to(dtype)
-                if name in module._parameters:
-                    module._parameters[name] = torch.nn.Parameter(new, requires_grad=t.requires_grad)
-                else:
-                    module._buffers[name] = new
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is None or not t.is_floating_point() or t.dtype == dtype:
+                    continue
+                if id(t) not in memo:
+                    with torch.no_grad():
+                        new = t.to(dtype)
+                    is_param = isinstance(t, torch.nn.Parameter)
+                    memo[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+                store[name] = memo[id(t)]
 
 
 def build(model: str, method: str, bits: int, device: str, dtype, calib: list[torch.Tensor]) -> torch.nn.Module:

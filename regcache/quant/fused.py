@@ -21,6 +21,7 @@ than 2^31 - 1 elements.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -28,7 +29,8 @@ import torch
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_NUMEL = 2**31 - 1
 _BLOCK = 1024
-_DISABLED = [False]  # set when the kernel failed to build or launch once
+# Set when the kernel failed to build or launch once; REGCACHE_FUSED_FAKE_QUANT=0 turns it off (A/B timing).
+_DISABLED = [os.environ.get("REGCACHE_FUSED_FAKE_QUANT", "1") == "0"]
 
 
 @functools.cache
