@@ -85,18 +85,31 @@ def run_cli(argv: list[str]) -> Any:
     from regcache._lightning import pl
     from regcache.module import QuantizedEncoder
 
-    LightningCLI = importlib.import_module(f"{pl.__name__}.cli").LightningCLI
+    cli_module = importlib.import_module(f"{pl.__name__}.cli")
+
+    class RunDirConfig(cli_module.SaveConfigCallback):
+        """Save the resolved config as ``<run_dir>/config.yaml`` (not in the working directory)."""
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            if self.already_saved:
+                return
+            if trainer.is_global_zero:
+                path = Path(pl_module.run_dir) / self.config_filename
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+            self.already_saved = True
+
 
     def instantiate(dotted: str):
         module, _, name = dotted.rpartition(".")
         return getattr(sys.modules[module], name)()
 
-    return LightningCLI(
+    return cli_module.LightningCLI(
         QuantizedEncoder,
         ValidationSuite,
         args=argv,
         trainer_defaults={"callbacks": [instantiate(c) for c in DEFAULT_CALLBACKS], "logger": False},
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunDirConfig,
     )
 
 

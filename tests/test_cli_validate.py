@@ -76,9 +76,12 @@ def _run(config: Path, *extra: str) -> dict:
     return json.loads((Path(yaml.safe_load(config.read_text())["model"]["run_dir"]) / "metrics.json").read_text())
 
 
-def test_validate_naive_writes_metrics_json(tmp_path, shards, capsys):
+def test_validate_naive_writes_metrics_json(tmp_path, shards, capsys, monkeypatch):
     config = _config(tmp_path, shards, "naive", w_bits=6, a_bits=6)
+    monkeypatch.chdir(tmp_path / "..")
     result = _run(config)
+    assert not Path("config.yaml").exists()  # the resolved config goes to the run directory, not the cwd
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["w_bits"] == 6
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"results: {tmp_path / 'run' / 'metrics.json'}"
     assert {"model", "pretrained", "method", "w_bits", "a_bits", "regcache", "metrics", "num_samples"} <= set(result)
     assert {"skipped_samples", "outliers"} <= set(result)

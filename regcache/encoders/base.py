@@ -110,24 +110,39 @@ class Attention(nn.Module):
     def _forward_with_prefix(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix
     ) -> torch.Tensor:
-        qq = self.matmul_qk.quantize_a(q)
-        logits_tokens = qq @ self.matmul_qk.quantize_b(k.transpose(-2, -1))
-        pk = prefix.keys.to(qq.dtype)
-        logits_prefix = qq @ pk.transpose(-2, -1)  # register keys stay in full precision
-        logits = torch.cat([logits_prefix, logits_tokens], dim=-1) * self.scale
+        """Attention over [prefix entries; tokens] as one Q·Kᵀ, one softmax and one P·V.
+
+        Keys are ``[prefix keys (full precision); quantize_b(k)]`` and values ``[prefix values;
+        quantize_b(v)]`` (concatenated along the token axis: (B, heads, n + N, head_dim), cheap).
+        Multiplicity τ is a per-column logit bias ``[ln τ ..., 0 ...]``; the probabilities are
+        quantized as τ copies would be by dividing the prefix columns by τ before the P·V
+        quantizer and multiplying them back after it (a per-column factor ``[τ ..., 1 ...]``:
+        token columns are divided and multiplied by exactly 1). ``tap_probs`` sees the softmax
+        output, prefix columns holding the mass of all τ copies.
+        """
+        b, _, n_tok, _ = q.shape
         npre = prefix.num_entries
+        qq = self.matmul_qk.quantize_a(q)
+        pk = prefix.keys.to(qq.dtype)  # register keys / values stay in full precision
+        keys_t = torch.cat(
+            [pk.transpose(-2, -1).expand(b, -1, -1, -1), self.matmul_qk.quantize_b(k.transpose(-2, -1))], -1
+        )
+        logits = (qq @ keys_t) * self.scale
         lm = prefix.log_multiplicity
         if lm is not None:
-            logits = torch.cat([logits[..., :npre] + lm.to(logits.dtype), logits[..., npre:]], dim=-1)
+            lm = lm.reshape((1,) * (4 - lm.ndim) + tuple(lm.shape))
+            lm = lm.expand(-1, -1, -1, npre)  # (P or 1, 1, 1, n)
+            zeros = lm.new_zeros(lm.shape[0], 1, 1, n_tok)
+            logits = logits + torch.cat([lm.to(logits.dtype), zeros.to(logits.dtype)], dim=-1)
         probs = self.tap_probs(logits.softmax(dim=-1))
         if lm is not None:  # quantize each of the τ copies' share p/τ, exactly as τ real copies would be
-            probs = torch.cat([probs[..., :npre] / lm.exp().to(probs.dtype), probs[..., npre:]], dim=-1)
-        probs = self.matmul_pv.quantize_a(probs)
-        p_prefix, p_tokens = probs[..., :npre], probs[..., npre:]
-        if lm is not None:
-            p_prefix = p_prefix * lm.exp().to(probs.dtype)
+            factor = torch.cat([lm.exp().to(probs.dtype), zeros.to(probs.dtype) + 1], dim=-1)
+            probs = self.matmul_pv.quantize_a(probs / factor) * factor
+        else:
+            probs = self.matmul_pv.quantize_a(probs)
         pv = prefix.values.to(probs.dtype)
-        return p_prefix @ pv + p_tokens @ self.matmul_pv.quantize_b(v)
+        values = torch.cat([pv.expand(b, -1, -1, -1), self.matmul_pv.quantize_b(v)], dim=-2)
+        return probs @ values
 
 
 class Mlp(nn.Module):

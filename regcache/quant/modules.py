@@ -21,6 +21,59 @@ def _apply(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
     return x if quantizer is None else quantizer(x)
 
 
+def _same_key(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(x is y or (not isinstance(x, torch.Tensor) and x == y) for x, y in zip(a, b, strict=True))
+
+
+def quantized_weight(layer: nn.Module, quantizer: Quantizer | None, weight: torch.Tensor) -> torch.Tensor:
+    """``quantizer(weight)``, cached on ``layer`` while nothing it depends on has changed.
+
+    Only in ``quant`` mode, with autograd off and outside ``torch.compile`` tracing (in every other
+    case the quantizer simply runs). The key holds the weight and every quantizer buffer by identity
+    and in-place version (``set_scale`` / ``set_range`` / calibration assign new tensors,
+    ``load_state_dict`` and in-place edits bump the version), the weight's storage pointer, dtype and
+    device (``.to()`` and ``.data =`` assignments), the quantizer's plain attributes (mode, bits,
+    qmin/qmax, ...) and the inference-mode flag. Inference tensors carry no version counter, so
+    nothing involving one is cached.
+    """
+    if quantizer is None:
+        return weight
+    if quantizer.mode != "quant" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return quantizer(weight)
+    buffers = list(quantizer.named_buffers())
+    if weight.is_inference() or any(b.is_inference() for _, b in buffers):
+        return quantizer(weight)
+    plain = tuple(
+        sorted((k, v) for k, v in quantizer.__dict__.items() if isinstance(v, (bool, int, float, str, type(None))))
+    )
+    key = (
+        weight,
+        weight._version,
+        weight.data_ptr(),
+        weight.dtype,
+        weight.device,
+        torch.is_inference_mode_enabled(),
+        quantizer,
+        plain,
+        *((name, b, b._version, b.data_ptr()) for name, b in buffers),
+    )
+    flat = tuple(v for k in key for v in (k if isinstance(k, tuple) else (k,)))
+    cached = layer.__dict__.get("_quantized_weight_cache")
+    if cached is not None and _same_key(cached[0], flat):
+        return cached[1]
+    out = quantizer(weight)
+    layer.__dict__["_quantized_weight_cache"] = (flat, out)
+    return out
+
+
+def clear_weight_cache(module: nn.Module) -> None:
+    """Drop every cached quantized weight below ``module`` (frees their memory)."""
+    for m in module.modules():
+        m.__dict__.pop("_quantized_weight_cache", None)
+
+
 class QuantLinear(nn.Linear):
     """``nn.Linear`` whose input and weight pass through optional fake quantizers.
 
@@ -46,7 +99,8 @@ class QuantLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_apply(self.input_quantizer, x), _apply(self.weight_quantizer, self.weight), self.bias)
+        w = quantized_weight(self, self.weight_quantizer, self.weight)
+        return F.linear(_apply(self.input_quantizer, x), w, self.bias)
 
 
 class QuantConv2d(nn.Conv2d):
@@ -78,7 +132,7 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x if self.input_quantizer is None else self.input_quantizer(x)
-        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        w = quantized_weight(self, self.weight_quantizer, self.weight)
         return self._conv_forward(x, w, self.bias)
 
 

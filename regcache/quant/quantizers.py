@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from regcache.quant.fused import fake_quant_uniform
+
 Mode = Literal["float", "observe", "quant"]
 Granularity = Literal["tensor", "channel", "group"]
 MODES: tuple[str, ...] = ("float", "observe", "quant")
@@ -104,6 +106,15 @@ class UniformQuantizer(Quantizer):
     """
 
     kind: ClassVar[str] = "uniform"
+    # Whether fake_quant may use the fused CUDA kernel (regcache.quant.fused): not for subclasses
+    # that change how parameters broadcast or the formula itself.
+    _fusable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fusable = all(
+            getattr(cls, m) is getattr(UniformQuantizer, m) for m in ("_broadcast", "_grouped", "plain_fake_quant")
+        )
 
     def __init__(
         self,
@@ -210,6 +221,17 @@ class UniformQuantizer(Quantizer):
     # ---- quantization ------------------------------------------------------------------
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         # Computed in float32 whatever x's dtype: a bf16 scale would move the grid by up to 0.4 %.
+        if self._fusable and x.is_cuda and not torch.compiler.is_compiling():
+            # CUDA, eager, no autograd: one kernel with exactly the arithmetic of plain_fake_quant
+            out = fake_quant_uniform(
+                x, self.scale, self.zero_point, self.qmin, self.qmax, self.granularity, self.axis, self.group_size
+            )
+            if out is not None:
+                return out
+        return self.plain_fake_quant(x)
+
+    def plain_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake quantization formula op by op (what the fused CUDA kernel must reproduce bit for bit)."""
         shape, dtype = x.shape, x.dtype
         x = x.float()
         if self.granularity == "group":

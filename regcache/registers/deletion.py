@@ -27,17 +27,19 @@ class TokenDeletion(nn.Module):
         if self.k == 0:
             return x
         npre = self.num_prefix_tokens
-        prefix, patches = x[:, :npre], x[:, npre:]
-        b, n, c = patches.shape
+        b, total, c = x.shape
+        n = total - npre
         if self.k >= n:
             raise ValueError(f"cannot delete {self.k} of {n} patch tokens")
-        dropped = patches.abs().amax(dim=-1).topk(self.k, dim=1).indices
-        # Kept indices in ascending order without a host sync: dropped ones are pushed past the end.
-        position = torch.arange(n, device=x.device).expand(b, n).clone()
-        position.scatter_(1, dropped, n)
-        kept = position.sort(dim=1).values[:, : n - self.k]
-        kept_tokens = patches.gather(1, kept.unsqueeze(-1).expand(b, n - self.k, c))
-        return torch.cat([prefix, kept_tokens], dim=1)
+        dropped = x[:, npre:].abs().amax(dim=-1).topk(self.k, dim=1).indices
+        # Kept indices in ascending order, without a sort or a host sync: a stable partition of the
+        # patch positions (kept ones first, in order), written through its own permutation.
+        keep = torch.ones(b, n, dtype=torch.bool, device=x.device).scatter_(1, dropped, False)
+        slot = torch.where(keep, keep.cumsum(1) - 1, (n - self.k) + (~keep).cumsum(1) - 1)
+        position = torch.arange(npre, total, device=x.device).expand(b, n)
+        order = torch.empty_like(slot).scatter_(1, slot, position)
+        index = torch.cat([torch.arange(npre, device=x.device).expand(b, npre), order[:, : n - self.k]], dim=1)
+        return x.gather(1, index.unsqueeze(-1).expand(b, total - self.k, c))  # one gather, prefix tokens included
 
     def extra_repr(self) -> str:
         return f"k={self.k}, num_prefix_tokens={self.num_prefix_tokens}"

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from regcache.quant.api import FilterFn, QuantConfig
 from regcache.quant.calibration import iter_images
-from regcache.quant.modules import QuantLinear, set_quant_mode
+from regcache.quant.modules import QuantLinear, quantized_weight, set_quant_mode
 from regcache.quant.quantizers import UniformQuantizer
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class NoisyQuantLinear(QuantLinear):
         return correction if self.bias is None else self.bias + correction
 
     def _effective_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        return quantized_weight(self, self.weight_quantizer, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._effective_weight()
