@@ -117,7 +117,7 @@ class Recalibrator:
         """Back to the uncalibrated state (float mode) for blocks >= start."""
         self.load(self.initial, start)
         for _, q, block in self._quantizers:
-            if block is None and start == 0 or block is not None and block >= start:
+            if (start == 0) if block is None else block >= start:
                 q.mode = "float"
 
     def recalibrate(self, batches: Iterable[Any], start: int = 0, streams: bool | None = None) -> None:
