@@ -155,12 +155,15 @@ def test_compiled_tail_compiles_once_and_matches_eager(monkeypatch):
     """One dynamo graph for every (register, τ, k̃) of the grid: τ is a tensor, scales are buffers, and the
     deletion (the token count) runs eagerly before the compiled call. aot_eager keeps the test fast;
     inductor's fused kernels round differently (checked by benchmarks/bench_register_search.py)."""
-    import functools
-
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compile_ = torch.compile
+
+    def aot_eager(fn, options=None, **kw):  # the search passes inductor options; aot_eager has none
+        return compile_(fn, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
     torch._dynamo.reset()
     counters.clear()
     kw = {"taus": (1, 5), "delete_ks": (0, 2, 3), "eval_batch_size": 8}

@@ -313,7 +313,8 @@ class RegisterSearch:
                     current = block.input_filter
                     del block.input_filter
                     block.register_module("input_filter", current)
-            self._compiled_tail = torch.compile(self._tail)
+            # emulate_precision_casts: fused kernels still round where eager casts to bf16 (closer scores)
+            self._compiled_tail = torch.compile(self._tail, options={"emulate_precision_casts": True})
         if strategy == "cached":
             for s in sorted({self._start(p) for p in self.points}):
                 self.streams[s] = self._chunks(self._streams(self.quantized, self.reference, s))
