@@ -20,8 +20,10 @@ a table last.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from regcache.quant import NaiveConfig
 from regcache.registers import (
     EmbeddingCosine,
     RegisterSearch,
+    SearchResult,
     curate_candidates,
     regcache_flops,
     sensitivity_sweep,
@@ -64,6 +67,10 @@ def random_batches(n: int, batch_size: int, size: int, device: torch.device, see
     return [torch.randn(min(batch_size, n - i), 3, size, size, generator=g).to(device) for i in range(0, n, batch_size)]
 
 
+class OverBudget(Exception):
+    """Raised from the search's row callback when --budget-s is spent."""
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 20) -> float:
     """The card's dense matmul rate (TFLOP/s) on an n x n x n product in ``dtype`` (median of ``repeats``)."""
     if device.type != "cuda":
@@ -75,10 +82,10 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, repea
     return 2 * n**3 / t / 1e12
 
 
-def tail_flops(encoder, search: RegisterSearch, num_tokens: int, images: int) -> int:
-    """FLOPs of the tail forwards of every configuration of ``search`` over ``images`` images."""
+def tail_flops(encoder, points, search: RegisterSearch, num_tokens: int, images: int) -> int:
+    """FLOPs of the tail forwards of configurations ``points`` of ``search`` over ``images`` images."""
     total = 0
-    for point in search.points:
+    for point in points:
         s = search._start(point)
         has_prefix = point.register is not None and point.tau > 0
         layers = range(point.l_start, encoder.num_blocks) if has_prefix else ()
@@ -101,6 +108,12 @@ def main() -> None:
     p.add_argument("--ks", default=None, help="comma list of k~ (default 0,2,4,8; tiny 1,2)")
     p.add_argument("--l-q", type=int, default=None, help="sensitive block for the search (default L//2)")
     p.add_argument("--max-configs", type=int, default=None, help="cap the cached search's grid (default: all)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=200.0,
+        help="stop the cached search after this many seconds and extrapolate the grid (0: never; default 200)",
+    )
     p.add_argument("--loop-configs", type=int, default=None, help="configurations for the loop and eager (default 12)")
     p.add_argument(
         "--compile-tail",
@@ -149,7 +162,7 @@ def main() -> None:
             lambda: curate_candidates(encoder, pool, layers=l_q, k=n_cand, progress=False), device, repeats=3
         )
 
-    def make_search(max_configs=None, compiled=False):
+    def make_search(max_configs=None, compiled=False, state_path=None):
         search = RegisterSearch(
             encoder,
             config,
@@ -163,36 +176,52 @@ def main() -> None:
             progress=not tiny,
             eval_batch_size=eval_bs,
             compile_tail=compiled,
+            state_path=state_path,
         )
         if max_configs is not None:
             search.points = search.points[:max_configs]
         return search
 
-    cached_search = make_search(args.max_configs, compile_tail)
+    state = Path(tempfile.mkdtemp()) / "search_state.json"
+    cached_search = make_search(args.max_configs, compile_tail, state_path=state)
     n_cached = len(cached_search.points)
     stamps: list[float] = []
+
+    def on_row(_row) -> None:
+        stamps.append(time.perf_counter())
+        if args.budget_s and stamps[-1] - t0 > args.budget_s:
+            raise OverBudget
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t_cached, cached = timed(
-        lambda: cached_search.run("cached", callback=lambda _: stamps.append(time.perf_counter())), device
-    )
+    _sync(device)
+    t0 = time.perf_counter()
+    try:
+        cached = cached_search.run("cached", callback=on_row)
+    except OverBudget:  # the rows recorded so far are in the state file
+        rows = json.loads(state.read_text())["rows"]
+        cached = SearchResult(cached_search.spec, rows, objective.greater_is_better, cached_search.stats)
+    _sync(device)
+    t_measured = time.perf_counter() - t0
+    n_done = len(cached.rows)
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    # steady state: the second half of the grid (compilation, if any, happened at its start)
+    # steady state: the second half of what ran (compilation, if any, happened at its start)
     half = len(stamps) // 2
-    steady = (stamps[-1] - stamps[half]) / max(1, len(stamps) - 1 - half) if len(stamps) > 2 else t_cached / n_cached
+    steady = (stamps[-1] - stamps[half]) / max(1, len(stamps) - 1 - half) if len(stamps) > 2 else t_measured / n_done
+    t_cached = t_measured + (n_cached - n_done) * steady  # = t_measured when the whole grid ran
     n_side = min(loop_configs, n_cached)
     eager_search = make_search(n_side, False)
     t_eager, eager = timed(lambda: eager_search.run("cached"), device)
     loop_search = make_search(n_side, False)
     t_loop, loop = timed(lambda: loop_search.run("naive_loop"), device)
     n_loop = len(loop_search.points)
-    diff = lambda a, b: max(abs(a.scores()[k] - v) for k, v in b.scores().items())  # noqa: E731
+    diff = lambda a, b: max(abs(a.scores()[k] - v) for k, v in b.scores().items() if k in a.scores())  # noqa: E731
     max_diff, diff_eager_loop, diff_compiled_eager = diff(cached, loop), diff(eager, loop), diff(cached, eager)
     per_cached, per_loop, per_eager = t_cached / n_cached, t_loop / n_loop, t_eager / n_loop
     flops = regcache_flops(encoder, num_tokens, prefix_layers=range(l_q, encoder.num_blocks), l_q=l_q, delete_k=0)
-    search_flops = tail_flops(encoder, cached_search, num_tokens, n_ref)
-    calibration_flops = tail_flops(encoder, cached_search, num_tokens, n_cal)
-    achieved = search_flops / t_cached / 1e12
+    search_flops = tail_flops(encoder, cached_search.points, cached_search, num_tokens, n_ref)
+    calibration_flops = tail_flops(encoder, cached_search.points, cached_search, num_tokens, n_cal)
+    achieved = tail_flops(encoder, cached_search.points[:n_done], cached_search, num_tokens, n_ref) / t_measured / 1e12
 
     results = {
         "device": device_name,
@@ -215,6 +244,9 @@ def main() -> None:
         "curation_images_per_s": n_pool / t_cur,
         "search_grid": {"candidates": n_cand, "taus": taus, "ks": ks, "configs": n_cached},
         "search_cached_s": t_cached,
+        "search_cached_measured_s": t_measured,
+        "search_cached_configs_run": n_done,
+        "search_cached_extrapolated": n_done < n_cached,
         "search_cached_per_config_s": per_cached,
         "search_cached_steady_per_config_s": steady,
         "search_cached_peak_gib": peak_gib,
@@ -247,7 +279,8 @@ def main() -> None:
         (f"curation ({n_pool} images, median of 3)", f"{t_cur:.3f} s"),
         (
             f"cached search, {mode}, whole grid ({n_cached} configs, eval batch {eval_bs})",
-            f"{t_cached:.2f} s = {per_cached * 1e3:.1f} ms/config (compile included)",
+            f"{t_cached:.2f} s = {per_cached * 1e3:.1f} ms/config (compile included)"
+            + (f"; EXTRAPOLATED: {n_done} configs ran in {t_measured:.1f} s (--budget-s)" if n_done < n_cached else ""),
         ),
         ("cached search, steady state (2nd half of the grid)", f"{steady * 1e3:.1f} ms/config"),
         (f"cached search, eager ({n_loop} configs)", f"{t_eager:.2f} s = {per_eager * 1e3:.1f} ms/config"),

@@ -141,8 +141,19 @@ class Recalibrator:
             self.config.calibrate(target, batches, progress=False)
 
     def head_unchanged(self, reference: dict[str, torch.Tensor], end: int) -> bool:
-        """Whether blocks < end hold exactly the quantization state in ``reference``."""
-        now = self.state()
-        return all(
-            torch.equal(now[k], v) for k, v in reference.items() if _block_index(k) is None or _block_index(k) < end
-        )
+        """Whether blocks < end hold exactly the quantization state in ``reference``.
+
+        Compares without copying the state and with one host sync per device (not one per tensor).
+        """
+        now = self.encoder.state_dict()
+        flags: dict[torch.device, list[torch.Tensor]] = {}
+        for key, ref in reference.items():
+            block = _block_index(key)
+            if block is not None and block >= end:
+                continue
+            t = now.get(key)
+            if t is None or t.shape != ref.shape or t.dtype != ref.dtype:
+                return False
+            if t.numel():
+                flags.setdefault(t.device, []).append((t == ref.to(t.device)).all())
+        return all(bool(torch.stack(f).all()) for f in flags.values())
