@@ -8,7 +8,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for part in $parts; do
   case $part in
     calibration) timeout 250 python3 benchmarks/bench_calibration.py --bits 8 ;;
-    search) timeout 200 python3 benchmarks/bench_register_search.py --max-configs 300 --loop-configs 12 ;;
+    search) timeout 290 python3 benchmarks/bench_register_search.py ;;
     throughput) timeout 280 python3 benchmarks/bench_eval_throughput.py --methods naive --bits 8 --repeats 10 ${THROUGHPUT_ARGS:-} ;;
   esac
   echo "== $part exit $?"

@@ -64,6 +64,12 @@ class RegisterSearch(pl.Callback):
         derivation: ``propagate`` (default) or ``in_context``.
         prefix_only_at_lq: install the prefix only in block l_q (DINOv2, paper v4).
         recalibrate: ``per_config`` (exact, default) or ``once`` (batched approximation).
+        eval_batch_size: reference images per search forward (None: the reference loader's batches;
+            the whole reference set at once is fastest where memory allows).
+        compile_tail: ``torch.compile`` the search's tail forward (one compilation for the grid;
+            scores agree with eager to float tolerance, not bit for bit).
+        save_every_s: at most this many seconds between writes of the resumable search state
+            (what a preemption can lose; 0 writes after every configuration).
         force: recompute even if a saved result exists.
     """
 
@@ -83,6 +89,9 @@ class RegisterSearch(pl.Callback):
         derivation: str = "propagate",
         prefix_only_at_lq: bool = False,
         recalibrate: str = "per_config",
+        eval_batch_size: int | None = None,
+        compile_tail: bool = False,
+        save_every_s: float = 10.0,
         force: bool = False,
     ) -> None:
         self.objective_name = objective
@@ -99,6 +108,9 @@ class RegisterSearch(pl.Callback):
         self.derivation = derivation
         self.prefix_only_at_lq = prefix_only_at_lq
         self.recalibrate = recalibrate
+        self.eval_batch_size = eval_batch_size
+        self.compile_tail = compile_tail
+        self.save_every_s = save_every_s
         self.force = force
         self.done = False
 
@@ -202,6 +214,9 @@ class RegisterSearch(pl.Callback):
                     modes=self.modes,
                     prefix_only_at=l_q if self.prefix_only_at_lq else None,
                     recalibrate=self.recalibrate,
+                    eval_batch_size=self.eval_batch_size,
+                    compile_tail=self.compile_tail,
+                    save_every_s=self.save_every_s,
                     state_path=out / f"search_state.rank{rank}of{world}.json",
                     progress=trainer.progress_bar_callback is not None,
                 )

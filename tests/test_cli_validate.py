@@ -161,6 +161,7 @@ def _regcache_config(tmp_path: Path, shards: Path, run: str) -> Path:
     config["model"]["run_dir"] = str(tmp_path / run)
     search = {"objective": "acc_ref", "search_images": 6, "sweep_images": 6, "num_candidates": 2}
     search |= {"taus": [1, 3], "delete_ks": [0, 1], "modes": ["both", "prefix", "delete"]}
+    search |= {"save_every_s": 0}  # state written after every configuration: the crash below is after row 3
     config["trainer"]["callbacks"] = [{"class_path": "callbacks.register_search.RegisterSearch", "init_args": search}]
     path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -80,7 +80,9 @@ def test_whole_model_recalibration_reuses_streams_only_when_exact():
         assert score == pytest.approx(loop.scores()[key], abs=1e-6)
 
 
-def test_resume_after_interruption(tmp_path):
+@pytest.mark.parametrize("save_every_s", [0.0, 3600.0])
+def test_resume_after_interruption(tmp_path, save_every_s):
+    """Rows recorded before an exception reach the state file even when the periodic save is far off."""
     reference = _search(modes=("prefix", "delete")).run("cached")
     state = tmp_path / "search.json"
     done = []
@@ -91,7 +93,9 @@ def test_resume_after_interruption(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _search(state_path=state, modes=("prefix", "delete")).run("cached", callback=stop_after_four)
+        _search(state_path=state, modes=("prefix", "delete"), save_every_s=save_every_s).run(
+            "cached", callback=stop_after_four
+        )
     assert len(json.loads(state.read_text())["rows"]) == 4
     resumed = _search(state_path=state, modes=("prefix", "delete")).run("cached")
     assert resumed.stats["resumed"] == 4
@@ -125,3 +129,49 @@ def test_search_with_zero_shot_objective():
     base = next(r for r in result.rows if r["mode"] == "base")
     assert 0.0 <= base["score"] <= 100.0
     assert result.best["score"] >= base["score"]
+
+
+def test_eval_batch_size_rechunks_and_stays_exact():
+    search = _search(eval_batch_size=3, taus=(2,), delete_ks=(0, 2))
+    cached = search.run("cached")
+    assert [h.shape[0] for h in search.streams[2]] == [3, 3, 2]  # 8 reference images, order kept
+    assert [x.shape[0] for x in search.reference_chunks] == [3, 3, 2]
+    loop = search.run("naive_loop")
+    plain = _search(taus=(2,), delete_ks=(0, 2)).run("naive_loop")
+    for key, score in cached.scores().items():
+        assert score == pytest.approx(loop.scores()[key], abs=1e-6), key
+        assert score == pytest.approx(plain.scores()[key], abs=1e-6), key
+
+
+def test_objective_score_is_the_call_on_device():
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    for objective in (EmbeddingCosine(), ZeroShotTop1(torch.arange(6) % 3, torch.randn(8, 3))):
+        t = objective.score(a, b)
+        assert isinstance(t, torch.Tensor) and t.ndim == 0
+        assert float(t) == objective(a, b)
+
+
+def test_compiled_tail_compiles_once_and_matches_eager(monkeypatch):
+    """One dynamo graph for every (register, τ, k̃) of the grid: τ is a tensor, scales are buffers, and the
+    deletion (the token count) runs eagerly before the compiled call. aot_eager keeps the test fast;
+    inductor's fused kernels round differently (checked by benchmarks/bench_register_search.py)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+
+    def aot_eager(fn, options=None, **kw):  # the search passes inductor options; aot_eager has none
+        return compile_(fn, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    torch._dynamo.reset()
+    counters.clear()
+    kw = {"taus": (1, 5), "delete_ks": (0, 2, 3), "eval_batch_size": 8}
+    compiled = _search(compile_tail=True, **kw).run("cached")
+    eager = _search(**kw).run("cached")
+    n_prefixed = sum(r["mode"] in ("prefix", "both") for r in compiled.rows)
+    assert compiled.stats["compiled_tail_runs"] == n_prefixed > 6
+    assert counters["stats"]["unique_graphs"] == 1
+    for key, score in compiled.scores().items():
+        assert score == pytest.approx(eager.scores()[key], abs=1e-5), key
+    torch._dynamo.reset()

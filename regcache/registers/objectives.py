@@ -3,6 +3,10 @@
 Every objective is called as ``objective(embeddings, float_embeddings) -> float`` on the (N, D)
 final embeddings of the reference images in stream order (the float model's embeddings of the
 same images come second, for label-free objectives). ``greater_is_better`` says which way ranks.
+``objective.score(embeddings, float_embeddings)`` is the same number as a 0-d tensor left on the
+embeddings' device (no host sync), for the built-in objectives; ``float()`` of it is exactly
+what calling the objective returns. The register search uses it to queue the next configuration's
+work before reading this one's score.
 The data/eval package can wire its own metrics in with :class:`Predictions` (any callable
 mapping embeddings to predicted labels).
 """
@@ -31,7 +35,13 @@ class Objective:
             OBJECTIVES[cls.name] = cls
 
     def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
-        raise NotImplementedError
+        return float(self.score(embeddings, float_embeddings))
+
+    def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor | float:
+        """The score as a 0-d tensor on the embeddings' device (subclasses without one return a float)."""
+        if type(self).__call__ is Objective.__call__:
+            raise NotImplementedError(f"{type(self).__name__} defines neither score nor __call__")
+        return self(embeddings, float_embeddings)
 
     def drop(self, score: float, reference: float) -> float:
         """How much worse ``score`` is than ``reference`` (positive = worse)."""
@@ -54,7 +64,7 @@ class ZeroShotTop1(Objective):
     labels: torch.Tensor
     classifier: torch.Tensor
 
-    def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
+    def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
         logits = F.normalize(embeddings.float(), dim=-1) @ self.classifier.to(embeddings.device, torch.float32)
         return _accuracy(logits.argmax(dim=-1), self.labels)
 
@@ -67,7 +77,7 @@ class Predictions(Objective):
     labels: torch.Tensor
     predict: Callable[[torch.Tensor], torch.Tensor]
 
-    def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
+    def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
         return _accuracy(self.predict(embeddings), self.labels)
 
 
@@ -77,8 +87,8 @@ class EmbeddingCosine(Objective):
 
     name: ClassVar[str] = "cosine"
 
-    def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
-        return float(F.cosine_similarity(embeddings.float(), float_embeddings.float(), dim=-1).mean())
+    def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(embeddings.float(), float_embeddings.float(), dim=-1).mean()
 
 
 @dataclass
@@ -88,15 +98,15 @@ class EmbeddingMSE(Objective):
     name: ClassVar[str] = "mse"
     greater_is_better: ClassVar[bool] = False
 
-    def __call__(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> float:
-        return float((embeddings.float() - float_embeddings.float()).pow(2).mean())
+    def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
+        return (embeddings.float() - float_embeddings.float()).pow(2).mean()
 
 
-def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     labels = labels.to(predicted.device)
     if predicted.shape != labels.shape:
         raise ValueError(f"{predicted.shape[0]} predictions for {labels.shape[0]} labels: reference order mismatch")
-    return 100.0 * float((predicted == labels).float().mean())
+    return (predicted == labels).float().mean().double() * 100.0  # = 100.0 * float(mean), bit for bit
 
 
 def make_objective(name: str, **kwargs: Any) -> Objective:

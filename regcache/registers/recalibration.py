@@ -73,11 +73,16 @@ class Recalibrator:
         self.encoder = encoder
         self.config: QuantConfig = encoder.quant_config
         self.tail_input = tail_calibration_input(self.config)
+        # Looked up once: a search resets and re-calibrates ~1,000 times, and walking the module
+        # tree (``load_state_dict``, ``quantizers``) each time cost more than the tail's calibration.
+        self._modules = dict(encoder.named_modules())
+        self._quantizers = [(name, q, _block_index(name + ".")) for name, q in quantizers(encoder)]
+        self._views: dict[int, TailView] = {}
         self.initial = self.state()
 
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of the current quantization state (quantizer buffers, edited weights)."""
-        owners = {n for n, _ in quantizers(self.encoder)}
+        owners = {n for n, _, _ in self._quantizers}
         out = {}
         for key, t in self.encoder.state_dict().items():
             if key.rpartition(".")[0] in owners or (self.config.modifies_weights and key.startswith("blocks.")):
@@ -92,15 +97,27 @@ class Recalibrator:
         return block >= start and (end is None or block < end)
 
     def load(self, state: dict[str, Any], start: int = 0, end: int | None = None) -> None:
-        """Restore ``state`` for blocks in [start, end)."""
-        subset = {k: v for k, v in state.items() if self._in_range(k, start, end)}
-        self.encoder.load_state_dict(subset, strict=False)
+        """Restore ``state`` for blocks in [start, end).
+
+        Same effect as ``encoder.load_state_dict(subset, strict=False)`` (each owning module's own
+        ``_load_from_state_dict``, so quantizers still resize their buffers), without walking
+        every module of the encoder.
+        """
+        owners = {key.rpartition(".")[0] for key in state if self._in_range(key, start, end)}
+        errors: list[str] = []
+        for owner in sorted(owners):
+            module = self._modules.get(owner)
+            if module is None:  # not a module path (cannot happen for keys taken from state_dict)
+                raise KeyError(f"no module {owner!r} in the encoder")
+            module._load_from_state_dict(state, owner + ".", {}, False, [], [], errors)
+        if errors:
+            raise RuntimeError("error(s) restoring the quantization state:\n\t" + "\n\t".join(errors))
 
     def reset(self, start: int = 0) -> None:
         """Back to the uncalibrated state (float mode) for blocks >= start."""
         self.load(self.initial, start)
-        for name, q in quantizers(self.encoder):
-            if self._in_range(name + ".", start, None):
+        for _, q, block in self._quantizers:
+            if (start == 0) if block is None else block >= start:
                 q.mode = "float"
 
     def recalibrate(self, batches: Iterable[Any], start: int = 0, streams: bool | None = None) -> None:
@@ -114,13 +131,29 @@ class Recalibrator:
         if streams and self.tail_input is None:
             raise ValueError(f"{self.config.tag} is not declared depth-causal: re-calibrate the whole model")
         self.reset(start)
-        target = TailView(self.encoder, start) if streams else self.encoder
+        if streams:
+            target = self._views.get(start)
+            if target is None:
+                target = self._views[start] = TailView(self.encoder, start)
+        else:
+            target = self.encoder
         with torch.inference_mode(False):
             self.config.calibrate(target, batches, progress=False)
 
     def head_unchanged(self, reference: dict[str, torch.Tensor], end: int) -> bool:
-        """Whether blocks < end hold exactly the quantization state in ``reference``."""
-        now = self.state()
-        return all(
-            torch.equal(now[k], v) for k, v in reference.items() if _block_index(k) is None or _block_index(k) < end
-        )
+        """Whether blocks < end hold exactly the quantization state in ``reference``.
+
+        Compares without copying the state and with one host sync per device (not one per tensor).
+        """
+        now = self.encoder.state_dict()
+        flags: dict[torch.device, list[torch.Tensor]] = {}
+        for key, ref in reference.items():
+            block = _block_index(key)
+            if block is not None and block >= end:
+                continue
+            t = now.get(key)
+            if t is None or t.shape != ref.shape or t.dtype != ref.dtype:
+                return False
+            if t.numel():
+                flags.setdefault(t.device, []).append((t == ref.to(t.device)).all())
+        return all(bool(torch.stack(f).all()) for f in flags.values())

@@ -25,8 +25,29 @@ there configurations run one after another.
 ``strategy="naive_loop"`` is the straightforward reference: every configuration re-calibrates and
 runs the full quantized model on every reference image. Both strategies give the same numbers.
 
-The state (every finished configuration's row) is written atomically after each configuration,
-so an interrupted search resumes where it stopped.
+Throughput (per configuration, the work is one re-calibration of blocks >= s on the cached
+calibration streams and one tail forward of the reference streams):
+
+- ``eval_batch_size``: the reference images (streams) are re-split into near-equal chunks of at
+  most this many images (``None``: as given). Both strategies use the same chunks.
+- The objective's reduction stays on the device (``Objective.score``); the score of configuration
+  i is read (host sync) only after configuration i+1's work is queued, so Python overhead
+  overlaps device work.
+- ``compile_tail=True`` (opt-in) runs the tail of configurations that carry a prefix through
+  ``torch.compile``: the prefix is one entry per register with ``ln τ`` as a tensor, quantizer
+  scales are buffers (tensor inputs, not constants), and the token deletion at block s is applied
+  eagerly before the compiled call with the token dimension marked dynamic, so the whole grid of
+  one l_start >= l_q compiles once (measured with ``torch._dynamo`` counters in the tests; for
+  l_start < l_q the deletion sits inside the compiled blocks and each k̃ compiles once).
+  Configurations without a prefix (base, deletion only) run eagerly. Compiled kernels round
+  differently (fused fp32 fake-quant, other softmax kernels; ``emulate_precision_casts`` keeps the
+  bf16 roundings eager has), so scores match the eager path to float tolerance, not bit for bit:
+  5e-6 on the tiny model in fp32 (CPU, inductor); the benchmark reports the bf16 difference.
+
+The state (every finished configuration's row) is written atomically at most every
+``save_every_s`` seconds, at the end, and on any exception (KeyboardInterrupt included), so an
+interrupted search resumes where it stopped; a hard kill (SIGKILL, node loss) loses at most the
+configurations of the last ``save_every_s`` seconds (0 writes after every configuration).
 """
 
 from __future__ import annotations
@@ -34,7 +55,10 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from collections.abc import Callable, Iterable, Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -151,6 +175,9 @@ class RegisterSearch:
     Register caches come from ``caches`` ({l_start: cache}) or are derived from ``candidates``.
     ``prefix_only_at``: install the prefix only in that block (DINOv2 v4: l_q).
     ``cache_device``: where cached streams live (default: the encoder's device; "cpu" for big pools).
+    ``eval_batch_size``: reference images per forward (None: the given batches); ``compile_tail``:
+    ``torch.compile`` the tail of prefixed configurations (opt-in, see the module docstring);
+    ``save_every_s``: at most this long between writes of the resumable state.
     """
 
     def __init__(
@@ -177,6 +204,9 @@ class RegisterSearch:
         cache_device: torch.device | str | None = None,
         state_path: str | Path | None = None,
         progress: bool = True,
+        eval_batch_size: int | None = None,
+        compile_tail: bool = False,
+        save_every_s: float = 10.0,
     ) -> None:
         if getattr(encoder, "quant_config", None) is not None:
             raise ValueError("pass the float encoder: the search quantizes its own copy")
@@ -194,6 +224,12 @@ class RegisterSearch:
         self.configs_per_batch = configs_per_batch
         self.state_path = Path(state_path) if state_path is not None else None
         self.progress = progress
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        self.eval_batch_size = eval_batch_size
+        self.compile_tail = compile_tail
+        self.save_every_s = save_every_s
+        self._compiled_tail: Callable[[torch.Tensor, int], torch.Tensor] | None = None
         self.device, self.dtype = device_dtype(encoder)
         self.cache_device = torch.device(cache_device) if cache_device is not None else self.device
         if caches is None:
@@ -269,9 +305,21 @@ class RegisterSearch:
         self.plain_state = self.recalibrator.state()
         self.streams: dict[int, list[torch.Tensor]] = {}
         self.calibration_streams: dict[int, list[torch.Tensor]] = {}
+        self.reference_chunks = self._chunks(self.reference)
+        if self.compile_tail and self._compiled_tail is None:
+            # Block.input_filter is a plain attribute until a deletion module is first assigned, then
+            # an entry of _modules: register it there on every block now, so the compiled tail's
+            # guards see one layout for every configuration (otherwise the first k̃ > 0 recompiles).
+            for block in self.quantized.blocks:
+                if "input_filter" not in block._modules:
+                    current = block.input_filter
+                    del block.input_filter
+                    block.register_module("input_filter", current)
+            # emulate_precision_casts: fused kernels still round where eager casts to bf16 (closer scores)
+            self._compiled_tail = torch.compile(self._tail, options={"emulate_precision_casts": True})
         if strategy == "cached":
             for s in sorted({self._start(p) for p in self.points}):
-                self.streams[s] = self._streams(self.quantized, self.reference, s)
+                self.streams[s] = self._chunks(self._streams(self.quantized, self.reference, s))
                 tail = self.recalibrator.tail_input
                 if tail is not None:
                     source = self.quantized if tail == "quantized" else self.encoder
@@ -287,6 +335,15 @@ class RegisterSearch:
             out.append(h.to(self.cache_device))
         return out
 
+    def _chunks(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Re-split batches into near-equal chunks of at most ``eval_batch_size`` (order kept)."""
+        if self.eval_batch_size is None or not batches:
+            return batches
+        whole = torch.cat(batches) if len(batches) > 1 else batches[0]
+        n = whole.shape[0]
+        size = math.ceil(n / math.ceil(n / self.eval_batch_size))
+        return list(whole.split(size))
+
     def _clear(self) -> None:
         remove_prefix(self.quantized)
         remove_deletion(self.quantized)
@@ -301,19 +358,37 @@ class RegisterSearch:
         install_deletion(encoder, self.l_q, point.delete_k)
 
     # ---- evaluation --------------------------------------------------------------------------------
-    def _score(self, embeddings: torch.Tensor) -> float:
-        return self.objective(embeddings, self.float_embeddings)
+    def _score(self, embeddings: torch.Tensor) -> torch.Tensor | float:
+        """The objective, left on the device where it can be (read later: no host sync here)."""
+        return self.objective.score(embeddings, self.float_embeddings)
 
     @torch.no_grad()
-    def _evaluate_full(self) -> float:
+    def _evaluate_full(self) -> torch.Tensor | float:
         q = self.quantized
-        return self._score(torch.cat([q(x.to(self.device, self.dtype)) for x in self.reference]))
+        return self._score(torch.cat([q(x.to(self.device, self.dtype)) for x in self.reference_chunks]))
+
+    def _tail(self, h: torch.Tensor, s: int) -> torch.Tensor:
+        q = self.quantized
+        return q.pool(q.forward_blocks(h, s))
+
+    def _run_tail_compiled(self, h: torch.Tensor, s: int) -> torch.Tensor:
+        """The compiled tail; block s's input filter (the deletion, which sets the token count) runs eagerly."""
+        block = self.quantized.blocks[s]
+        filt = block.input_filter
+        if filt is not None:
+            h = filt(h)
+            block.input_filter = None
+        try:
+            torch._dynamo.maybe_mark_dynamic(h, 1)  # one graph for every k̃
+            return self._compiled_tail(h, s)
+        finally:
+            block.input_filter = filt
 
     @torch.no_grad()
-    def _evaluate_tail(self, s: int) -> float:
-        q = self.quantized
-        outs = [q.pool(q.forward_blocks(h.to(self.device), s)) for h in self.streams[s]]
-        return self._score(torch.cat(outs))
+    def _evaluate_tail(self, s: int, compiled: bool = False) -> torch.Tensor | float:
+        run = self._run_tail_compiled if compiled else self._tail
+        outs = [run(h.to(self.device, non_blocking=True), s) for h in self.streams[s]]
+        return self._score(torch.cat(outs) if len(outs) > 1 else outs[0])
 
     def _recalibrate(self, point: SearchPoint, strategy: Strategy) -> bool:
         """Re-calibrate for ``point``; returns whether the cached reference streams are still valid."""
@@ -329,17 +404,19 @@ class RegisterSearch:
         rc.recalibrate(self.calibration)
         return strategy == "cached" and rc.head_unchanged(self.plain_state, s)
 
-    def _run_point(self, point: SearchPoint, strategy: Strategy) -> float:
+    def _run_point(self, point: SearchPoint, strategy: Strategy) -> torch.Tensor | float:
         self.install(point)
         streams_valid = self._recalibrate(point, strategy)
         if strategy == "cached" and streams_valid:
             self.stats["tail_runs"] += 1
-            return self._evaluate_tail(self._start(point))
+            compiled = self._compiled_tail is not None and point.mode in ("prefix", "both")
+            self.stats["compiled_tail_runs"] += compiled
+            return self._evaluate_tail(self._start(point), compiled)
         self.stats["full_runs"] += 1
         return self._evaluate_full()
 
     @torch.no_grad()
-    def _run_batched(self, points: list[SearchPoint]) -> list[float]:
+    def _run_batched(self, points: list[SearchPoint]) -> list[torch.Tensor | float]:
         """Many (register, τ) of one (k̃, l_start) at once: per-sample prefixes, shared quantizers."""
         first = points[0]
         s = self._start(first)
@@ -378,28 +455,69 @@ class RegisterSearch:
     ) -> SearchResult:
         """Evaluate every configuration not in the saved state; returns the ranked table.
 
-        ``callback(row)`` runs after each configuration is saved (progress reporting, early stop).
+        ``callback(row)`` runs after each configuration's row is recorded (progress reporting, early
+        stop); rows reach the state file at most ``save_every_s`` later, and on any exception.
         """
         if strategy not in ("cached", "naive_loop"):
             raise ValueError(f"strategy must be 'cached' or 'naive_loop', got {strategy!r}")
         rows = self._load_state()
         todo = [p for p in self.points if p.key not in rows]
-        self.stats = {"tail_runs": 0, "full_runs": 0, "batched_runs": 0, "resumed": len(self.points) - len(todo)}
+        self.stats = {
+            "tail_runs": 0,
+            "full_runs": 0,
+            "batched_runs": 0,
+            "compiled_tail_runs": 0,
+            "resumed": len(self.points) - len(todo),
+        }
         if todo:
             self._prepare(strategy)
         bar = tqdm(total=len(self.points), initial=len(rows), desc="register search", disable=not self.progress)
+        pending: list[tuple[SearchPoint, torch.Tensor | float]] = []
+        last_save, unsaved = time.monotonic(), False
+
+        def record() -> None:  # read the queued scores (host sync), record their rows
+            nonlocal last_save, unsaved
+            while pending:
+                point, score = pending.pop(0)
+                rows[point.key] = self._row(point, float(score))
+                unsaved = True
+                bar.update(1)
+                if callback is not None:
+                    callback(rows[point.key])
+            if unsaved and time.monotonic() - last_save >= self.save_every_s:
+                self._save_state(rows)
+                last_save, unsaved = time.monotonic(), False
+
         try:
-            for group in self._groups(todo, strategy):
-                scores = self._run_batched(group) if len(group) > 1 else [self._run_point(group[0], strategy)]
-                for point, score in zip(group, scores, strict=True):
-                    rows[point.key] = self._row(point, score)
-                    self._save_state(rows)
-                    bar.update(1)
-                    if callback is not None:
-                        callback(rows[point.key])
+            with _dynamo_limit(4 * len(self.l_starts) + 8 if self._compiled_tail is not None else 0):
+                for group in self._groups(todo, strategy):
+                    scores = self._run_batched(group) if len(group) > 1 else [self._run_point(group[0], strategy)]
+                    record()  # the previous group's scores: the device is already busy with this group
+                    pending.extend(zip(group, scores, strict=True))
+                record()
         finally:
             bar.close()
+            if unsaved:
+                self._save_state(rows)
             if self.quantized is not None:
                 self._clear()
         ordered = [rows[p.key] for p in self.points]
         return SearchResult({**self.spec, "strategy": strategy}, ordered, self.objective.greater_is_better, self.stats)
+
+
+@contextmanager
+def _dynamo_limit(n: int) -> Iterator[None]:
+    """Raise dynamo's per-function recompile limit to at least ``n`` while the search runs (0: untouched)."""
+    if not n:
+        yield
+        return
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    saved = getattr(config, name)
+    setattr(config, name, max(saved, n))
+    try:
+        yield
+    finally:
+        setattr(config, name, saved)
