@@ -5,11 +5,16 @@ Workload 2 of the benchmark suite: PTQ4ViT, RepQ-ViT and naive on 32 images, Noi
 gradients in full precision).
 
     python benchmarks/bench_calibration.py [--model openclip-b16] [--methods naive repq_vit ...]
+
+NoisyQuant's search runs in ``--noisyquant-precision`` (default ``auto``: bf16x3 tensor-core matmuls on
+CUDA); ``--check-blocks N`` re-calibrates the first N blocks with the float32 search and reports how
+many of their linears got the same clip scale and noise (column ``same_as_fp32``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -31,6 +36,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=[m for m in CALIBRATION_IMAGES if m in METHODS])
     ap.add_argument("--bits", nargs="*", type=int, default=[8, 6])
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--noisyquant-precision", default="auto", choices=["auto", "fp32", "bf16x3"])
+    ap.add_argument("--check-blocks", type=int, default=0, help="NoisyQuant: compare N blocks with the fp32 search")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = VISION_MODELS[args.model][1]
@@ -44,10 +51,13 @@ def main() -> None:
                 for i in range(0, n, args.batch)
             ]
             encoder, _ = vision_encoder(args.model, device, torch.float32)
+            check = method == "noisyquant" and args.check_blocks > 0
+            float_copy = copy.deepcopy(encoder) if check else None  # weights are random: compare on the same ones
             reset_peak_memory()
             sync()
             start = time.perf_counter()
-            quantize_(encoder, METHODS[method](w_bits=bits, a_bits=bits))
+            extra = {"search_precision": args.noisyquant_precision} if method == "noisyquant" else {}
+            quantize_(encoder, METHODS[method](w_bits=bits, a_bits=bits, **extra))
             calibrate_(encoder, batches, progress=False)
             sync()
             seconds = time.perf_counter() - start
@@ -61,9 +71,36 @@ def main() -> None:
                     "peak_gib": peak_memory_gib(),
                 }
             )
+            if check:
+                rows[-1]["same_as_fp32"] = same_as_fp32(encoder, float_copy, bits, batches, args.check_blocks)
+                del float_copy
             print(rows[-1], flush=True)
             del encoder, batches
-    write_results(f"calibration_{args.model}", rows, ["model", "method", "bits", "images", "seconds", "peak_gib"])
+    columns = ["model", "method", "bits", "images", "seconds", "peak_gib"]
+    if any("same_as_fp32" in r for r in rows):
+        columns.append("same_as_fp32")
+    write_results(f"calibration_{args.model}", rows, columns)
+
+
+def noisy_parameters(encoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(clip scale, noise) of every NoisyQuant linear, in module order."""
+    from regcache.quant.methods.noisyquant import NoisyQuantLinear
+
+    return [(m.input_quantizer.scale, m.noise) for m in encoder.modules() if isinstance(m, NoisyQuantLinear)]
+
+
+def same_as_fp32(encoder, reference, bits: int, batches, blocks: int) -> str:
+    """'k/n': linears of the first ``blocks`` blocks whose parameters equal a float32-search calibration's.
+
+    The calibration is sequential, so the first blocks' parameters do not depend on the later blocks.
+    """
+    del reference.blocks[blocks:]
+    quantize_(reference, METHODS["noisyquant"](w_bits=bits, a_bits=bits, search_precision="fp32"))
+    calibrate_(reference, batches, progress=False)
+    ref = noisy_parameters(reference)
+    got = noisy_parameters(encoder)[: len(ref)]
+    same = sum(torch.equal(s, rs) and torch.equal(n, rn) for (s, n), (rs, rn) in zip(got, ref, strict=True))
+    return f"{same}/{len(ref)}"
 
 
 if __name__ == "__main__":
