@@ -37,6 +37,7 @@ Departures from the official code, each behind a flag that :meth:`NoisyQuantConf
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -391,10 +392,8 @@ class NoisyQuantConfig(QuantConfig):
         handle = linear.register_forward_pre_hook(hook)
         try:
             for chunk in streams:
-                try:
+                with contextlib.suppress(_StopForward):
                     block(chunk)
-                except _StopForward:
-                    pass
         finally:
             handle.remove()
         return sample
