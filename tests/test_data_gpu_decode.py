@@ -74,3 +74,19 @@ def test_suite_passes_decode_on_gpu_and_decodes_per_dataloader():
     assert "image_bytes" in batch
     batch = suite.on_after_batch_transfer(batch, 0)
     assert batch["image"].shape == (4, 3, 32, 32)
+
+
+def test_benchmark_shards_are_reencoded_at_the_requested_resolution(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from make_synthetic_shards import write_shards
+
+    n, shards = write_shards(
+        DATA_DIR / "imagenet1k_sample_small", tmp_path, copies=3, shard_size=4, short_side=48, limit=10
+    )
+    assert (n, shards) == (10, 3) and (tmp_path / "test" / "nshards.txt").read_text() == "3\n"
+    dm = WebDatasetDataModule(tmp_path, T.Compose([T.ToTensor()]), task="classification", batch_size=1, num_workers=0)
+    images = [b["image"] for b in dm.val_dataloader()]
+    assert len(images) == 10 and all(min(x.shape[2:]) == 48 for x in images)
