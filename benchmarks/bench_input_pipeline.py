@@ -23,6 +23,7 @@ Data-only and loop rates exclude the first batch (worker start-up); ``trainer.va
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import tempfile
@@ -135,6 +136,13 @@ def main() -> None:
                 return gpu_preprocess(batch["image_bytes"], device).to(dtype)
             return batch["image"].to(device, dtype, non_blocking=True)
 
+        # the two decoding paths agree (resampling kernels differ slightly)
+        cpu_images = [d["image"] for d in itertools.islice(ShardDataset(urls[:1], transform=transform), 16)]
+        raw = [d["image_bytes"] for d in itertools.islice(ShardDataset(urls[:1], raw_images=True), 16)]
+        diff = (gpu_preprocess(raw, device).cpu() - torch.stack(cpu_images)).abs()
+        agreement = {"gpu_vs_cpu_mean_abs_diff": diff.mean().item(), "gpu_vs_cpu_max_abs_diff": diff.max().item()}
+        print(agreement, flush=True)
+
         # (c) model only
         x = torch.randn(args.batch, 3, size, size, device=device, dtype=dtype)
         with torch.no_grad():
@@ -184,7 +192,13 @@ def main() -> None:
         f"input_pipeline_{args.model}",
         rows,
         ["path", "workers", "images", "images_per_s", "ratio_to_model", "seconds"],
-        extra={"batch": args.batch, "dtype": str(dtype), "short_side": args.short_side, "avg_jpeg_kb": avg_kb},
+        extra={
+            "batch": args.batch,
+            "dtype": str(dtype),
+            "short_side": args.short_side,
+            "avg_jpeg_kb": avg_kb,
+            **agreement,
+        },
     )
 
 

@@ -133,7 +133,10 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Products of two bfloat16 values are exact in float32, so the CPU fallback computes the same sums.
     """
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): the same sums, CUDA cores
+            pass
     return a.float() @ b.float()
 
 
