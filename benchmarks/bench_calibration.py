@@ -5,11 +5,17 @@ Workload 2 of the benchmark suite: PTQ4ViT, RepQ-ViT and naive on 32 images, Noi
 gradients in full precision).
 
     python benchmarks/bench_calibration.py [--model openclip-b16] [--methods naive repq_vit ...]
+
+NoisyQuant's search runs in ``--noisyquant-precision`` (default ``auto``: bf16x3 tensor-core matmuls on
+CUDA); ``--check-blocks N`` then calibrates the model cut to its first N blocks twice, with that
+precision and with the float32 search, and reports how many linears got the same clip scale and
+noise (column ``same_as_fp32``; not included in ``seconds``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -31,6 +37,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=[m for m in CALIBRATION_IMAGES if m in METHODS])
     ap.add_argument("--bits", nargs="*", type=int, default=[8, 6])
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--noisyquant-precision", default="auto", choices=["auto", "fp32", "bf16x3"])
+    ap.add_argument("--check-blocks", type=int, default=0, help="NoisyQuant: compare N blocks with the fp32 search")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = VISION_MODELS[args.model][1]
@@ -44,10 +52,13 @@ def main() -> None:
                 for i in range(0, n, args.batch)
             ]
             encoder, _ = vision_encoder(args.model, device, torch.float32)
+            check = method == "noisyquant" and args.check_blocks > 0
+            float_copy = copy.deepcopy(encoder) if check else None  # weights are random: compare on the same ones
             reset_peak_memory()
             sync()
             start = time.perf_counter()
-            quantize_(encoder, METHODS[method](w_bits=bits, a_bits=bits))
+            extra = {"search_precision": args.noisyquant_precision} if method == "noisyquant" else {}
+            quantize_(encoder, METHODS[method](w_bits=bits, a_bits=bits, **extra))
             calibrate_(encoder, batches, progress=False)
             sync()
             seconds = time.perf_counter() - start
@@ -61,9 +72,41 @@ def main() -> None:
                     "peak_gib": peak_memory_gib(),
                 }
             )
+            if check:
+                rows[-1]["same_as_fp32"] = same_as_fp32(
+                    float_copy, bits, batches, args.check_blocks, args.noisyquant_precision
+                )
+                del float_copy
             print(rows[-1], flush=True)
             del encoder, batches
-    write_results(f"calibration_{args.model}", rows, ["model", "method", "bits", "images", "seconds", "peak_gib"])
+    columns = ["model", "method", "bits", "images", "seconds", "peak_gib"]
+    if any("same_as_fp32" in r for r in rows):
+        columns.append("same_as_fp32")
+    write_results(f"calibration_{args.model}", rows, columns)
+
+
+def noisy_parameters(encoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(clip scale, noise) of every NoisyQuant linear, in module order."""
+    from regcache.quant.methods.noisyquant import NoisyQuantLinear
+
+    return [(m.input_quantizer.scale, m.noise) for m in encoder.modules() if isinstance(m, NoisyQuantLinear)]
+
+
+def same_as_fp32(float_encoder, bits: int, batches, blocks: int, precision: str) -> str:
+    """'k/n': linears of the first ``blocks`` blocks calibrated alike with ``precision`` and the float32 search.
+
+    Both runs use the same truncated copy (the token samples' RNG runs over all blocks in the clip
+    phase first, so a truncated run must be compared with a truncated run).
+    """
+    del float_encoder.blocks[blocks:]
+    chosen = []
+    for p in (precision, "fp32"):
+        encoder = copy.deepcopy(float_encoder)
+        quantize_(encoder, METHODS["noisyquant"](w_bits=bits, a_bits=bits, search_precision=p))
+        calibrate_(encoder, batches, progress=False)
+        chosen.append(noisy_parameters(encoder))
+    same = sum(torch.equal(s, rs) and torch.equal(n, rn) for (s, n), (rs, rn) in zip(*chosen, strict=True))
+    return f"{same}/{len(chosen[1])}"
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ class ValidationSuite(pl.LightningDataModule):
             plus ``path`` (relative to ``root``; default: the name).
         calibration: name of the dataset whose ``calib_split`` feeds calibration.
         reference: name of the dataset whose ``ref_split`` feeds the register search / k-NN bank.
-        batch_size, num_workers, seed: shared loader settings (a dataset's own options win).
+        batch_size, num_workers, seed, decode_on_gpu: shared loader settings (a dataset's own options win);
+            ``decode_on_gpu`` decodes the evaluation JPEGs with nvJPEG on the device (see
+            :class:`~datamodules.webdataset_shards.WebDatasetDataModule`).
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class ValidationSuite(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         seed: int = 0,
+        decode_on_gpu: bool = False,
     ) -> None:
         super().__init__()
         if not datasets:
@@ -57,6 +60,7 @@ class ValidationSuite(pl.LightningDataModule):
             options.setdefault("batch_size", batch_size)
             options.setdefault("num_workers", num_workers)
             options.setdefault("seed", seed)
+            options.setdefault("decode_on_gpu", decode_on_gpu)
             self.modules[name] = WebDatasetDataModule(location, **options)
 
     @property
@@ -90,6 +94,10 @@ class ValidationSuite(pl.LightningDataModule):
 
     def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
         return [m.val_dataloader() for m in self.modules.values()]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Decode the evaluation images on the device for datasets with ``decode_on_gpu``."""
+        return self._module(dataloader_idx).decode_batch(batch)
 
     def calib_dataloader(self) -> torch.utils.data.DataLoader:
         """Calibration images (rank-local, all of them)."""

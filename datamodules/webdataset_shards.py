@@ -21,6 +21,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from regcache.data.reader import IMAGE_EXTS, ShardDataset, SkipCounter, collate
 from regcache.data.sampling import IndexEntry, OverlapError, class_balanced_sample, scan_index
 from regcache.data.shards import DatasetInfo, is_remote, read_dataset_info, resolve_split_shards
 from regcache.data.splitting import dist_rank_world
+
+if TYPE_CHECKING:
+    from regcache.data.gpu_decode import TensorPreprocess
 
 __all__ = ["ClassificationDataModule", "RetrievalDataModule", "WebDatasetDataModule"]
 
@@ -57,6 +61,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
         batch_size, num_workers, pin_memory: DataLoader settings (``eval_batch_size`` overrides).
         multiprocessing_context: DataLoader worker start method (``"fork"`` avoids re-importing
             everything in each worker when the rank process itself was spawned).
+        decode_on_gpu: evaluation batches carry the encoded images (``image_bytes``) and
+            :meth:`on_after_batch_transfer` decodes + preprocesses them on the batch's device
+            (nvJPEG, :class:`regcache.data.gpu_decode.TensorPreprocess` read off ``transform``);
+            workers then only read shards. Calibration / reference loaders still decode on the CPU.
     """
 
     def __init__(
@@ -82,8 +90,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
         image_exts: tuple[str, ...] = IMAGE_EXTS,
+        decode_on_gpu: bool = False,
     ) -> None:
         super().__init__()
+        self.decode_on_gpu = decode_on_gpu
         self.root = None if root is None else str(root)
         self.transform = transform
         self._task = task
@@ -229,6 +239,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             world_size=world,
             image_exts=self.image_exts,
             counter=self.counters[stage],
+            raw_images=self.decode_on_gpu and stage == "eval",
         )
 
     def dataloader(self, stage: str = "eval", batch_size: int | None = None) -> torch.utils.data.DataLoader:
@@ -244,6 +255,26 @@ class WebDatasetDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         return self.dataloader("eval")
+
+    # ------------------------------------------------------------------ decoding on the device
+    def tensor_preprocess(self) -> TensorPreprocess:
+        """The batched tensor version of ``transform`` (see :mod:`regcache.data.gpu_decode`)."""
+        from regcache.data.gpu_decode import TensorPreprocess
+
+        if getattr(self, "_tensor_preprocess_of", None) is not self.transform:
+            self._tensor_preprocess = TensorPreprocess.from_transform(self.transform)
+            self._tensor_preprocess_of = self.transform
+        return self._tensor_preprocess
+
+    def decode_batch(self, batch: dict, device: torch.device | str | None = None) -> dict:
+        """Replace ``image_bytes`` by the decoded, preprocessed ``image`` (on ``device``, default: the batch's)."""
+        if isinstance(batch, dict) and "image_bytes" in batch:
+            device = batch["sample_id"].device if device is None else device
+            batch["image"] = self.tensor_preprocess()(batch.pop("image_bytes"), device)
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return self.decode_batch(batch)
 
     def test_dataloader(self):
         return self.dataloader("eval")

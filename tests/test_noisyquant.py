@@ -245,3 +245,34 @@ def test_reference_noise_follows_the_global_rng():
     a, b, c = noises(1), noises(1), noises(2)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert any(not torch.equal(x, z) for x, z in zip(a, c, strict=True))
+
+
+# ---- the bf16x3 tensor-core search selects what the float32 search selects ------------------------
+
+
+@pytest.mark.parametrize("c_out", [64, 256], ids=["direct", "gram"])
+def test_bf16x3_search_selects_the_float32_candidates(c_out):
+    g = torch.Generator().manual_seed(c_out)
+    x = torch.randn(512, 128, generator=g) * torch.exp(torch.randn(128, generator=g) * 0.5)
+    w = torch.randn(c_out, 128, generator=g) / 128**0.5
+    absmax = x.abs().max()
+    scales = [search_clip_scale(x, w, 8, absmax, 200, precision=p) for p in ("fp32", "bf16x3")]
+    assert torch.equal(scales[0], scales[1])
+    base = (torch.rand(128, generator=g) * 2 - 1) * scales[0]
+    noises = [search_noise(x, w, 8, scales[0], base, 100, 400, precision=p) for p in ("fp32", "bf16x3")]
+    assert torch.equal(noises[0], noises[1])
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2"])
+def test_bf16x3_calibration_chooses_the_float32_parameters(family):
+    def chosen(precision):
+        encoder, _ = calibrated(family, bits=8, search_precision=precision)
+        return [
+            (m.input_quantizer.scale.clone(), m.noise.clone())
+            for m in encoder.modules()
+            if isinstance(m, NoisyQuantLinear)
+        ]
+
+    for (s32, n32), (s16, n16) in zip(chosen("fp32"), chosen("bf16x3"), strict=True):
+        assert torch.equal(s32, s16) and torch.equal(n32, n16)
+    assert NoisyQuantConfig().search_precision == "auto" and NoisyQuantConfig.reference().search_precision == "fp32"

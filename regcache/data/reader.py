@@ -3,13 +3,17 @@
 Each yielded sample is a dict::
 
     image      float tensor (3, H, W)       -- output of the encoder's own transform
+    image_bytes bytes                       -- instead of ``image`` with ``raw_images=True``: the encoded
+                                               image, decoded later as a batch (e.g. on the GPU, see
+                                               :mod:`regcache.data.gpu_decode`)
     label      int                          -- classification (``.cls``)
     captions   list[str]                    -- retrieval (``.txt``, one caption per line)
     sample_id  int                          -- global id, see :func:`make_sample_id`
     key        str                          -- the ``__key__`` inside the shard (e.g. ``s0000123``)
 
 :func:`collate` turns a list of them into the batch dict (``image`` (B,3,H,W), ``label`` (B,) long,
-``sample_id`` (B,) long, ``key`` list[str], ``captions`` list[list[str]]).
+``sample_id`` (B,) long, ``key`` list[str], ``captions`` list[list[str]]; ``image_bytes`` list[bytes]
+in place of ``image`` for raw images).
 
 Corrupt / undecodable samples and unreadable shard tails are skipped and counted in a
 :class:`SkipCounter` shared with dataloader worker processes.
@@ -204,6 +208,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank, world_size: fixed at dataloader-construction time by the datamodule; ``None`` means read
             torch.distributed / env when iterating.
         counter: shared :class:`SkipCounter` (created if not given).
+        raw_images: yield the encoded image bytes (``image_bytes``) instead of decoding and
+            transforming them (``transform`` unused); undecodable images are then not skipped here.
     """
 
     def __init__(
@@ -219,8 +225,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         image_exts: tuple[str, ...] = IMAGE_EXTS,
         counter: SkipCounter | None = None,
         max_warnings: int = 10,
+        raw_images: bool = False,
     ) -> None:
         super().__init__()
+        self.raw_images = raw_images
         if task not in ("classification", "retrieval"):
             raise ValueError(f"task must be 'classification' or 'retrieval', got {task!r}")
         self.urls = list(urls)
@@ -270,13 +278,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         img_ext = next((e for e in self.image_exts if e in raw), None)
         if img_ext is None:
             raise ValueError(f"no image member ({'/'.join(self.image_exts)})")
-        with Image.open(io.BytesIO(raw[img_ext])) as im:
-            im = im.convert("RGB")
-        out = {
-            "image": self.transform(im),
-            "sample_id": make_sample_id(shard_index, key, raw["__pos__"]),
-            "key": key,
-        }
+        out: dict[str, Any] = {"sample_id": make_sample_id(shard_index, key, raw["__pos__"]), "key": key}
+        if self.raw_images:
+            out["image_bytes"] = raw[img_ext]
+        else:
+            with Image.open(io.BytesIO(raw[img_ext])) as im:
+                im = im.convert("RGB")
+            out["image"] = self.transform(im)
         if self.task == "classification":
             if "cls" not in raw:
                 raise ValueError("no .cls member")
@@ -340,10 +348,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
 def collate(samples: list[dict]) -> dict:
     """Batch dict: image (B,3,H,W), label (B,) long | captions list[list[str]], sample_id (B,), key."""
     batch: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
         "sample_id": torch.tensor([s["sample_id"] for s in samples], dtype=torch.long),
         "key": [s["key"] for s in samples],
     }
+    if samples and "image_bytes" in samples[0]:  # encoded: decoded as a batch later (bytes: not moved by Lightning)
+        batch["image_bytes"] = [s["image_bytes"] for s in samples]
+    else:
+        batch["image"] = torch.stack([s["image"] for s in samples])
     if samples and "label" in samples[0]:
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     if samples and "captions" in samples[0]:
