@@ -99,7 +99,6 @@ def run_cli(argv: list[str]) -> Any:
                 self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
             self.already_saved = True
 
-
     def instantiate(dotted: str):
         module, _, name = dotted.rpartition(".")
         return getattr(sys.modules[module], name)()
