@@ -91,7 +91,8 @@ print("ok", checks)
 def test_fused_kernel_logic_under_triton_interpreter():
     """The kernel's indexing, clamping and parameter layout on CPU (Triton's interpreter)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     res = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_INTERPRETER_SCRIPT)], env=env, capture_output=True, text=True
     )
@@ -104,7 +105,7 @@ def test_fused_cuda_bit_identical():
     from regcache.quant import fused
 
     def launch(q, x):
-        q = q.cuda()
+        q = copy.deepcopy(q).cuda()  # the plain formula runs on the CPU original
         return fused.fake_quant_uniform(
             x.cuda(), q.scale, q.zero_point, q.qmin, q.qmax, q.granularity, q.axis, q.group_size
         )
