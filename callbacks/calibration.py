@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from regcache._lightning import pl
@@ -36,6 +37,7 @@ class Calibration(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.quant_config is None or self.done:
             return
+        start = time.perf_counter()
         pl_module.attach_method()
         path = Path(self.state_path) if self.state_path else self.default_path(pl_module)
         state = None
@@ -51,4 +53,5 @@ class Calibration(pl.Callback):
         state = trainer.strategy.broadcast(state, src=0)
         apply_quant_state(pl_module.encoder, *state)
         pl_module.results["calibration"] = {"state": str(path), "loaded": self.loaded_from is not None}
+        pl_module.add_time("calibration", time.perf_counter() - start)
         self.done = True

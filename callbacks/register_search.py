@@ -236,6 +236,7 @@ class RegisterSearch(pl.Callback):
                 encoder, cache.entry(best["register"]), best["tau"], only=l_q if self.prefix_only_at_lq else None
             )
         install_deletion(encoder, l_q, best["delete_k"])
+        pl_module.add_time("register_search", time.perf_counter() - start)
         pl_module.results["regcache"] = {
             "l_q": l_q,
             "l_start": best["l_start"],

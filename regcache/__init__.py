@@ -10,6 +10,7 @@ Plain-PyTorch core (no Lightning needed)::
     features = encoder(images)
 """
 
+from regcache import _clock  # noqa: F401  (first: metrics.json's timings_s["startup"] counts from its import)
 from regcache.encoders import AttentionPrefix, VisionEncoder, adapt, record
 from regcache.loading import LoadedModel, WeightsUnavailableError, load_model
 from regcache.models import register_model_configs

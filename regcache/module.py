@@ -8,11 +8,13 @@ RegCache. Only orchestration here: the math is in ``regcache.encoders`` / ``regc
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from regcache._clock import IMPORTED_AT
 from regcache._lightning import pl
 from regcache.encoders import adapt
 from regcache.loading import load_model
@@ -100,6 +102,7 @@ class QuantizedEncoder(pl.LightningModule):
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
+        self.add_time("startup", time.perf_counter() - IMPORTED_AT)  # imports, model build, DDP init
         torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_transform"):
@@ -109,7 +112,13 @@ class QuantizedEncoder(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)
 
+    def add_time(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` to ``timings_s[phase]`` of metrics.json (rank 0's clock; shows what does not shard)."""
+        timings = self.results.setdefault("timings_s", {})
+        timings[phase] = round(timings.get(phase, 0.0) + seconds, 3)
+
     def on_validation_start(self) -> None:
+        self._eval_start = time.perf_counter()
         self._counts = torch.zeros(max(len(self.dataset_names), 1), dtype=torch.long, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
@@ -122,6 +131,7 @@ class QuantizedEncoder(pl.LightningModule):
         return out
 
     def on_validation_end(self) -> None:
+        self.add_time("evaluation", time.perf_counter() - self._eval_start)
         counts = self._counts.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)

@@ -85,6 +85,9 @@ def test_validate_naive_writes_metrics_json(tmp_path, shards, capsys, monkeypatc
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"results: {tmp_path / 'run' / 'metrics.json'}"
     assert {"model", "pretrained", "method", "w_bits", "a_bits", "regcache", "metrics", "num_samples"} <= set(result)
     assert {"skipped_samples", "outliers"} <= set(result)
+    timings = result["timings_s"]  # where a run's wall time went (what does not shard across ranks)
+    assert {"startup", "calibration", "zeroshot_classifiers", "evaluation"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
     assert (result["method"], result["w_bits"], result["a_bits"], result["regcache"]) == ("naive", 6, 6, None)
     metrics = result["metrics"]
     expected = {"colors/zeroshot_top1", "colors/zeroshot_top5", "colors/mean_per_class_recall"}
