@@ -12,7 +12,10 @@ the planted (frozen) weights below are the only ones that do:
   hundreds; their fc2 columns write a massive value into two fixed channels (``massive``);
 - blocks after ``l_q``: "sink heads" whose key dimension 0 reads the massive channel and whose
   query has a constant bias on that dimension, so massive tokens absorb most attention; their
-  value projections ignore the reserved channels (near-zero values on sink tokens).
+  value projections ignore the reserved channels (near-zero values on sink tokens). With
+  ``sink_value_gain`` > 0 (the committed weights: 4) their value and output projections are planted
+  too, so the heads' output on content is damped only by the sink's share of attention: deleting
+  the sinks without a register to take their place hurts, as in real encoders.
 
 Planted reads take the difference to a reserved channel that is never written (``zero``), so
 the LayerNorm's mean subtraction cancels and a reserved channel reads exactly 0 where nothing was
