@@ -45,14 +45,25 @@ def classifier_cache_key(model_id: str, classnames: Sequence[str], templates: Se
 
 
 @torch.no_grad()
-def _compute(model, tokenizer, classnames, templates, device, batch_size) -> Tensor:
+def _compute(model, tokenizer, classnames, templates, device, batch_size, rank: int = 0, world: int = 1) -> Tensor:
+    """The classifier; under ``world`` > 1 each rank encodes every world-th text batch and all gather.
+
+    The batches are those of the single-process computation (same texts, same shapes), so the
+    result does not depend on the number of ranks.
+    """
     texts = [fill_template(t, c) for c in classnames for t in templates]
-    embs = []
-    for s in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[s : s + batch_size])
-        tokens = tokens.to(device) if isinstance(tokens, Tensor) else tokens
-        embs.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    e = torch.cat(embs).reshape(len(classnames), len(templates), -1)
+    starts = range(0, len(texts), batch_size)
+    mine = {}
+    for i, s in enumerate(starts):
+        if i % world == rank:
+            tokens = tokenizer(texts[s : s + batch_size])
+            tokens = tokens.to(device) if isinstance(tokens, Tensor) else tokens
+            mine[i] = F.normalize(model.encode_text(tokens).float(), dim=-1)
+    if world > 1:
+        parts: list[dict[int, Tensor] | None] = [None] * world
+        dist.all_gather_object(parts, {i: e.cpu() for i, e in mine.items()})
+        mine = {i: e.to(device) for part in parts for i, e in part.items()}
+    e = torch.cat([mine[i] for i in range(len(starts))]).reshape(len(classnames), len(templates), -1)
     return F.normalize(e.mean(dim=1), dim=-1).T.contiguous()  # (embed_dim, num_classes)
 
 
@@ -72,30 +83,32 @@ def build_zeroshot_classifier(
     Per class: fill every template, tokenize, ``model.encode_text``, L2-normalise each, average,
     renormalise. Cached as ``<cache_dir>/zeroshot_<sha256>.pt`` when both ``cache_dir`` and
     ``model_id`` (a string naming the exact weights, e.g. ``"ViT-B-16-quickgelu/openai"``) are given.
-    Collective under torch.distributed (rank 0 computes, then broadcasts).
+    Collective under torch.distributed: the ranks share the text encoding (rank 0 loads a cached
+    classifier and broadcasts it instead); the result does not depend on the number of ranks.
     """
     if not classnames or not templates:
         raise ValueError("need at least one class name and one template")
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank = dist.get_rank() if distributed else 0
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     W: Tensor | None = None
-    if rank == 0:
-        path = None
-        if cache_dir is not None and model_id is not None:
-            key = classifier_cache_key(model_id, classnames, templates)
-            path = Path(cache_dir) / f"zeroshot_{key}.pt"
-            if path.is_file():
-                W = torch.load(path, map_location="cpu", weights_only=True)
-                log.info("loaded zero-shot classifier from %s", path)
-        if W is None:
-            W = _compute(model, tokenizer, list(classnames), list(templates), device, batch_size)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save(W.cpu(), tmp)
-                os.replace(tmp, path)
-        W = W.to(device=device, dtype=torch.float32)
+    path = None
+    if cache_dir is not None and model_id is not None:
+        path = Path(cache_dir) / f"zeroshot_{classifier_cache_key(model_id, classnames, templates)}.pt"
+    if rank == 0 and path is not None and path.is_file():
+        W = torch.load(path, map_location="cpu", weights_only=True).to(device=device, dtype=torch.float32)
+        log.info("loaded zero-shot classifier from %s", path)
+    cached = [W is not None]
     if distributed:
+        dist.broadcast_object_list(cached, src=0)
+    if not cached[0]:  # every rank encodes a share of the text batches
+        W = _compute(model, tokenizer, list(classnames), list(templates), device, batch_size, rank, world)
+        W = W.to(device=device, dtype=torch.float32)
+        if rank == 0 and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(W.cpu(), tmp)
+            os.replace(tmp, path)
+    elif distributed:
         shape = [tuple(W.shape) if W is not None else None]
         dist.broadcast_object_list(shape, src=0)
         if W is None:
