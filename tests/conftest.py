@@ -164,3 +164,15 @@ def install_random_prefix(encoder, entries: int = 2, seed: int = 0) -> None:
         shape = (1, a.num_heads, entries, a.head_dim)
         lm = torch.log(torch.tensor([1.0, 3.0][:entries])).view(1, 1, 1, entries)
         a.prefix = AttentionPrefix(torch.randn(shape, generator=g), torch.randn(shape, generator=g), lm)
+
+
+def reloaded(encoder, family: str, path, with_prefix: bool = False):
+    """Save ``encoder``'s calibrated state to ``path`` and load it into a fresh adapted model of ``family``."""
+    from regcache.encoders import adapt
+    from regcache.quant import load_quant_state, save_quant_state
+
+    fresh = adapt(make_model(family))
+    if with_prefix:
+        install_random_prefix(fresh)
+    load_quant_state(fresh, save_quant_state(encoder, path))
+    return fresh

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, images, make_model
+from conftest import FAMILIES, images, make_model, reloaded
 from torch.nn import functional as F
 
 from regcache.encoders import adapt
@@ -16,7 +16,6 @@ from regcache.quant import (
     load_quant_state,
     quant_mode,
     quantize_,
-    save_quant_state,
 )
 
 
@@ -110,9 +109,8 @@ def test_calibration_inside_inference_mode():
 @pytest.mark.parametrize("family", ["clip", "dinov2"])
 def test_state_roundtrip(tmp_path, family):
     encoder, _ = quantized(family, 6, 6)
-    path = save_quant_state(encoder, tmp_path / "calib.safetensors")
-    fresh = adapt(make_model(family))
-    load_quant_state(fresh, path)
+    path = tmp_path / "calib.safetensors"
+    fresh = reloaded(encoder, family, path)
     x = images(family, seed=3)
     with torch.no_grad():
         assert torch.equal(fresh(x), encoder(x))

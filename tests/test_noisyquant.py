@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, images, install_random_prefix, make_model, quantized_cosine, rel_err
+from conftest import FAMILIES, images, install_random_prefix, make_model, quantized_cosine, rel_err, reloaded
 from torch.nn import functional as F
 
 from regcache.encoders import adapt
@@ -15,10 +15,8 @@ from regcache.quant import (
     NaiveConfig,
     calibrate_,
     config_from_dict,
-    load_quant_state,
     quant_mode,
     quantize_,
-    save_quant_state,
 )
 from regcache.quant.methods.noisyquant import (
     NoisyQuantConfig,
@@ -183,11 +181,7 @@ def test_noisyquant_end_to_end(family, with_prefix, tmp_path):
             reference = encoder(x)
     assert F.cosine_similarity(quantized, reference, dim=-1).min() > 0.98
 
-    path = save_quant_state(encoder, tmp_path / "noisy.safetensors")
-    fresh = adapt(make_model(family))
-    if with_prefix:
-        install_random_prefix(fresh)
-    load_quant_state(fresh, path)
+    fresh = reloaded(encoder, family, tmp_path / "noisy.safetensors", with_prefix)
     with torch.no_grad():
         assert torch.equal(fresh(x), quantized)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, images, install_random_prefix, make_model
+from conftest import FAMILIES, images, install_random_prefix, make_model, reloaded
 from torch import nn
 from torch.nn import functional as F
 
@@ -15,10 +15,8 @@ from regcache.quant import (
     QuantLinear,
     calibrate_,
     config_from_dict,
-    load_quant_state,
     quant_mode,
     quantize_,
-    save_quant_state,
 )
 from regcache.quant.methods.ptq4vit import (
     PTQ4ViTConfig,
@@ -206,9 +204,7 @@ def test_every_family_calibrates_manifest_and_state_roundtrip(tmp_path, family):
     split = encoder.blocks[0].attn.matmul_pv.a_quantizer.split.item()
     assert split in softmax_split_candidates(20).tolist()
 
-    path = save_quant_state(encoder, tmp_path / "ptq4vit.safetensors")
-    fresh = adapt(make_model(family))
-    load_quant_state(fresh, path)
+    fresh = reloaded(encoder, family, tmp_path / "ptq4vit.safetensors")
     stem = fresh.conv1 if family in ("clip", "openclip") else fresh.trunk.patch_embed.proj
     assert isinstance(stem, QuantConv2d) and stem.weight_quantizer.scale.shape == (stem.out_channels,)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, images, install_random_prefix, make_model, quantized_cosine, rel_err
+from conftest import FAMILIES, images, install_random_prefix, make_model, quantized_cosine, rel_err, reloaded
 from torch.nn import functional as F
 
 from regcache.encoders import adapt
@@ -223,11 +223,7 @@ def test_repq_end_to_end(family, with_prefix, tmp_path):
             assert rel_err(encoder(x), reference) <= 1e-5  # folding kept the float function
     assert F.cosine_similarity(quantized, reference, dim=-1).min() > 0.98
 
-    path = save_quant_state(encoder, tmp_path / "repq.safetensors")
-    fresh = adapt(make_model(family))
-    if with_prefix:
-        install_random_prefix(fresh)
-    load_quant_state(fresh, path)
+    fresh = reloaded(encoder, family, tmp_path / "repq.safetensors", with_prefix)
     with torch.no_grad():
         assert torch.equal(fresh(x), quantized)
 
