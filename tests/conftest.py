@@ -176,3 +176,17 @@ def reloaded(encoder, family: str, path, with_prefix: bool = False):
         install_random_prefix(fresh)
     load_quant_state(fresh, save_quant_state(encoder, path))
     return fresh
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def calib_batches(family: str, n: int = 2) -> list[torch.Tensor]:
+    """n calibration batches of 8 random images (seeds 100, 101, ...) for a family's tiny model."""
+    return [images(family, n=8, seed=100 + i) for i in range(n)]

@@ -6,7 +6,16 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, images, install_random_prefix, make_model, quantized_cosine, rel_err, reloaded
+from conftest import (
+    FAMILIES,
+    calib_batches,
+    images,
+    install_random_prefix,
+    make_model,
+    quantized_cosine,
+    rel_err,
+    reloaded,
+)
 from torch.nn import functional as F
 
 from regcache.encoders import adapt
@@ -31,17 +40,7 @@ from regcache.quant.methods.noisyquant import (
 FAST = {"clip_candidates": 60, "mean_candidates": 20, "amplitude_candidates": 40, "search_tokens": 256}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def calib_batches(family: str, n: int = 2) -> list[torch.Tensor]:
-    return [images(family, n=8, seed=100 + i) for i in range(n)]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def calibrated(family: str, bits: int = 6, prefix: bool = False, **kwargs):

@@ -6,7 +6,16 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, images, install_random_prefix, make_model, quantized_cosine, rel_err, reloaded
+from conftest import (
+    FAMILIES,
+    calib_batches,
+    images,
+    install_random_prefix,
+    make_model,
+    quantized_cosine,
+    rel_err,
+    reloaded,
+)
 from torch.nn import functional as F
 
 from regcache.encoders import adapt
@@ -28,17 +37,7 @@ from regcache.quant.methods.repq_vit import RepQViTConfig, fold_layernorm_
 PCTS = (0.999, 0.9999, 0.99999)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def calib_batches(family: str, n: int = 2) -> list[torch.Tensor]:
-    return [images(family, n=8, seed=100 + i) for i in range(n)]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---- log-√2 quantizer -------------------------------------------------------------------------
