@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Validate (+ register search) at 1, 2, ... GPUs on synthetic ImageNet-sized shards; metrics must match.
 #   bash benchmarks/multi_gpu.sh SRC_ROOT "1 2" [copies]
+# LAUNCHER=torchrun starts all ranks at once (as torchrun / srun do); the default lets Lightning
+# start ranks 1.. as subprocesses of rank 0, which first builds its model (a serial start-up).
 # The same check with N CPU processes (gloo) on the bundled testbed and samples, no shards to build:
 #   CONFIGS=train_configs/demo.yaml bash benchmarks/multi_gpu.sh builtin "1 2 4"
 set -euo pipefail
@@ -11,7 +13,7 @@ data=/tmp/regcache-bench
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 : > "$out/multi_gpu.jsonl"
-if [ "$src" != builtin ]; then
+if [ "$src" != builtin ] && [ -z "${SKIP_SHARDS:-}" ]; then  # SKIP_SHARDS=1: reuse $data
   python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies "$copies" --shard-size 500
   python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies 1 --out-split train
 fi
@@ -22,26 +24,38 @@ for file in ${CONFIGS:-multi_gpu multi_gpu_search}; do
     run=/tmp/regcache-runs/$config-$n
     rm -rf "$run"  # a fresh run: resuming an earlier one would not time anything
     start=$(date +%s.%N)
-    python3 -m regcache.cli validate --config "$file" --model.run_dir=$run \
+    launch=(python3)
+    if [ "${LAUNCHER:-lightning}" = torchrun ] && [ "$n" -gt 1 ]; then
+      launch=(env OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} python3 -m torch.distributed.run --standalone --nproc_per_node="$n")
+    fi
+    "${launch[@]}" -m regcache.cli validate --config "$file" --model.run_dir=$run \
       --trainer.devices=$n $([ "$n" -gt 1 ] && echo --trainer.strategy=ddp) > "$out/$config-$n.log" 2>&1 \
       || { tail -30 "$out/$config-$n.log"; exit 1; }
     end=$(date +%s.%N)
-    python3 - "$run/metrics.json" "$config" "$n" "$start" "$end" >> "$out/multi_gpu.jsonl" <<'PY'
+    python3 - "$run/metrics.json" "$config" "$n" "$start" "$end" "${LAUNCHER:-lightning}" >> "$out/multi_gpu.jsonl" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
-print(json.dumps({"config": sys.argv[2], "gpus": int(sys.argv[3]), "seconds": float(sys.argv[5]) - float(sys.argv[4]),
-                  "metrics": m["metrics"], "num_samples": m["num_samples"], "regcache": m["regcache"]}))
+print(json.dumps({"config": sys.argv[2], "launcher": sys.argv[6], "gpus": int(sys.argv[3]), "seconds": float(sys.argv[5]) - float(sys.argv[4]),
+                  "metrics": m["metrics"], "num_samples": m["num_samples"], "regcache": m["regcache"],
+                  "timings_s": m.get("timings_s", {})}))
 PY
   done
 done
 python3 - "$out/multi_gpu.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print("| run | GPUs | wall s | speed-up | metrics equal to 1 GPU | chosen register |")
-print("|---|---|---|---|---|---|")
+print("| run | launcher | GPUs | wall s | speed-up | metrics equal to 1 GPU | chosen register |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
     base = next(b for b in rows if b["config"] == r["config"] and b["gpus"] == 1)
     equal = all(abs(r["metrics"][k] - v) < 1e-6 for k, v in base["metrics"].items()) and r["num_samples"] == base["num_samples"]
     rc = r["regcache"] and {k: r["regcache"][k] for k in ("l_q", "tau", "k_delete", "register")}
-    print(f"| {r['config']} | {r['gpus']} | {r['seconds']:.1f} | {base['seconds'] / r['seconds']:.2f} | {equal} | {rc} |")
+    print(f"| {r['config']} | {r['launcher']} | {r['gpus']} | {r['seconds']:.1f} | {base['seconds'] / r['seconds']:.2f} | {equal} | {rc} |")
+phases = sorted({p for r in rows for p in r["timings_s"]})
+print()
+print("rank 0's seconds per phase (metrics.json timings_s; a.b is a part of a):")
+print("| phase | " + " | ".join(f"{r['config']} {r['launcher']} {r['gpus']}" for r in rows) + " |")
+print("|---|" + "---|" * len(rows))
+for p in phases:
+    print(f"| {p} | " + " | ".join(f"{r['timings_s'].get(p, 0):.1f}" for r in rows) + " |")
 PY

@@ -149,12 +149,13 @@ class RegisterSearch(pl.Callback):
         return lambda subset=labels: make_objective("acc_ref", labels=subset, classifier=classifier)
 
     # ------------------------------------------------------------------ steps
-    def _rank0_artifacts(self, trainer, pl_module, reference, labels, make_objective_for, out: Path) -> dict[str, Any]:
+    def _rank0_artifacts(
+        self, trainer, pl_module, calibration, reference, labels, make_objective_for, out: Path
+    ) -> dict[str, Any]:
         """Sweep (unless l_q is given), curation and register caches: computed on rank 0 only."""
         encoder, config = pl_module.encoder, pl_module.quant_config
         out.mkdir(parents=True, exist_ok=True)
         progress = trainer.progress_bar_callback is not None
-        calibration = list(trainer.datamodule.calib_dataloader())
         l_q = self.l_q
         sweep_summary = None
         if l_q is None:
@@ -184,26 +185,31 @@ class RegisterSearch(pl.Callback):
         encoder = pl_module.encoder
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
-            reference, labels = self._reference(trainer, pl_module, self.search_images)
-            make = self._objective(trainer, pl_module, labels)
-            objective = make()
+            with pl_module.timed("register_search.reference"):
+                reference, labels = self._reference(trainer, pl_module, self.search_images)
+            with pl_module.timed("register_search.objective"):
+                make = self._objective(trainer, pl_module, labels)
+                objective = make()
             if result_path.is_file() and not self.force:  # a finished search: reuse its winner
                 data = json.loads(result_path.read_text())
                 best, l_q, seconds = data["best"], data["spec"]["l_q"], data.get("search_seconds")
                 cache = RegisterCache.load(out / f"cache_lstart{best['l_start']}.safetensors", encoder)
             else:
-                artifacts = (
-                    self._rank0_artifacts(trainer, pl_module, reference, labels, make, out)
-                    if trainer.is_global_zero
-                    else None
-                )
-                artifacts = trainer.strategy.broadcast(artifacts, src=0)
+                with pl_module.timed("register_search.calibration_images"):
+                    calibration = list(trainer.datamodule.calib_dataloader())
+                with pl_module.timed("register_search.rank0_artifacts"):  # sweep, curation, caches
+                    artifacts = (
+                        self._rank0_artifacts(trainer, pl_module, calibration, reference, labels, make, out)
+                        if trainer.is_global_zero
+                        else None
+                    )
+                    artifacts = trainer.strategy.broadcast(artifacts, src=0)
                 l_q, caches = artifacts["l_q"], artifacts["caches"]
                 rank, world = trainer.global_rank, trainer.world_size
                 search = GridSearch(
                     encoder,
                     pl_module.quant_config,
-                    list(trainer.datamodule.calib_dataloader()),
+                    calibration,
                     reference,
                     objective,
                     l_q,
@@ -221,8 +227,9 @@ class RegisterSearch(pl.Callback):
                     progress=trainer.progress_bar_callback is not None,
                 )
                 search.points = search.points[rank::world]
-                partial = search.run()
-                rows = _gather_rows(partial.rows)
+                with pl_module.timed("register_search.grid"):
+                    partial = search.run()
+                    rows = _gather_rows(partial.rows)
                 result = SearchResult(partial.spec, rows, objective.greater_is_better, partial.stats)
                 best = result.best
                 seconds = time.perf_counter() - start

@@ -8,7 +8,9 @@ RegCache. Only orchestration here: the math is in ``regcache.encoders`` / ``regc
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +66,18 @@ class QuantizedEncoder(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
+        built = time.perf_counter()
+        self.add_time("startup.imports", built - IMPORTED_AT)
         self.loaded = load_model(model, pretrained, image_size=image_size)
+        self._built_at = time.perf_counter()
+        self.add_time("startup.model_build", self._built_at - built)
         self.net = self.loaded.model  # registered: moves with the module (text tower included)
         self.encoder = adapt(self.net)
         self.quant_config = build_quant_config(method, w_bits, a_bits, method_options)
         self.manifest = None  # attached by attach_method(), after any register search on the float model
         self.fidelity = fidelity and self.quant_config is not None
         self.run_dir = Path(run_dir)
-        self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
         self.dataset_names: list[str] = []
 
     # ---------------------------------------------------------------- model info
@@ -102,7 +108,10 @@ class QuantizedEncoder(pl.LightningModule):
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
-        self.add_time("startup", time.perf_counter() - IMPORTED_AT)  # imports, model build, DDP init
+        # startup = imports + model build + launch (trainer, process launch, DDP and CUDA init)
+        now = time.perf_counter()
+        self.add_time("startup", now - IMPORTED_AT)
+        self.add_time("startup.launch", now - self._built_at)
         torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_transform"):
@@ -113,9 +122,21 @@ class QuantizedEncoder(pl.LightningModule):
         return self.encoder(images)
 
     def add_time(self, phase: str, seconds: float) -> None:
-        """Add ``seconds`` to ``timings_s[phase]`` of metrics.json (rank 0's clock; shows what does not shard)."""
+        """Add ``seconds`` to ``timings_s[phase]`` of metrics.json (rank 0's clock; shows what does not shard).
+
+        ``a.b`` names a part of phase ``a`` (counted in ``a`` too, by whoever times ``a``).
+        """
         timings = self.results.setdefault("timings_s", {})
         timings[phase] = round(timings.get(phase, 0.0) + seconds, 3)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Time the ``with`` body into ``timings_s[phase]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_time(phase, time.perf_counter() - start)
 
     def on_validation_start(self) -> None:
         self._eval_start = time.perf_counter()
