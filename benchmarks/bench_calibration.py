@@ -6,8 +6,10 @@ gradients in full precision).
 
     python benchmarks/bench_calibration.py [--model openclip-b16] [--methods naive repq_vit ...]
 
-NoisyQuant's search runs in ``--noisyquant-precision`` (default ``auto``: bf16x3 tensor-core matmuls on
-CUDA); ``--check-blocks N`` then calibrates the model cut to its first N blocks twice, with that
+NoisyQuant's search runs in ``--noisyquant-precision`` (default ``auto``: bf16x2 on CUDA, integer codes
+times B_hi + B_lo in bfloat16 tensor-core matmuls, with fused Triton kernels; ``bf16x3`` is the previous
+default; ``REGCACHE_FUSED_NOISYQUANT=0`` turns the kernels off, i.e. the op-by-op search of before);
+``--check-blocks N`` then calibrates the model cut to its first N blocks twice, with that
 precision and with the float32 search, and reports how many linears got the same clip scale and
 noise (column ``same_as_fp32``; not included in ``seconds``).
 """
@@ -37,7 +39,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=[m for m in CALIBRATION_IMAGES if m in METHODS])
     ap.add_argument("--bits", nargs="*", type=int, default=[8, 6])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--noisyquant-precision", default="auto", choices=["auto", "fp32", "bf16x3"])
+    ap.add_argument("--noisyquant-precision", default="auto", choices=["auto", "fp32", "bf16x3", "bf16x2"])
     ap.add_argument("--check-blocks", type=int, default=0, help="NoisyQuant: compare N blocks with the fp32 search")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"

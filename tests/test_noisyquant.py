@@ -269,3 +269,127 @@ def test_bf16x3_calibration_chooses_the_float32_parameters(family):
     for (s32, n32), (s16, n16) in zip(chosen("fp32"), chosen("bf16x3"), strict=True):
         assert torch.equal(s32, s16) and torch.equal(n32, n16)
     assert NoisyQuantConfig().search_precision == "auto" and NoisyQuantConfig.reference().search_precision == "fp32"
+
+
+# ---- bf16x2 (integer codes times B_hi + B_lo) and the fused Triton kernels ------------------------
+
+
+def exact_choices(x, w, bits, absmax, base_draw, clips=1000, means=400, amplitudes=2000):
+    """The clip step and noise of least output MSE, by brute force in float64 over the same float32 candidates.
+
+    Also asserts each optimum beats the runner-up by > 1e-6 relative: closer calls are decided by rounding.
+    """
+    n = 2 ** (bits - 1) - 1
+    x64, w64 = x.double(), w.double()
+
+    def argmin(losses):
+        best, second = losses.sort().values[:2]
+        assert second - best > 1e-6 * best, "near tie: pick other test data"
+        return torch.argmin(losses)
+
+    def mse(xq):  # xq (K, T, C) float64
+        return ((xq - x64) @ w64.t()).pow(2).mean(dim=(1, 2))
+
+    scales = absmax * torch.arange(clips, 0, -1, dtype=torch.float32) / clips / n  # as the search builds them
+    s64 = scales.double().view(-1, 1, 1)
+    clip_loss = mse(torch.round(torch.minimum(torch.maximum(x64 / s64, torch.tensor(-n)), torch.tensor(n))) * s64)
+    scale = scales[argmin(clip_loss)]
+    base = (base_draw * 2 - 1) * scale
+
+    def noisy(noises):  # noises (K, C or 1) float32: Q(x + N) - N
+        nz = noises.double().unsqueeze(1)
+        return torch.clamp(torch.round((x64 + nz) / scale.double()), -n - 1, n) * scale.double() - nz
+
+    half = means // 2
+    mean_cands = (scale * torch.arange(-half, means - half, dtype=torch.float32) / half).view(-1, 1)
+    mean = mean_cands[argmin(mse(noisy(mean_cands)))]
+    amp = torch.arange(amplitudes, dtype=torch.float32) / (amplitudes // 2)
+    amp_cands = mean + amp.view(-1, 1) * base.view(1, -1)
+    return scale, amp_cands[argmin(mse(noisy(amp_cands)))], base
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("c_out", [24, 96], ids=["direct", "gram"])
+def test_searches_choose_the_exact_optimum_in_every_precision(c_out, bits):
+    g = torch.Generator().manual_seed(c_out + bits)
+    x = torch.randn(96, 32, generator=g) * torch.exp(torch.randn(32, generator=g) * 0.5)
+    x[:, 0] *= 10  # an outlier channel, as in ViTs: codes far from zero, where bf16x2 cancels
+    w = torch.randn(c_out, 32, generator=g) / 32**0.5
+    absmax, draw = x.abs().max(), torch.rand(32, generator=g)
+    scale, noise, base = exact_choices(x, w, bits, absmax, draw)
+    for precision in ("fp32", "bf16x3", "bf16x2"):
+        got = search_clip_scale(x, w, bits, absmax, budget=1 << 18, precision=precision)
+        assert torch.equal(got, scale), precision
+        got = search_noise(x, w, bits, scale, base, budget=1 << 18, precision=precision)
+        assert torch.equal(got, noise), precision
+
+
+def test_bf16x2_refuses_codes_that_bfloat16_cannot_hold():
+    x, w = torch.randn(8, 4), torch.randn(4, 4)
+    with pytest.raises(ValueError, match="bf16x3"):
+        search_clip_scale(x, w, 10, x.abs().max(), 10, precision="bf16x2")
+    assert NoisyQuantConfig(a_bits=8)._precision(torch.device("cuda")) == "bf16x2"
+    assert NoisyQuantConfig(a_bits=8)._precision(torch.device("cpu")) == "fp32"
+
+
+_INTERPRETER_SCRIPT = """
+import torch
+from regcache.quant.methods import noisyquant as nq
+from test_noisyquant import exact_choices
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(40, 24, generator=g) * torch.exp(torch.randn(24, generator=g) * 0.5) * 20
+x[3, 5] = 0.5 * 2.0  # exactly half a step for the divisor 2 below: round half to even
+divisors = torch.tensor([2.0, 0.37, 1.1])
+shifts = torch.randn(3, 24, generator=g)
+cases = ((divisors, True, -127, 127), (shifts, False, -128, 127), (shifts[:, :1], False, -32, 31))
+for params, divide, lo, hi in cases:
+    u = x.unsqueeze(0) / params.view(-1, 1, 1) if divide else x.unsqueeze(0) + params.unsqueeze(1)
+    r = u.round().clamp(lo, hi)
+    codes = nq._fused_lhs(x, params, lo, hi, divide, split3=False)
+    assert torch.equal(codes.float(), torch.cat([r, r], dim=-1))
+    e = r - u
+    hi_ = e.bfloat16()
+    lo_ = (e - hi_.float()).bfloat16()
+    assert torch.equal(nq._fused_lhs(x, params, lo, hi, divide, split3=True), torch.cat([hi_, lo_, hi_], dim=-1))
+
+h = torch.randn(3, 40 * 7, generator=g)
+shared = torch.randn(40, 7, generator=g)
+offsets = torch.randn(3, 7, generator=g)
+sq = nq._fused_sq_dist(h, shared, divisors, None)
+ref = (h.view(3, 40, 7) - shared / divisors.view(-1, 1, 1)).pow(2).sum(dim=(1, 2))
+assert torch.allclose(sq, ref, rtol=1e-5), (sq, ref)
+sq = nq._fused_sq_dist(h, shared, None, offsets)
+ref = (h.view(3, 40, 7) - shared - offsets.unsqueeze(1)).pow(2).sum(dim=(1, 2))
+assert torch.allclose(sq, ref, rtol=1e-5), (sq, ref)
+
+# whole searches through the kernels (small chunks: several launches per candidate set)
+x = torch.randn(256, 16, generator=g) * torch.exp(torch.randn(16, generator=g) * 0.5)
+w = torch.randn(48, 16, generator=g) / 4
+absmax, draw = x.abs().max(), torch.rand(16, generator=g)
+scale, noise, base = exact_choices(x, w, 8, absmax, draw, 200, 40, 100)
+for precision in ("bf16x3", "bf16x2"):
+    assert torch.equal(nq.search_clip_scale(x, w, 8, absmax, 200, 1 << 14, precision), scale), precision
+    got = nq.search_noise(x, w, 8, scale, base, 40, 100, budget=1 << 14, precision=precision)
+    assert torch.equal(got, noise), precision
+assert not nq._FUSED_DISABLED[0]
+print("ok")
+"""
+
+
+def test_fused_search_kernels_under_triton_interpreter():
+    """The kernels' indexing, rounding and bf16 splitting on CPU (Triton's interpreter), and searches through them."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    tests, root = Path(__file__).parent, Path(__file__).parent.parent
+    path = os.pathsep.join(p for p in (str(root), str(tests), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    script = textwrap.dedent(_INTERPRETER_SCRIPT)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tests)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("ok")

@@ -17,7 +17,10 @@ After the official kriskrisliu/NoisyQuant code (``fast_quant.py``, ``validate.py
   inputs produced by the already noisy-quantized layers before it.
 
 The candidate evaluation is batched (many candidates per matmul, memory bounded by
-``search_chunk_elements``; the output MSE goes through WᵀW when C_out > C_in). ``search_tokens``
+``search_chunk_elements``; the output MSE goes through WᵀW when C_out > C_in). ``search_precision``
+picks how: ``fp32``, ``bf16x3`` (E_hi B_hi + E_lo B_hi + E_hi B_lo) or ``bf16x2`` (integer codes R
+times B_hi + B_lo, minus the candidate-affine u B computed once; see :class:`_CodeProducts`); ``auto``
+is bf16x2 on CUDA and fp32 elsewhere. On CUDA the per-chunk operands are built by Triton kernels. ``search_tokens``
 evaluates the objective on a seeded uniform sample of that many input tokens per linear; the
 reference uses every token (``search_tokens=None``, ~25x more work for ViT-B/16 at 1024 images).
 This sampling is a speed departure from the reference, not a quirk fix. The clip search's absmax
@@ -38,6 +41,9 @@ Departures from the official code, each behind a flag that :meth:`NoisyQuantConf
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -140,6 +146,16 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def _output_factor(weight: torch.Tensor) -> torch.Tensor:
+    """B (C_in, N) float32 with B Bᵀ = WᵀW: Wᵀ, or a square root of WᵀW (float64 eigh) when C_out > C_in."""
+    c_out, c_in = weight.shape
+    w = weight.float()
+    if c_out > c_in:
+        evals, evecs = torch.linalg.eigh(w.double().t() @ w.double())
+        return (evecs * evals.clamp_min(0).sqrt()).float().contiguous()
+    return w.t().contiguous()
+
+
 def output_mse(weight: torch.Tensor, precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
     """A function mapping input errors E (K, T, C_in) to ``mean((E Wᵀ)^2)`` per candidate (K,).
 
@@ -153,15 +169,14 @@ def output_mse(weight: torch.Tensor, precision: str = "fp32") -> Callable[[torch
     c_out, c_in = weight.shape
     w = weight.float()
     if precision == "bf16x3":
-        if c_out > c_in:
-            evals, evecs = torch.linalg.eigh(w.double().t() @ w.double())
-            b = (evecs * evals.clamp_min(0).sqrt()).float()
-        else:
-            b = w.t()
-        b_hi, b_lo = _split_bf16(b.contiguous())
+        b_hi, b_lo = _split_bf16(_output_factor(weight))
         rhs = torch.cat([b_hi, b_hi, b_lo])  # [E_hi | E_lo | E_hi] @ rhs
 
         def split(err: torch.Tensor) -> torch.Tensor:
+            if err.dtype == torch.bfloat16:  # already [E_hi | E_lo | E_hi] (the fused builder)
+                k, t, c3 = err.shape
+                h = _mm_fp32(err.view(k * t, c3), rhs)
+                return h.square_().view(k, -1).sum(dim=1) / (t * c_out)
             k, t, c = err.shape
             a = torch.empty(k, t, 3 * c, device=err.device, dtype=torch.bfloat16)
             hi = a[..., :c]
@@ -199,6 +214,166 @@ def _chunk(x: torch.Tensor, weight: torch.Tensor, budget: int) -> int:
     return max(1, budget // (x.shape[0] * max(weight.shape)))
 
 
+# ---- fused Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for the tests) ----------------
+# Building the per-candidate operands op by op costs ~10 full-size float32 passes per chunk; the
+# kernels read x once and write the bfloat16 operand once. REGCACHE_FUSED_NOISYQUANT=0 turns them off.
+_FUSED_DISABLED = [os.environ.get("REGCACHE_FUSED_NOISYQUANT", "1") == "0"]
+_LHS_BLOCK = 1024
+_SQ_BLOCK = 4096
+
+
+@functools.cache
+def _kernels() -> Any:
+    """The Triton kernel module, or None without Triton."""
+    try:
+        from regcache.quant import _triton_noisyquant
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the install
+        return None
+    return _triton_noisyquant
+
+
+def _fused_applies(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for tensors on t's device."""
+    if _FUSED_DISABLED[0] or torch.compiler.is_compiling():
+        return False
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return False
+    return _kernels() is not None
+
+
+def _launch(kernel: Any, grid: tuple[int], device: torch.device, *args: Any) -> bool:
+    """Run a kernel; on a build or launch failure warn once and use the op-by-op formulas from then on."""
+    try:
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            kernel[grid](*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        warnings.warn(f"fused NoisyQuant search kernels disabled ({exc!r}); using op-by-op formulas", stacklevel=3)
+        _FUSED_DISABLED[0] = True
+        return False
+    return True
+
+
+def _fused_lhs(
+    x: torch.Tensor, params: torch.Tensor, lo: int, hi: int, divide: bool, split3: bool
+) -> torch.Tensor | None:
+    """bfloat16 (K, T, 2C) [R | R] or (K, T, 3C) [E_hi | E_lo | E_hi] of candidates ``params`` (None: not run).
+
+    u = x / params[k] (divide; params (K,)) or x + params[k] (params (K, C) or (K, 1)), R = clamp(round(u)),
+    E = R - u: the float32 operations of the op-by-op formulas, in the same order.
+    """
+    if not _fused_applies(x):
+        return None
+    k_mod = _kernels()
+    x, params = x.contiguous(), params.contiguous()
+    k, (t, c) = params.shape[0], x.shape
+    out = torch.empty(k, t, (3 if split3 else 2) * c, device=x.device, dtype=torch.bfloat16)
+    n = k * t * c
+    stride_c = 0 if divide or params.shape[1] == 1 else 1
+    grid = (k_mod.cdiv(n, _LHS_BLOCK),)
+    args = (x, params, out, n, t * c, c, params.stride(0), stride_c, float(lo), float(hi), divide, split3, _LHS_BLOCK)
+    return out if _launch(k_mod.lhs_kernel, grid, x.device, *args) else None
+
+
+def _fused_sq_dist(
+    h: torch.Tensor, shared: torch.Tensor, divisors: torch.Tensor | None, offsets: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Per k: sum over (t, n) of (h - shared / divisors[k])^2, or of (h - shared - offsets[k, n])^2 (None: not run).
+
+    h (K, T·N), shared (T, N), divisors (K,), offsets (K, N).
+    """
+    if not _fused_applies(h):
+        return None
+    k_mod = _kernels()
+    k, tn, cols = h.shape[0], shared.numel(), shared.shape[-1]
+    nblk = k_mod.cdiv(tn, _SQ_BLOCK)
+    partial = torch.empty(k, nblk, device=h.device, dtype=torch.float32)
+    divide = divisors is not None
+    d = (divisors if divide else offsets).contiguous()
+    v_stride = 0 if divide else d.stride(0)
+    args = (h.contiguous(), shared.contiguous(), d, d, partial, tn, cols, v_stride, nblk, divide, _SQ_BLOCK)
+    if not _launch(k_mod.sq_dist_kernel, (k * nblk,), h.device, *args):
+        return None
+    return partial.sum(dim=1)
+
+
+class _CodeProducts:
+    """bf16x2 output errors: (R - u) B = R B - u B, with R = clamp(round(u)) the integer codes.
+
+    |R| <= 256 is exact in bfloat16, so R B_hi + R B_lo is one bfloat16 tensor-core matmul over
+    [R | R] with float32 accumulation (two products, not bf16x3's three, and no float32 error tensor);
+    u B is affine in the candidate (x B / Δ_k, or x_steps B + N_k B), so its parts are computed once,
+    in float64, against the same B = B_hi + B_lo. Both terms use that B, so the difference is E B up
+    to float32 rounding: the precision of bf16x3 (whose E_lo B_lo term is dropped instead).
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+        if bits > 9:
+            raise ValueError(f"bf16x2 needs codes exact in bfloat16 (bits <= 9), got {bits}: use bf16x3")
+        b_hi, b_lo = _split_bf16(_output_factor(weight))
+        self.b64 = b_hi.double() + b_lo.double()
+        self.b32 = self.b64.float()  # exact: hi + lo spans at most 24 significant bits
+        self.rhs = torch.cat([b_hi, b_lo])  # [R | R] @ rhs
+        self.c_out = weight.shape[0]
+
+    def times_b(self, u: torch.Tensor) -> torch.Tensor:
+        """u B in float64, rounded to float32 (the shared part of the output errors)."""
+        return (u.double() @ self.b64).float()
+
+    def losses(
+        self,
+        x: torch.Tensor,
+        params: torch.Tensor,
+        lo: int,
+        hi: int,
+        shared: torch.Tensor,
+        offsets: torch.Tensor | None,
+        chunk: int,
+    ) -> torch.Tensor:
+        """``mean((E Wᵀ)^2)`` per candidate; divisors ``params`` (K,) if ``offsets`` is None, else shifts (K, C|1)."""
+        divide = offsets is None
+        return torch.cat([
+            self._chunk_losses(x, params[i : i + chunk], lo, hi, shared, None if divide else offsets[i : i + chunk])
+            for i in range(0, params.shape[0], chunk)
+        ])  # fmt: skip
+
+    def _chunk_losses(
+        self,
+        x: torch.Tensor,
+        p: torch.Tensor,
+        lo: int,
+        hi: int,
+        shared: torch.Tensor,
+        offsets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        divide = offsets is None
+        (k, (t, c)), n_cols = (p.shape[0], x.shape), shared.shape[1]
+        a = _fused_lhs(x, p, lo, hi, divide, split3=False)
+        if a is not None:
+            h = _mm_fp32(a.view(k * t, 2 * c), self.rhs)
+        else:
+            u = x.unsqueeze(0) / p.view(-1, 1, 1) if divide else x.unsqueeze(0) + p.unsqueeze(1)
+            r = u.round_().clamp_(lo, hi)
+            if r.is_cuda:  # tensor cores: [R | R] @ [B_hi; B_lo]
+                a = torch.empty(k, t, 2 * c, device=r.device, dtype=torch.bfloat16)
+                a[..., :c].copy_(r)
+                a[..., c:].copy_(r)
+                h = _mm_fp32(a.view(k * t, 2 * c), self.rhs)
+            else:  # the same B in float32, one product
+                h = r.view(k * t, c) @ self.b32
+        h = h.view(k, t * n_cols)
+        sq = _fused_sq_dist(h, shared, p if divide else None, offsets)
+        if sq is None:
+            h = h.view(k, t, n_cols)
+            if divide:
+                h.addcdiv_(shared, p.view(-1, 1, 1), value=-1)
+            else:
+                h.sub_(shared).sub_(offsets.unsqueeze(1))
+            sq = h.square_().view(k, -1).sum(dim=1)
+        return sq / (t * self.c_out)
+
+
 @torch.no_grad()
 def search_clip_scale(
     x: torch.Tensor,
@@ -218,11 +393,19 @@ def search_clip_scale(
     clips = absmax.float() * torch.arange(candidates, 0, -1, device=x.device, dtype=torch.float32) / candidates
     scales = clips / n
 
+    chunk = _chunk(x, weight, budget)
+    if precision == "bf16x2":
+        codes = _CodeProducts(weight, bits)
+        losses = codes.losses(x, scales, -n, n, codes.times_b(x), None, chunk)
+        return scales[torch.argmin(losses * scales.pow(2))]
+
     def scaled_errors(s: slice) -> torch.Tensor:  # (Q(clamp(x)) - x) / Δ, computed with few full-size temporaries
+        if precision == "bf16x3" and (a := _fused_lhs(x, scales[s], -n, n, divide=True, split3=True)) is not None:
+            return a
         u = x.unsqueeze(0) / scales[s].view(-1, 1, 1)
         return u.clamp(-n, n).round_().sub_(u)
 
-    losses = _losses_batched(candidates, scaled_errors, output_mse(weight, precision), _chunk(x, weight, budget))
+    losses = _losses_batched(candidates, scaled_errors, output_mse(weight, precision), chunk)
     return scales[torch.argmin(losses * scales.pow(2))]
 
 
@@ -248,17 +431,31 @@ def search_noise(
     n_max = 2 ** (bits - 1) - 1
     scale = scale.float()
     x_steps = x.float() / scale  # errors are measured in units of Δ: the same Δ for every candidate
-    loss = output_mse(weight, precision)
     chunk = _chunk(x, weight, budget)
+    if precision == "bf16x2":
+        codes = _CodeProducts(weight, bits)
+        shared = codes.times_b(x_steps)
 
-    def best(noises: torch.Tensor) -> torch.Tensor:  # noises (K, C_in) or (K, 1)
-        noise_steps = noises / scale
+        def best(noises: torch.Tensor) -> torch.Tensor:  # noises (K, C_in) or (K, 1)
+            noise_steps = (noises / scale).contiguous()
+            offsets = codes.times_b(noise_steps.expand(-1, x.shape[1]))
+            losses = codes.losses(x_steps, noise_steps, -n_max - 1, n_max, shared, offsets, chunk)
+            return noises[torch.argmin(losses)]
+    else:
+        loss = output_mse(weight, precision)
 
-        def scaled_errors(s: slice) -> torch.Tensor:  # (Q(x + N) - (x + N)) / Δ
-            u = x_steps.unsqueeze(0) + noise_steps[s].unsqueeze(1)
-            return u.round().clamp_(-n_max - 1, n_max).sub_(u)
+        def best(noises: torch.Tensor) -> torch.Tensor:  # noises (K, C_in) or (K, 1)
+            noise_steps = noises / scale
 
-        return noises[torch.argmin(_losses_batched(noises.shape[0], scaled_errors, loss, chunk))]
+            def scaled_errors(s: slice) -> torch.Tensor:  # (Q(x + N) - (x + N)) / Δ
+                if precision == "bf16x3":
+                    a = _fused_lhs(x_steps, noise_steps[s], -n_max - 1, n_max, divide=False, split3=True)
+                    if a is not None:
+                        return a
+                u = x_steps.unsqueeze(0) + noise_steps[s].unsqueeze(1)
+                return u.round().clamp_(-n_max - 1, n_max).sub_(u)
+
+            return noises[torch.argmin(_losses_batched(noises.shape[0], scaled_errors, loss, chunk))]
 
     mean = torch.zeros(1, device=x.device)
     if search_mean:
@@ -377,9 +574,11 @@ class NoisyQuantConfig(QuantConfig):
         set_quant_mode(encoder, "quant")
 
     def _precision(self, device: torch.device) -> str:
-        """``search_precision``, with ``auto`` = bf16x3 on CUDA (tensor cores) and fp32 elsewhere."""
+        """``search_precision``, with ``auto`` = bf16x2 on CUDA (tensor cores, fused kernels) and fp32 elsewhere."""
         if self.search_precision == "auto":
-            return "bf16x3" if device.type == "cuda" else "fp32"
+            if device.type != "cuda":
+                return "fp32"
+            return "bf16x2" if self.a_bits <= 9 else "bf16x3"
         return self.search_precision
 
     def _capture(
