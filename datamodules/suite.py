@@ -23,8 +23,9 @@ class ValidationSuite(pl.LightningDataModule):
             plus ``path`` (relative to ``root``; default: the name).
         calibration: name of the dataset whose ``calib_split`` feeds calibration.
         reference: name of the dataset whose ``ref_split`` feeds the register search / k-NN bank.
-        batch_size, num_workers, seed, decode_on_gpu: shared loader settings (a dataset's own options win);
-            ``decode_on_gpu`` decodes the evaluation JPEGs with nvJPEG on the device (see
+        batch_size, num_workers, seed, decode_on_gpu, prefetch_depth: shared loader settings (a
+            dataset's own options win); ``decode_on_gpu`` decodes the evaluation JPEGs with nvJPEG on
+            the device, ``prefetch_depth`` batches ahead in a background thread (see
             :class:`~datamodules.webdataset_shards.WebDatasetDataModule`).
     """
 
@@ -38,6 +39,7 @@ class ValidationSuite(pl.LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         decode_on_gpu: bool = False,
+        prefetch_depth: int = 2,
     ) -> None:
         super().__init__()
         if not datasets:
@@ -61,6 +63,7 @@ class ValidationSuite(pl.LightningDataModule):
             options.setdefault("num_workers", num_workers)
             options.setdefault("seed", seed)
             options.setdefault("decode_on_gpu", decode_on_gpu)
+            options.setdefault("prefetch_depth", prefetch_depth)
             self.modules[name] = WebDatasetDataModule(location, **options)
 
     @property
@@ -93,6 +96,8 @@ class ValidationSuite(pl.LightningDataModule):
             m.setup(stage)
 
     def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
+        for m in self.modules.values():  # the trainer's device is where decode_on_gpu prefetches
+            m.trainer = self.trainer
         return [m.val_dataloader() for m in self.modules.values()]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

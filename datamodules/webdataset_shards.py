@@ -32,7 +32,7 @@ from regcache.data.shards import DatasetInfo, is_remote, read_dataset_info, reso
 from regcache.data.splitting import dist_rank_world
 
 if TYPE_CHECKING:
-    from regcache.data.gpu_decode import TensorPreprocess
+    from regcache.data.gpu_decode import DecodePrefetcher, TensorPreprocess
 
 __all__ = ["ClassificationDataModule", "RetrievalDataModule", "WebDatasetDataModule"]
 
@@ -61,10 +61,18 @@ class WebDatasetDataModule(pl.LightningDataModule):
         batch_size, num_workers, pin_memory: DataLoader settings (``eval_batch_size`` overrides).
         multiprocessing_context: DataLoader worker start method (``"fork"`` avoids re-importing
             everything in each worker when the rank process itself was spawned).
-        decode_on_gpu: evaluation batches carry the encoded images (``image_bytes``) and
-            :meth:`on_after_batch_transfer` decodes + preprocesses them on the batch's device
-            (nvJPEG, :class:`regcache.data.gpu_decode.TensorPreprocess` read off ``transform``);
-            workers then only read shards. Calibration / reference loaders still decode on the CPU.
+        decode_on_gpu: evaluation workers only read shards and pass the encoded images on; they
+            are decoded + preprocessed on the device (nvJPEG,
+            :class:`regcache.data.gpu_decode.TensorPreprocess` read off ``transform``). With CUDA
+            (the trainer's device, else the current one) and ``prefetch_depth > 0`` the evaluation
+            loaders decode ahead in a background thread on their own stream
+            (:class:`~regcache.data.gpu_decode.DecodePrefetcher`: batches carry ``image_pending``);
+            otherwise batches carry ``image_bytes`` and are decoded when used. Either way
+            :meth:`on_after_batch_transfer` (:meth:`decode_batch`) turns them into ``image``.
+            Without CUDA the decode runs on the CPU. Calibration / reference loaders decode on
+            the CPU in the workers.
+        prefetch_depth: decoded evaluation batches the background thread may hold ready
+            (``decode_on_gpu`` on CUDA only); 0 decodes each batch when it is used.
     """
 
     def __init__(
@@ -91,9 +99,11 @@ class WebDatasetDataModule(pl.LightningDataModule):
         multiprocessing_context: str | None = None,
         image_exts: tuple[str, ...] = IMAGE_EXTS,
         decode_on_gpu: bool = False,
+        prefetch_depth: int = 2,
     ) -> None:
         super().__init__()
         self.decode_on_gpu = decode_on_gpu
+        self.prefetch_depth = prefetch_depth
         self.root = None if root is None else str(root)
         self.transform = transform
         self._task = task
@@ -242,9 +252,12 @@ class WebDatasetDataModule(pl.LightningDataModule):
             raw_images=self.decode_on_gpu and stage == "eval",
         )
 
-    def dataloader(self, stage: str = "eval", batch_size: int | None = None) -> torch.utils.data.DataLoader:
+    def dataloader(
+        self, stage: str = "eval", batch_size: int | None = None
+    ) -> torch.utils.data.DataLoader | DecodePrefetcher:
+        """The loader of ``stage``; evaluation with ``decode_on_gpu`` on CUDA is wrapped in a DecodePrefetcher."""
         bs = batch_size or (self.eval_batch_size if stage == "eval" else self.batch_size)
-        return torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(
             self.dataset(stage),
             batch_size=bs,
             num_workers=self.num_workers,
@@ -252,6 +265,23 @@ class WebDatasetDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
         )
+        if stage == "eval" and self.decode_on_gpu and self.prefetch_depth > 0:
+            device = self.prefetch_device()
+            if device is not None:
+                from regcache.data.gpu_decode import DecodePrefetcher
+
+                return DecodePrefetcher(loader, self.tensor_preprocess(), device, self.prefetch_depth)
+        return loader
+
+    def prefetch_device(self) -> torch.device | None:
+        """Where evaluation batches are decoded ahead: the trainer's CUDA device, else the current one; None without."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            device = trainer.strategy.root_device
+            return device if device.type == "cuda" else None
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return None
 
     def val_dataloader(self):
         return self.dataloader("eval")
@@ -267,8 +297,17 @@ class WebDatasetDataModule(pl.LightningDataModule):
         return self._tensor_preprocess
 
     def decode_batch(self, batch: dict, device: torch.device | str | None = None) -> dict:
-        """Replace ``image_bytes`` by the decoded, preprocessed ``image`` (on ``device``, default: the batch's)."""
-        if isinstance(batch, dict) and "image_bytes" in batch:
+        """Turn ``image_pending`` (prefetched) or ``image_bytes`` into ``image`` (on ``device``, default: the batch's).
+
+        A prefetched batch is only waited for, on the current stream (no host sync); encoded bytes
+        are decoded here. Batches that already carry ``image`` pass through: nothing decodes twice.
+        """
+        if not isinstance(batch, dict):
+            return batch
+        if "image_pending" in batch:
+            images = batch.pop("image_pending").wait()
+            batch["image"] = images if device is None else images.to(device, non_blocking=True)
+        elif "image_bytes" in batch:
             device = batch["sample_id"].device if device is None else device
             batch["image"] = self.tensor_preprocess()(batch.pop("image_bytes"), device)
         return batch

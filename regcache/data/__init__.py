@@ -2,6 +2,7 @@
 
 from .reader import (
     IMAGE_EXTS,
+    EncodedImages,
     ShardDataset,
     SkipCounter,
     collate,
@@ -18,6 +19,7 @@ __all__ = [
     "IMAGE_EXTS",
     "Assignment",
     "DatasetInfo",
+    "EncodedImages",
     "IndexEntry",
     "OverlapError",
     "ShardDataset",
