@@ -125,9 +125,8 @@ class RetrievalValidation(_PerDataset):
         if dataloader_idx not in self.metrics:
             return
         captions = [c for caps in batch["captions"] for c in caps]
-        owners = torch.cat(
-            [torch.full((len(caps),), int(i)) for caps, i in zip(batch["captions"], batch["sample_id"], strict=True)]
-        )
+        ids = batch["sample_id"].tolist()  # one host copy per batch (int() per sample syncs once each)
+        owners = torch.tensor([i for caps, i in zip(batch["captions"], ids, strict=True) for _ in caps])
         text = F.normalize(pl_module.encode_text(captions).float(), dim=-1)
         image = F.normalize(outputs["features"].float(), dim=-1)
         self.metrics[dataloader_idx].update(image, batch["sample_id"], text, owners.to(text.device))
