@@ -203,6 +203,9 @@ def main() -> None:
         cached = SearchResult(cached_search.spec, rows, objective.greater_is_better, cached_search.stats)
     _sync(device)
     t_measured = time.perf_counter() - t0
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]  # dynamo graphs compiled by the cached search (its tail)
     n_done = len(cached.rows)
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     # steady state: the second half of what ran (compilation, if any, happened at its start)
@@ -250,6 +253,7 @@ def main() -> None:
         "search_cached_per_config_s": per_cached,
         "search_cached_steady_per_config_s": steady,
         "search_cached_peak_gib": peak_gib,
+        "search_cached_dynamo_graphs": graphs,
         "eager_cached_configs": n_loop,
         "eager_cached_per_config_s": per_eager,
         "naive_loop_configs": n_loop,
@@ -283,6 +287,7 @@ def main() -> None:
             + (f"; EXTRAPOLATED: {n_done} configs ran in {t_measured:.1f} s (--budget-s)" if n_done < n_cached else ""),
         ),
         ("cached search, steady state (2nd half of the grid)", f"{steady * 1e3:.1f} ms/config"),
+        ("dynamo graphs compiled by the cached search", str(graphs)),
         (f"cached search, eager ({n_loop} configs)", f"{t_eager:.2f} s = {per_eager * 1e3:.1f} ms/config"),
         (f"naive loop ({n_loop} configs)", f"{t_loop:.2f} s = {per_loop * 1e3:.1f} ms/config"),
         ("naive loop, whole grid (estimate)", f"{per_loop * n_cached:.1f} s"),

@@ -107,3 +107,43 @@ def test_state_dict_roundtrip_resizes_buffers():
     b = UniformQuantizer(6, granularity="channel", axis=0)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.scale, b.scale) and b.is_calibrated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_per_tensor_observe_reduces_before_the_cast(dtype):
+    """One aminmax pass on x in its own dtype: the same float32 range as reducing x.float()."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 5, 6, generator=g) * 3 + i).to(dtype) for i in range(3)]
+    q = UniformQuantizer(8, symmetric=False)
+    for x in batches:
+        q.observe(x)
+    ref = torch.cat([x.float().flatten() for x in batches])
+    assert q.min_val.dtype == q.max_val.dtype == torch.float32
+    assert torch.equal(q.min_val, ref.amin()) and torch.equal(q.max_val, ref.amax())
+
+
+def test_finalize_all_equals_finalize_bit_for_bit():
+    from regcache.quant.quantizers import finalize_all
+
+    g = torch.Generator().manual_seed(1)
+
+    def observed():
+        qs = [UniformQuantizer(b, symmetric=s) for b in (4, 6, 8) for s in (True, False) for _ in range(3)]
+        qs.append(UniformQuantizer(8, granularity="channel", axis=0))  # not per tensor: its own finalize
+        return qs
+
+    xs = [
+        torch.randn(7, 9, generator=g) * torch.rand(1, generator=g) * 10 + torch.randn(1, generator=g)
+        for _ in range(19)
+    ]
+    xs[0] = torch.zeros(7, 9)  # all-zero range: the eps clamp
+    one, together = observed(), observed()
+    for a, b, x in zip(one, together, xs, strict=True):
+        a.observe(x)
+        b.observe(x)
+    for q in one:
+        q.finalize()
+    finalize_all(together)
+    for a, b in zip(one, together, strict=True):
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
+        assert a.scale.shape == b.scale.shape and b.scale.untyped_storage().nbytes() == b.scale.numel() * 4

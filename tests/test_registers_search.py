@@ -151,10 +151,14 @@ def test_objective_score_is_the_call_on_device():
         assert float(t) == objective(a, b)
 
 
-def test_compiled_tail_compiles_once_and_matches_eager(monkeypatch):
-    """One dynamo graph for every (register, τ, k̃) of the grid: τ is a tensor, scales are buffers, and the
-    deletion (the token count) runs eagerly before the compiled call. aot_eager keeps the test fast;
-    inductor's fused kernels round differently (checked by benchmarks/bench_register_search.py)."""
+@pytest.mark.parametrize(("prefix_only_at", "graphs"), [(None, 1), (2, 2)])
+def test_compiled_tail_compiles_one_block_graph_and_matches_eager(monkeypatch, prefix_only_at, graphs):
+    """One dynamo graph, shared by every tail block, for every (register, τ, k̃, l_start) of the grid: modules
+    are graph inputs, τ is a tensor, scales are buffers, and each block's deletion (the token count) runs eagerly
+    before the compiled call. With l_start 1 < l_q = 2 the deletion sits inside the tail (one graph per k̃
+    before). A second graph only for blocks without a prefix (prefix_only_at=2 leaves block 1 without one).
+    aot_eager keeps the test fast; inductor's fused kernels round differently (see
+    benchmarks/bench_register_search.py)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -166,12 +170,61 @@ def test_compiled_tail_compiles_once_and_matches_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", aot_eager)
     torch._dynamo.reset()
     counters.clear()
-    kw = {"taus": (1, 5), "delete_ks": (0, 2, 3), "eval_batch_size": 8}
+    kw = {"taus": (1, 5), "delete_ks": (0, 2, 3), "eval_batch_size": 8, "l_starts": [1, 2]}
+    kw["prefix_only_at"] = prefix_only_at
     compiled = _search(compile_tail=True, **kw).run("cached")
     eager = _search(**kw).run("cached")
     n_prefixed = sum(r["mode"] in ("prefix", "both") for r in compiled.rows)
-    assert compiled.stats["compiled_tail_runs"] == n_prefixed > 6
-    assert counters["stats"]["unique_graphs"] == 1
+    assert compiled.stats["compiled_tail_runs"] == n_prefixed > 12
+    assert counters["stats"]["unique_graphs"] == graphs
     for key, score in compiled.scores().items():
         assert score == pytest.approx(eager.scores()[key], abs=1e-5), key
     torch._dynamo.reset()
+
+
+def test_tail_recalibration_keeps_weight_quantizers_and_equals_reset_and_calibrate(monkeypatch):
+    """Naive's weight ranges depend on the weights alone: a tail re-calibration re-observes only the activations,
+    and ends in exactly the state of reset + full calibration; an in-place weight edit brings the full path back."""
+    import copy
+
+    from regcache.quant import quantize_
+    from regcache.quant.quantizers import UniformQuantizer
+    from regcache.registers.deletion import install_deletion
+    from regcache.registers.recalibration import Recalibrator
+
+    encoder, calib, _, _ = _setup()
+    models = []
+    for _ in range(2):
+        q = copy.deepcopy(encoder)
+        quantize_(q, NaiveConfig(6, 6))
+        models.append((q, Recalibrator(q)))
+    (fast, rc), (slow, rc_slow) = models
+    rc_slow._activation_only = False  # always reset + calibrate
+    with torch.no_grad():
+        streams = [encoder.forward_blocks(encoder.embed(x), 0, 1) for x in calib]
+    weight_calibrations = []
+    calibrate_ = UniformQuantizer.calibrate_
+    monkeypatch.setattr(UniformQuantizer, "calibrate_", lambda q, x: weight_calibrations.append(q) or calibrate_(q, x))
+
+    def both(k):
+        for q, r in models:
+            install_deletion(q, 2, k)
+            r.recalibrate(streams, start=1)
+        a, b = rc.state(), rc_slow.state()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[key], b[key]) for key in a), [key for key in a if not torch.equal(a[key], b[key])]
+        assert [q.mode for _, q, _ in rc._quantizers] == [q.mode for _, q, _ in rc_slow._quantizers]
+
+    n_weights = sum(1 for n, _, b in rc._quantizers if n.endswith("weight_quantizer") and b >= 1)
+    both(0)  # first time: the full path on both
+    assert len(weight_calibrations) == 2 * n_weights
+    for k in (2, 3, 0):
+        weight_calibrations.clear()
+        both(k)
+        assert len(weight_calibrations) == n_weights  # only the always-reset copy
+    with torch.no_grad():
+        fast.blocks[2].mlp.fc1.weight.mul_(0.5)
+        slow.blocks[2].mlp.fc1.weight.mul_(0.5)
+    weight_calibrations.clear()
+    both(2)
+    assert len(weight_calibrations) == 2 * n_weights

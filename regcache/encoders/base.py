@@ -185,6 +185,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_filter is not None:
             x = self.input_filter(x)
+        return self.forward_unfiltered(x)
+
+    def forward_unfiltered(self, x: torch.Tensor) -> torch.Tensor:
+        """The block after its input filter (a compiled caller can run the filter, which sets N, eagerly)."""
         x = self.tap_input(x)
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from regcache.quant.modules import QuantLinear, quantizers
-from regcache.quant.quantizers import Quantizer
+from regcache.quant.quantizers import Quantizer, finalize_all
 
 
 def batch_images(batch: Any) -> torch.Tensor:
@@ -57,9 +57,9 @@ def observe_activations(
 
     Returns the number of images seen. Quantizers are left with finalized parameters.
     """
-    acts = activation_quantizers(encoder)
-    saved = {id(q): q.mode for _, q in quantizers(encoder)}
-    for _, q in quantizers(encoder):
+    everything, acts = _quantizers_and_activation_quantizers(encoder)
+    saved = [(q, q.mode) for q in everything]
+    for q in everything:
         q.mode = "float"
     for q in acts:
         q.reset_observer()
@@ -70,10 +70,20 @@ def observe_activations(
             encoder(images)
             seen += images.shape[0]
     finally:
-        for _, q in quantizers(encoder):
-            q.mode = saved[id(q)]
+        for q, mode in saved:
+            q.mode = mode
     if seen == 0:
         raise ValueError("calibration data is empty: pass at least one batch of images")
-    for q in acts:
-        q.finalize()
+    finalize_all(acts)
     return seen
+
+
+def _quantizers_and_activation_quantizers(encoder: nn.Module) -> tuple[list[Quantizer], list[Quantizer]]:
+    """Every quantizer and those of :func:`activation_quantizers`, from one walk of the module tree."""
+    everything, weight_qs = [], set()
+    for m in encoder.modules():
+        if isinstance(m, Quantizer):
+            everything.append(m)
+        elif isinstance(m, QuantLinear):
+            weight_qs.add(id(m.weight_quantizer))
+    return everything, [q for q in everything if id(q) not in weight_qs]

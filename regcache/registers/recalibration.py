@@ -12,6 +12,13 @@ or ``"quantized"`` (the quantized model's, for methods that calibrate block by b
 quantized inputs). A method class may instead declare ``tail_calibration_input`` itself.
 Methods not declared (e.g. PTQ4ViT's Hessian-guided search, which looks at the network's
 output) are always re-calibrated whole.
+
+Weights. A method whose weight quantizers depend on the weights alone (naive's RTN) may define
+``calibrate_activations(encoder, batches, progress)``, with ``calibrate`` = weight quantizers +
+``calibrate_activations``. A tail re-calibration then keeps the weight quantizers of the last
+calibration (if neither they nor the weights changed since) and re-runs only the activation part,
+which overwrites every activation quantizer's range, scale and zero point: the same state as
+reset + ``calibrate``, without recomputing ~24 weight ranges per configuration.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 
 from regcache.encoders.base import VisionEncoder
 from regcache.quant.api import QuantConfig
-from regcache.quant.modules import quantizers
+from regcache.quant.modules import QuantConv2d, QuantLinear, quantizers
 
 TAIL_CALIBRATION: dict[str, str] = {"naive": "float"}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -33,6 +40,31 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 def tail_calibration_input(config: QuantConfig) -> str | None:
     """``"float"`` / ``"quantized"`` if ``config`` can be re-calibrated on a tail of blocks, else None."""
     return getattr(type(config), "tail_calibration_input", None) or TAIL_CALIBRATION.get(config.name)
+
+
+def calibrates_activations_alone(config: QuantConfig) -> bool:
+    """Whether ``config`` re-calibrates with unchanged weights by ``calibrate_activations`` alone (see above)."""
+    cls = type(config)
+    if config.modifies_weights or not callable(getattr(cls, "calibrate_activations", None)):
+        return False
+    # a subclass overriding calibrate below the class that defines calibrate_activations breaks the contract
+    owner = next(c for c in cls.__mro__ if "calibrate" in c.__dict__)
+    return any("calibrate_activations" in c.__dict__ for c in cls.__mro__[: cls.__mro__.index(owner) + 1])
+
+
+def _weight_key(layer: torch.nn.Module) -> tuple[Any, ...] | None:
+    """Identity and in-place version of a layer's weight and weight-quantizer buffers (None: not trackable)."""
+    q = layer.weight_quantizer
+    tensors = [layer.weight, *q.buffers()]
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t, t._version, t.data_ptr()) for t in tensors)
+
+
+def _same(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b, strict=True))
 
 
 def _block_index(key: str) -> int | None:
@@ -78,6 +110,13 @@ class Recalibrator:
         self._modules = dict(encoder.named_modules())
         self._quantizers = [(name, q, _block_index(name + ".")) for name, q in quantizers(encoder)]
         self._views: dict[int, TailView] = {}
+        self._activation_only = calibrates_activations_alone(self.config)
+        self._weight_layers = [
+            (m, _block_index(name + "."))
+            for name, m in self._modules.items()
+            if isinstance(m, (QuantLinear, QuantConv2d)) and m.weight_quantizer is not None
+        ]
+        self._weight_keys: dict[int, tuple[Any, ...] | None] = {}  # id(layer) -> _weight_key at the last calibration
         self.initial = self.state()
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -121,7 +160,7 @@ class Recalibrator:
                 q.mode = "float"
 
     def recalibrate(self, batches: Iterable[Any], start: int = 0, streams: bool | None = None) -> None:
-        """Reset blocks >= start and run the method's calibration on them.
+        """Reset blocks >= start and run the method's calibration on them (activations only, see above, if enough).
 
         ``streams`` (default: ``start > 0``): ``batches`` are the residual streams entering block
         ``start`` (see :data:`TAIL_CALIBRATION`) and only blocks >= start are calibrated; otherwise
@@ -130,15 +169,20 @@ class Recalibrator:
         streams = start > 0 if streams is None else streams
         if streams and self.tail_input is None:
             raise ValueError(f"{self.config.tag} is not declared depth-causal: re-calibrate the whole model")
-        self.reset(start)
         if streams:
             target = self._views.get(start)
             if target is None:
                 target = self._views[start] = TailView(self.encoder, start)
         else:
             target = self.encoder
+        layers = [m for m, block in self._weight_layers if ((start == 0) if block is None else block >= start)]
         with torch.inference_mode(False):
+            if self._activation_only and all(_same(self._weight_keys.get(id(m)), _weight_key(m)) for m in layers):
+                self.config.calibrate_activations(target, batches, progress=False)
+                return
+            self.reset(start)
             self.config.calibrate(target, batches, progress=False)
+            self._weight_keys.update((id(m), _weight_key(m)) for m in layers)
 
     def head_unchanged(self, reference: dict[str, torch.Tensor], end: int) -> bool:
         """Whether blocks < end hold exactly the quantization state in ``reference``.

@@ -33,13 +33,15 @@ calibration streams and one tail forward of the reference streams):
 - The objective's reduction stays on the device (``Objective.score``); the score of configuration
   i is read (host sync) only after configuration i+1's work is queued, so Python overhead
   overlaps device work.
-- ``compile_tail=True`` (opt-in) runs the tail of configurations that carry a prefix through
-  ``torch.compile``: the prefix is one entry per register with ``ln τ`` as a tensor, quantizer
-  scales are buffers (tensor inputs, not constants), and the token deletion at block s is applied
-  eagerly before the compiled call with the token dimension marked dynamic, so the whole grid of
-  one l_start >= l_q compiles once (measured with ``torch._dynamo`` counters in the tests; for
-  l_start < l_q the deletion sits inside the compiled blocks and each k̃ compiles once).
-  Configurations without a prefix (base, deletion only) run eagerly. Compiled kernels round
+- ``compile_tail=True`` (opt-in) runs the tail blocks of configurations that carry a prefix
+  through one ``torch.compile``d block function shared by every block: parameters, quantizer
+  scales (buffers) and the prefix (one entry per register, ``ln τ`` a tensor) are graph inputs,
+  not constants, so all tail blocks reuse one graph; each block's input filter (the token
+  deletion, which sets the token count) runs eagerly in front of it, with the token dimension
+  marked dynamic. The whole grid, every l_start and k̃ included, compiles one graph for blocks
+  with a prefix (plus one for prefix-less blocks between l_q and a later l_start), a sixth of
+  compiling the 6-block tail of ViT-B/16 as one graph (measured with ``torch._dynamo`` counters
+  in the tests). Configurations without a prefix (base, deletion only) run eagerly. Compiled kernels round
   differently (fused fp32 fake-quant, other softmax kernels; ``emulate_precision_casts`` keeps the
   bf16 roundings eager has), so scores match the eager path to float tolerance, not bit for bit:
   5e-6 on the tiny model in fp32 (CPU, inductor); the benchmark reports the bf16 difference.
@@ -75,7 +77,7 @@ from regcache.registers.cache import RegisterCache, derive_cache
 from regcache.registers.curation import Candidates
 from regcache.registers.deletion import install_deletion, remove_deletion
 from regcache.registers.objectives import Objective
-from regcache.registers.prefix import install_batched_prefix, install_prefix, remove_prefix
+from regcache.registers.prefix import install_batched_prefix, prefix_layers, remove_prefix
 from regcache.registers.recalibration import Recalibrator
 from regcache.utils import write_json
 
@@ -229,7 +231,8 @@ class RegisterSearch:
         self.eval_batch_size = eval_batch_size
         self.compile_tail = compile_tail
         self.save_every_s = save_every_s
-        self._compiled_tail: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+        self._compiled_block: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+        self._prefixes: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
         self.device, self.dtype = device_dtype(encoder)
         self.cache_device = torch.device(cache_device) if cache_device is not None else self.device
         if caches is None:
@@ -306,9 +309,9 @@ class RegisterSearch:
         self.streams: dict[int, list[torch.Tensor]] = {}
         self.calibration_streams: dict[int, list[torch.Tensor]] = {}
         self.reference_chunks = self._chunks(self.reference)
-        if self.compile_tail and self._compiled_tail is None:
+        if self.compile_tail and self._compiled_block is None:
             # Block.input_filter is a plain attribute until a deletion module is first assigned, then
-            # an entry of _modules: register it there on every block now, so the compiled tail's
+            # an entry of _modules: register it there on every block now, so the compiled block's
             # guards see one layout for every configuration (otherwise the first k̃ > 0 recompiles).
             for block in self.quantized.blocks:
                 if "input_filter" not in block._modules:
@@ -316,7 +319,7 @@ class RegisterSearch:
                     del block.input_filter
                     block.register_module("input_filter", current)
             # emulate_precision_casts: fused kernels still round where eager casts to bf16 (closer scores)
-            self._compiled_tail = torch.compile(self._tail, options={"emulate_precision_casts": True})
+            self._compiled_block = torch.compile(_block_body, options={"emulate_precision_casts": True})
         if strategy == "cached":
             for s in sorted({self._start(p) for p in self.points}):
                 self.streams[s] = self._chunks(self._streams(self.quantized, self.reference, s))
@@ -354,8 +357,20 @@ class RegisterSearch:
         remove_prefix(encoder)
         remove_deletion(encoder)
         if point.register is not None and point.tau > 0:
-            install_prefix(encoder, self.caches[point.l_start].entry(point.register), point.tau, self.prefix_only_at)
+            for layer, prefix in self._prefix(point, encoder):
+                encoder.blocks[layer].attn.prefix = prefix
         install_deletion(encoder, self.l_q, point.delete_k)
+
+    def _prefix(self, point: SearchPoint, encoder: VisionEncoder) -> list[tuple[int, Any]]:
+        """``(block, AttentionPrefix)`` of ``point``, built once per (l_start, register, τ, device, dtype)."""
+        device, dtype = device_dtype(encoder)
+        key = (point.l_start, point.register, point.tau, device, dtype)
+        prefixes = self._prefixes.get(key)
+        if prefixes is None:
+            cache = self.caches[point.l_start].entry(point.register)
+            layers = prefix_layers(cache, self.prefix_only_at)
+            prefixes = self._prefixes[key] = [(i, cache.prefix(i, point.tau, device, dtype)) for i in layers]
+        return prefixes
 
     # ---- evaluation --------------------------------------------------------------------------------
     def _score(self, embeddings: torch.Tensor) -> torch.Tensor | float:
@@ -372,17 +387,14 @@ class RegisterSearch:
         return q.pool(q.forward_blocks(h, s))
 
     def _run_tail_compiled(self, h: torch.Tensor, s: int) -> torch.Tensor:
-        """The compiled tail; block s's input filter (the deletion, which sets the token count) runs eagerly."""
-        block = self.quantized.blocks[s]
-        filt = block.input_filter
-        if filt is not None:
-            h = filt(h)
-            block.input_filter = None
-        try:
+        """The tail through the shared compiled block; input filters (deletions set the token count) run eagerly."""
+        q = self.quantized
+        for block in q.blocks[s:]:
+            if block.input_filter is not None:
+                h = block.input_filter(h)
             torch._dynamo.maybe_mark_dynamic(h, 1)  # one graph for every k̃
-            return self._compiled_tail(h, s)
-        finally:
-            block.input_filter = filt
+            h = self._compiled_block(block, h)
+        return q.pool(h)
 
     @torch.no_grad()
     def _evaluate_tail(self, s: int, compiled: bool = False) -> torch.Tensor | float:
@@ -409,7 +421,7 @@ class RegisterSearch:
         streams_valid = self._recalibrate(point, strategy)
         if strategy == "cached" and streams_valid:
             self.stats["tail_runs"] += 1
-            compiled = self._compiled_tail is not None and point.mode in ("prefix", "both")
+            compiled = self._compiled_block is not None and point.mode in ("prefix", "both")
             self.stats["compiled_tail_runs"] += compiled
             return self._evaluate_tail(self._start(point), compiled)
         self.stats["full_runs"] += 1
@@ -489,7 +501,7 @@ class RegisterSearch:
                 last_save, unsaved = time.monotonic(), False
 
         try:
-            with _dynamo_limit(4 * len(self.l_starts) + 8 if self._compiled_tail is not None else 0):
+            with _dynamo_limit(4 * len(self.l_starts) + 8 if self._compiled_block is not None else 0):
                 for group in self._groups(todo, strategy):
                     scores = self._run_batched(group) if len(group) > 1 else [self._run_point(group[0], strategy)]
                     record()  # the previous group's scores: the device is already busy with this group
@@ -503,6 +515,11 @@ class RegisterSearch:
                 self._clear()
         ordered = [rows[p.key] for p in self.points]
         return SearchResult({**self.spec, "strategy": strategy}, ordered, self.objective.greater_is_better, self.stats)
+
+
+def _block_body(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One block after its input filter: compiled once, the graph is shared by every block (modules are inputs)."""
+    return block.forward_unfiltered(x)
 
 
 @contextmanager

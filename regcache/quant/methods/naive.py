@@ -43,5 +43,11 @@ class NaiveConfig(QuantConfig):
             for module in encoder.modules():
                 if isinstance(module, QuantLinear) and module.weight_quantizer is not None:
                     module.weight_quantizer.calibrate_(module.weight)
+        self.calibrate_activations(encoder, batches, progress=progress)
+
+    def calibrate_activations(
+        self, encoder: VisionEncoder, batches: Iterable[torch.Tensor], progress: bool = True
+    ) -> None:
+        """The part of ``calibrate`` after the weights: a re-calibration with unchanged weights needs only this."""
         observe_activations(encoder, batches, progress=progress)
         set_quant_mode(encoder, "quant")
