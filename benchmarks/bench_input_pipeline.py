@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -331,7 +332,7 @@ def main() -> None:
             if not args.no_lightning:
                 batches = max(2, math.ceil(args.validate_images / args.batch))
                 runs = [(FLOAT, True, args.prefetch_depth)]
-                runs += [(QUANT, True, args.prefetch_depth)] if QUANT in models else []
+                runs += [(QUANT, True, args.prefetch_depth), (QUANT, True, 0)] if QUANT in models else []
                 runs += [(FLOAT, True, 0), (FLOAT, False, 0)]
                 for name, gpu, depth in runs:
                     dm = WebDatasetDataModule(
@@ -364,8 +365,12 @@ def main() -> None:
                 row("cpu decode (PIL + transforms)", "-", workers, rate, seen)
             with torch.inference_mode():
                 best, run = max(args.workers), models[FLOAT][1]
-                rate, seen = images_per_second(loader(best, False), lambda b: run(images_of(b).to(dtype)))
-                row("end to end, loop (cpu decode + model)", FLOAT, best, rate, seen)
+                try:
+                    rate, seen = images_per_second(loader(best, False), lambda b: run(images_of(b).to(dtype)))
+                    row("end to end, loop (cpu decode + model)", FLOAT, best, rate, seen)
+                except Exception as err:  # keep the table: report the failure in its row
+                    traceback.print_exc()
+                    row(f"end to end, loop (cpu decode + model): failed, {type(err).__name__}", FLOAT, best, 0.0, 0)
             elapsed("cpu decode")
     finally:
         faulthandler.cancel_dump_traceback_later()
