@@ -169,6 +169,7 @@ def lightning_validate(
         enable_model_summary=False,
         limit_val_batches=batches,
     )
+    home = next(encoder.parameters()).device  # Lightning's teardown moves the module to the CPU
     sync()
     clock["start"] = time.perf_counter()
     stopped = False
@@ -176,6 +177,7 @@ def lightning_validate(
         trainer.validate(module, datamodule=datamodule, verbose=False)
     except _OutOfBudget:
         stopped = True
+    encoder.to(home)  # the later rows reuse it
     sync()
     seconds = time.perf_counter() - clock["start"]
     steady_n = module.seen - module.first
