@@ -9,6 +9,7 @@ RegCache. Only orchestration here: the math is in ``regcache.encoders`` / ``regc
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,15 @@ from regcache.loading import load_model
 from regcache.quant import METHODS, QuantConfig, quantize_
 from regcache.registers import plain_float
 from regcache.utils import write_json
+
+log = logging.getLogger(__name__)
+
+
+def launched_by_lightning(trainer: pl.Trainer) -> bool:
+    """Whether this process started the other ranks itself (one after another), not torchrun / SLURM."""
+    # The launcher that started child scripts keeps their processes; the cluster environment
+    # cannot tell once launched (the launcher then sets LOCAL_RANK=0 in this process too).
+    return bool(getattr(getattr(trainer.strategy, "launcher", None), "procs", None))
 
 
 def build_quant_config(
@@ -113,6 +123,15 @@ class QuantizedEncoder(pl.LightningModule):
         self.add_time("startup", now - IMPORTED_AT)
         self.add_time("startup.launch", now - self._built_at)
         torch.set_float32_matmul_precision(self.hparams.matmul_precision)
+        if self.trainer.world_size > 1 and self.trainer.is_global_zero and launched_by_lightning(self.trainer):
+            log.warning(
+                "ranks 1..%d were started by Lightning after this process had imported everything and built "
+                "its model (%.0f s of start-up so far); starting all ranks together is faster: "
+                "torchrun --standalone --nproc_per_node %d -m regcache.cli validate ... (or srun on SLURM)",
+                self.trainer.world_size - 1,
+                now - IMPORTED_AT,
+                self.trainer.world_size,
+            )
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_transform"):
             datamodule.set_transform(self.preprocess)

@@ -146,6 +146,8 @@ def test_two_process_run_equals_one_process(tmp_path, shards):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.strip().splitlines()[-1] == f"results: {run_dir / 'metrics.json'}"
         outs[devices] = json.loads((run_dir / "metrics.json").read_text())
+        # Lightning started rank 1 itself: the log says how to start the ranks together
+        assert ("torchrun --standalone --nproc_per_node 2" in proc.stderr) == (devices == 2)
     assert outs[2]["metrics"] == pytest.approx(outs[1]["metrics"], abs=1e-6)
     assert outs[2]["num_samples"] == outs[1]["num_samples"]
 
