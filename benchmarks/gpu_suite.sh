@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The single-GPU benchmarks in one go (each prints its table last and writes JSON to $OUT).
-#   bash benchmarks/gpu_suite.sh [calibration] [search] [throughput] [pipeline]
+#   bash benchmarks/gpu_suite.sh [calibration] [noisyquant] [search] [throughput] [pipeline]
 # pipeline needs the ImageNet one-per-class sample at .bench/data/imagenet1k_sample (or PIPELINE_ARGS="--src DIR")
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-parts=${*:-"calibration search throughput pipeline"}
+parts=${*:-"calibration noisyquant search throughput pipeline"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for part in $parts; do
   case $part in
     calibration) timeout 250 python3 benchmarks/bench_calibration.py --bits 8 ;;
+    noisyquant) timeout 120 python3 benchmarks/bench_noisyquant_search.py --precisions fp32 bf16x3 bf16x2 ;;
     search) timeout 290 python3 benchmarks/bench_register_search.py ;;
     pipeline) timeout 300 python3 benchmarks/bench_input_pipeline.py ${PIPELINE_ARGS:-} ;;
     throughput) timeout 280 python3 benchmarks/bench_eval_throughput.py ${THROUGHPUT_ARGS:-} ;;
