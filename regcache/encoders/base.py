@@ -98,16 +98,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        prefix = self.prefix
-        out = self._fused_attention(q, k, v, prefix) if fused_attention.enabled() else None
-        if out is None and prefix is None:
-            probs = self.tap_probs((self.matmul_qk(q, k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
-            out = self.matmul_pv(probs, v)
-        elif out is None:
-            out = self._forward_with_prefix(q, k, v, prefix)
+        out = self.attend(*self.project_qkv(x))
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         return self.proj(self.out_norm(out))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per-head attention output (B, heads, N, head_dim) of projected q, k, v (with the prefix if set)."""
+        prefix = self.prefix
+        out = self._fused_attention(q, k, v, prefix) if fused_attention.enabled() else None
+        if out is not None:
+            return out
+        if prefix is not None:
+            return self._forward_with_prefix(q, k, v, prefix)
+        probs = self.tap_probs((self.matmul_qk(q, k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.matmul_pv(probs, v)
 
     def _fused_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix | None
