@@ -268,3 +268,19 @@ def test_fused_attention_off_by_default_and_cpu_falls_back():
     per_token.set_scale(torch.ones(8))
     per_token.set_mode("quant")
     assert fused_attention.prob_quantizer_spec(per_token, torch.float32) is None
+
+
+def test_bench_attention_tiny_runs(tmp_path):
+    """benchmarks/bench_attention.py --tiny (interpreter) writes its JSON; fused matches explicit there."""
+    pytest.importorskip("triton")
+    bench = ROOT / "benchmarks" / "bench_attention.py"
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, str(bench), "--tiny", "--quantizers", "float", "repq log4", "ptq4vit twin8"]
+    res = subprocess.run(args, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| batch | quantizer |" in res.stdout.splitlines()[-8]
+    rows = json.loads((tmp_path / "bench_attention.json").read_text())["rows"]
+    assert [(r["quantizer"], r["prefix"]) for r in rows] == [
+        (q, p) for q in ("float", "repq log4", "ptq4vit twin8") for p in ("none", "1 entry, tau 4")
+    ]
+    assert all(r["max_rel_diff"] <= 2.0**-6 for r in rows)
