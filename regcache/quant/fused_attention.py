@@ -171,8 +171,8 @@ def launch(
     b, h, n, d = q.shape
     npre = 0 if prefix_keys is None else prefix_keys.shape[-2]
     block_n = max(16, kmod.next_power_of_2(npre + n))
-    if not block_m:
-        block_m = 16 if n <= 16 else 32 if n <= 32 else 64
+    if not block_m:  # untuned guess: a few (BLOCK_M, BLOCK_N) float32 tiles must stay in registers
+        block_m = 16 if n <= 16 else 32 if n <= 32 or block_n >= 256 else 64
     if not num_warps:
         num_warps = 8 if block_m * block_n >= 64 * 256 else 4
     q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
