@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from regcache.quant import fused_attention
 from regcache.quant.modules import MatMul
 
 
@@ -97,15 +98,38 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        prefix = self.prefix
-        if prefix is None:
-            probs = self.tap_probs((self.matmul_qk(q, k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
-            out = self.matmul_pv(probs, v)
-        else:
-            out = self._forward_with_prefix(q, k, v, prefix)
+        out = self.attend(*self.project_qkv(x))
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         return self.proj(self.out_norm(out))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per-head attention output (B, heads, N, head_dim) of projected q, k, v (with the prefix if set)."""
+        prefix = self.prefix
+        out = self._fused_attention(q, k, v, prefix) if fused_attention.enabled() else None
+        if out is not None:
+            return out
+        if prefix is not None:
+            return self._forward_with_prefix(q, k, v, prefix)
+        probs = self.tap_probs((self.matmul_qk(q, k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.matmul_pv(probs, v)
+
+    def _fused_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix | None
+    ) -> torch.Tensor | None:
+        """The attention as one Triton kernel (``REGCACHE_FUSED_ATTENTION=1``), or None where it must stay explicit.
+
+        Explicit whenever something reads the probabilities or the matmul operands (hooks on
+        ``tap_probs`` such as ``record()``, on the matmuls or their quantizers; an observing
+        quantizer during calibration), under autograd, or for shapes / quantizers the kernel lacks.
+        Q, K and V go through their quantizers here exactly as in the explicit path.
+        """
+        pq = self.matmul_pv.a_quantizer
+        if not fused_attention.attention_fusable(self) or not fused_attention.supports(q, prefix, pq):
+            return None
+        qq = self.matmul_qk.quantize_a(q)
+        kq = self.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
+        vq = self.matmul_pv.quantize_b(v)
+        return fused_attention.quantized_attention(qq, kq, vq, self.scale, pq, prefix)
 
     def _forward_with_prefix(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix

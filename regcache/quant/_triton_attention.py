@@ -1,0 +1,246 @@
+"""The Triton kernel behind :mod:`regcache.quant.fused_attention` (imported lazily: only where Triton is installed).
+
+One program = one (batch, head) and one block of query rows. It loads the whole K and V of the
+head (prefix entries first, then the tokens: at most 256 keys), so the row softmax is computed in
+one pass in registers, the probabilities are fake-quantized there and P·V accumulated, reading
+q / k / v once and writing the output once.
+
+The eager attention rounds to the activation dtype after every op (matmul, ``* scale``, ``+ ln τ``,
+softmax, ``/ τ``, each op of a quantizer that computes in x's dtype, ``* τ``); ``_rd`` repeats those
+roundings on the float32 register values so that a bfloat16 model quantizes the same bfloat16
+numbers. The interpreter truncates on float → bfloat16 casts, so there ``_rd`` rounds to nearest
+even by bit manipulation, and every value is made exactly representable before it is stored or
+fed to ``tl.dot``.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if INTERPRET:  # CPU tests: the interpreter has no libdevice
+
+    @triton.jit
+    def _rint(u):
+        """Round half to even, exactly, in plain float32 arithmetic (|u| < 2^23 are the non-integers)."""
+        c = 8388608.0
+        return tl.where(tl.abs(u) < c, tl.where(u >= 0, (u + c) - c, (u - c) + c), u)
+
+    @triton.jit
+    def _log2(u):
+        return tl.log2(u)
+
+    @triton.jit
+    def _exp2(u):
+        return tl.exp2(u)
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        # the interpreter multiplies bfloat16 operands as raw bits: upcast (exact products, float32 sums)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+    @triton.jit
+    def _rd(x, DT: tl.constexpr):
+        """x rounded to the activation dtype (0 float32, 1 bfloat16, 2 float16), as float32."""
+        if DT == 1:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            return b.to(tl.float32, bitcast=True)
+        elif DT == 2:
+            return x.to(tl.float16).to(tl.float32)
+        else:
+            return x
+
+else:
+
+    @triton.jit
+    def _rint(u):
+        """Round half to even (cvt.rni), as torch.round."""
+        return libdevice.rint(u)
+
+    @triton.jit
+    def _log2(u):
+        # libdevice's correctly rounded-ish log2 (not lg2.approx): log-√2 codes sit on its rounding
+        return libdevice.log2(u)
+
+    @triton.jit
+    def _exp2(u):
+        return libdevice.exp2(u)
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        # float32 activations: full float32 products as eager matmuls (no TF32)
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _rd(x, DT: tl.constexpr):
+        """x rounded (to nearest even) to the activation dtype (0 float32, 1 bfloat16, 2 float16), as float32."""
+        if DT == 1:
+            return x.to(tl.bfloat16).to(tl.float32)
+        elif DT == 2:
+            return x.to(tl.float16).to(tl.float32)
+        else:
+            return x
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _fake_quant(x, p0, p1, c0, c1, QKIND: tl.constexpr, ADDITIVE: tl.constexpr, DT: tl.constexpr):
+    """Fake quantization of probabilities x (float32 registers holding DT values).
+
+    QKIND 0: none. 1: uniform (UniformQuantizer.plain_fake_quant: float32, p0 = scale, p1 = zero
+    point, c0 / c1 = qmin / qmax, result rounded to DT). 2: log-√2 (LogSqrt2Quantizer.fake_quant, in
+    DT: p0 = Δ in DT, c0 = the rounded 1 + (√2 - 1), c1 = number of non-zero codes). 3: twin softmax
+    (fake_twin_softmax, in DT: p0 = split in DT, p1 = split / levels in DT, c0 = levels).
+    """
+    if QKIND == 1:
+        r = _rint(tl.div_rn(x, p0))
+        q = _clamp(r + p1, c0, c1)
+        return _rd((q - p1) * p0, DT)
+    elif QKIND == 2:
+        t = _rd(tl.div_rn(tl.maximum(x, 0.0), p0), DT)
+        raw = tl.minimum(_rd(-2.0 * _rd(_log2(t), DT), DT), c1)  # x = 0: +inf, capped into the zero code
+        code = _rint(raw)
+        is_zero = code >= c1
+        code = _clamp(code, 0.0, c1 - 1.0)
+        half = tl.ceil(code * 0.5)
+        odd = code - 2.0 * tl.floor(code * 0.5)
+        level = _rd(_rd(_exp2(-half) * tl.where(odd > 0, c0, 1.0), DT) * p0, DT)
+        return tl.where(is_zero, 0.0, level)
+    elif QKIND == 3:
+        if ADDITIVE:
+            hx = _rd(tl.maximum(tl.minimum(x, 1.0), p0) * c0, DT)
+            high = _rd(tl.div_rn(_clamp(_rint(hx), 0.0, c0), c0), DT)
+            lx = _rd(tl.div_rn(tl.minimum(tl.maximum(x, 0.0), p0), p1), DT)
+            low = _rd(_clamp(_rint(lx), 0.0, c0) * p1, DT)
+            return _rd(high + low, DT)
+        else:
+            high = _rd(tl.div_rn(_clamp(_rint(_rd(x * c0, DT)), 0.0, c0), c0), DT)
+            low = _rd(_clamp(_rint(_rd(tl.div_rn(x, p1), DT)), 0.0, c0) * p1, DT)
+            return tl.where(x < p0, low, high)
+    else:
+        return x
+
+
+@triton.jit
+def quantized_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pk_ptr,
+    pv_ptr,
+    bias_ptr,
+    fac_ptr,
+    qp_ptr,
+    out_ptr,
+    p_ptr,
+    H,
+    N,
+    NPRE,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    spk_b,
+    spk_h,
+    spk_n,
+    spv_b,
+    spv_h,
+    spv_n,
+    sbias_b,
+    so_b,
+    so_h,
+    so_n,
+    nparam,
+    sm_scale,
+    c0,
+    c1,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QKIND: tl.constexpr,
+    ADDITIVE: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_P: tl.constexpr,
+    DT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """out[b, h, rows] = Q_p(softmax(q kᵀ · scale + bias)) · v over [prefix; tokens] (last dim stride 1).
+
+    Strides are in elements; a prefix / bias batch stride of 0 shares one register set by the batch.
+    ``p_ptr`` (with STORE_P) receives the quantized probabilities, (B, H, N, NPRE + N) contiguous.
+    """
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    dcol = tl.arange(0, D)
+    cols = tl.arange(0, BLOCK_N)
+    is_pre = cols < NPRE
+    is_tok = (cols >= NPRE) & (cols < NPRE + N)
+    valid = cols < NPRE + N
+    tok = tl.where(is_tok, cols - NPRE, 0)
+
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    kk = tl.load(k_ptr + b * sk_b + h * sk_h + tok[:, None] * sk_n + dcol[None, :], mask=is_tok[:, None], other=0.0)
+    if HAS_PREFIX:
+        pre = tl.where(is_pre, cols, 0)
+        kp = tl.load(pk_ptr + b * spk_b + h * spk_h + pre[:, None] * spk_n + dcol[None, :], mask=is_pre[:, None])
+        kk = tl.where(is_pre[:, None], kp.to(kk.dtype), kk)
+    s = _dot(q, tl.trans(kk), IEEE)
+    s = _rd(_rd(s, DT) * sm_scale, DT)  # (q @ kᵀ) then * scale, each rounded as eager
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b * sbias_b + cols, mask=is_pre, other=0.0)
+        fac = tl.load(fac_ptr + b * sbias_b + cols, mask=is_pre, other=1.0)
+        s = _rd(s + bias[None, :], DT)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    e = tl.exp(s - m[:, None])
+    p = _rd(e / tl.sum(e, axis=1)[:, None], DT)
+
+    pidx = h % nparam
+    p0 = tl.load(qp_ptr + pidx * 2)
+    p1 = tl.load(qp_ptr + pidx * 2 + 1)
+    if HAS_BIAS:  # each of τ copies' share p/τ is quantized, then the τ copies summed back
+        x = _rd(tl.div_rn(p, fac[None, :]), DT)
+        pq = _rd(_fake_quant(x, p0, p1, c0, c1, QKIND, ADDITIVE, DT) * fac[None, :], DT)
+    else:
+        pq = _fake_quant(p, p0, p1, c0, c1, QKIND, ADDITIVE, DT)
+    pq = tl.where(valid[None, :], pq, 0.0)
+    if STORE_P:
+        nk = NPRE + N
+        base = (b * H + h) * N * nk
+        tl.store(p_ptr + base + rows[:, None] * nk + cols[None, :], pq, mask=row_ok[:, None] & valid[None, :])
+
+    vv = tl.load(v_ptr + b * sv_b + h * sv_h + tok[:, None] * sv_n + dcol[None, :], mask=is_tok[:, None], other=0.0)
+    if HAS_PREFIX:
+        vp = tl.load(pv_ptr + b * spv_b + h * spv_h + pre[:, None] * spv_n + dcol[None, :], mask=is_pre[:, None])
+        vv = tl.where(is_pre[:, None], vp.to(vv.dtype), vv)
+    acc = _dot(pq.to(vv.dtype), vv, IEEE)
+    acc = _rd(acc, DT)
+    tl.store(
+        out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dcol[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+cdiv = triton.cdiv
+next_power_of_2 = triton.next_power_of_2

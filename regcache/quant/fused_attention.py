@@ -1,0 +1,327 @@
+"""Fused quantized attention: one Triton kernel per (batch·head, block of query rows) (opt-in prototype).
+
+The explicit attention materializes scores, softmax, fake-quantized probabilities and P·V in HBM
+(the probabilities must be quantized, so SDPA / flash kernels cannot run it). For ViT shapes a row
+has at most a few hundred keys, so :func:`quantized_attention` loads the whole K / V of a head into
+SRAM and does scores, softmax, the probability fake quantizer and P·V in registers
+(``_triton_attention.py``): q / k / v read once, the output written once.
+
+Numerics follow the eager :class:`~regcache.encoders.base.Attention` op for op, including the
+rounding to the activation dtype after each op, but the softmax is computed differently (one pass,
+other summation order, ``exp`` of the GPU's fast path), so a probability lying on a quantization
+boundary can land on the neighbouring code: the result is close to, not bit-identical with, the
+explicit path (tests/test_fused_attention.py bounds the fraction of flipped codes and the output
+difference in steps).
+
+Probability quantizers handled in registers: none / ``float`` mode, :class:`UniformQuantizer`
+(per tensor or per head, the formula of ``plain_fake_quant``), :class:`LogSqrt2Quantizer` (RepQ-ViT)
+and :class:`TwinSoftmaxQuantizer` (PTQ4ViT, both variants). Q, K and V arrive already quantized
+(``matmul_qk.quantize_a/b``, ``matmul_pv.quantize_b`` run outside, as in the explicit path). A
+RegCache prefix adds full-precision key/value entries with a per-column logit bias ``ln τ``, the
+probability quantized as ``p/τ`` then times τ.
+
+Off unless ``REGCACHE_FUSED_ATTENTION=1`` (or :func:`set_enabled`). Under ``torch.compile`` the
+kernel runs as the custom op ``regcache::quantized_attention`` (opaque to Inductor, with a fake
+implementation for tracing), so compiled graphs keep the fused attention without a graph break.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from regcache.quant.log_quantizers import LogSqrt2Quantizer
+from regcache.quant.quantizers import Quantizer, UniformQuantizer
+from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
+
+if TYPE_CHECKING:
+    from regcache.encoders.base import AttentionPrefix
+
+MAX_KEYS = 256  # prefix entries + tokens: K and V of one head stay in SRAM
+HEAD_DIMS = (16, 32, 64, 128)
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_ENABLED = [os.environ.get("REGCACHE_FUSED_ATTENTION", "0") == "1"]
+_FAILED = [False]  # set when the kernel failed to build or launch once: explicit attention from then on
+
+
+def _rounded_sqrt2_factor(dtype: torch.dtype) -> float:
+    # ``1 + odd * (√2 - 1)`` of LogSqrt2Quantizer._level for odd codes, with the rounding of x's dtype
+    one = torch.ones((), dtype=dtype)
+    return float(1 + one * (math.sqrt(2) - 1))
+
+
+# computed once here: under torch.compile tracing a host float from a tensor would break the graph
+_SQRT2_FACTOR = {dt: _rounded_sqrt2_factor(dt) for dt in _DTYPE_CODES}
+
+
+def enabled() -> bool:
+    """Whether Attention.forward may use the fused kernel (REGCACHE_FUSED_ATTENTION=1 or set_enabled)."""
+    return _ENABLED[0] and not _FAILED[0]
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the fused attention on or off for this process (clears an earlier launch failure)."""
+    _ENABLED[0] = bool(flag)
+    _FAILED[0] = False
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The kernel module, or None when Triton is unavailable."""
+    try:
+        from regcache.quant import _triton_attention as k
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the install
+        return None
+    return k
+
+
+def _has_hooks(module: torch.nn.Module | None) -> bool:
+    return module is not None and bool(
+        module._forward_hooks or module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None)
+    )
+
+
+def prob_quantizer_spec(quantizer: Quantizer | None, dtype: torch.dtype) -> tuple[int, bool, float, float] | None:
+    """``(kind, additive, c0, c1)`` of the probability quantizer as the kernel takes it, or None if unsupported."""
+    if quantizer is None or quantizer.mode == "float":
+        return 0, False, 0.0, 0.0
+    if quantizer.mode != "quant" or _has_hooks(quantizer):
+        return None
+    if isinstance(quantizer, UniformQuantizer) and type(quantizer)._fusable:
+        if quantizer.scale.dtype != torch.float32 or quantizer.zero_point.dtype != torch.float32:
+            return None
+        if quantizer.granularity == "tensor" and quantizer.scale.numel() == 1:
+            return 1, False, float(quantizer.qmin), float(quantizer.qmax)
+        if quantizer.granularity == "channel" and quantizer.axis % 4 == 1 and quantizer.scale.ndim == 1:
+            return 1, False, float(quantizer.qmin), float(quantizer.qmax)  # one step per head
+        return None
+    if type(quantizer) is LogSqrt2Quantizer and quantizer.scale.numel() == 1:
+        return 2, False, _SQRT2_FACTOR[dtype], float(quantizer.num_nonzero_codes)
+    if type(quantizer) is TwinSoftmaxQuantizer and quantizer.split.numel() == 1:
+        return 3, bool(quantizer.additive_quirk), float(2 ** (quantizer.bits - 1) - 1), 0.0
+    return None
+
+
+def _prob_params(quantizer: Quantizer | None, kind: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The quantizer's tensor parameters, (nparam, 2) float32.
+
+    Uniform: (scale, zero point); log-√2: (Δ in dtype, 0); twin: (split, split / levels), in dtype.
+    """
+    if kind == 1:
+        return torch.stack([quantizer.scale.reshape(-1), quantizer.zero_point.reshape(-1)], -1).to(device)
+    if kind == 2:
+        delta = quantizer.scale.reshape(1).to(device=device, dtype=dtype).float()
+        return torch.stack([delta, torch.zeros_like(delta)], -1)
+    if kind == 3:
+        split = quantizer.split.reshape(1).to(device=device, dtype=dtype)
+        low_step = split / (2 ** (quantizer.bits - 1) - 1)
+        return torch.stack([split.float(), low_step.float()], -1)
+    return torch.zeros(1, 2, device=device)
+
+
+def supports(q: torch.Tensor, prefix: AttentionPrefix | None, prob_quantizer: Quantizer | None) -> bool:
+    """Whether :func:`quantized_attention` runs these (B, heads, N, head_dim) queries, prefix and quantizer."""
+    if not (q.is_cuda or (_INTERPRET and q.device.type == "cpu")) or _kernel() is None:
+        return False
+    if q.dtype not in _DTYPE_CODES or q.ndim != 4 or q.shape[-1] not in HEAD_DIMS:
+        return False
+    if torch.is_grad_enabled() and q.requires_grad:
+        return False
+    npre = 0 if prefix is None else prefix.keys.shape[-2]
+    if npre + q.shape[-2] > MAX_KEYS:
+        return False
+    if prefix is not None and prefix.keys.shape[0] not in (1, q.shape[0]):
+        return False
+    spec = prob_quantizer_spec(prob_quantizer, q.dtype)
+    if spec is None:
+        return False
+    return spec[0] != 1 or prob_quantizer.scale.numel() in (1, q.shape[1])
+
+
+def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_keys: torch.Tensor | None,
+    prefix_values: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    factor: torch.Tensor | None,
+    qparams: torch.Tensor,
+    kind: int,
+    additive: bool,
+    c0: float,
+    c1: float,
+    scale: float,
+    block_m: int = 0,
+    num_warps: int = 0,
+    store_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the kernel: (output (B, heads, N, D) laid out as (B, N, heads, D), quantized probabilities or None)."""
+    kmod = _kernel()
+    b, h, n, d = q.shape
+    npre = 0 if prefix_keys is None else prefix_keys.shape[-2]
+    block_n = max(16, kmod.next_power_of_2(npre + n))
+    if not block_m:  # untuned guess: a few (BLOCK_M, BLOCK_N) float32 tiles must stay in registers
+        block_m = 16 if n <= 16 else 32 if n <= 32 or block_n >= 256 else 64
+    if not num_warps:
+        num_warps = 8 if block_m * block_n >= 64 * 256 else 4
+    q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
+    # (B, N, heads, D) storage: the caller's transpose(1, 2).reshape(B, N, heads·D) is then a view
+    out = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
+    probs = torch.empty(b, h, n, npre + n, device=q.device, dtype=q.dtype) if store_probs else out
+    if prefix_keys is None:
+        pk = pv = q
+        spk = spv = (0, 0, 0)
+    else:
+        pk, pv = _last_dim_dense(prefix_keys), _last_dim_dense(prefix_values)
+        spk = (pk.stride(0) if pk.shape[0] > 1 else 0, pk.stride(1), pk.stride(2))
+        spv = (pv.stride(0) if pv.shape[0] > 1 else 0, pv.stride(1), pv.stride(2))
+    if bias is None:
+        bias_t = fac_t = qparams
+        sbias = 0
+    else:
+        bias_t, fac_t = bias.contiguous(), factor.contiguous()
+        sbias = bias_t.stride(0) if bias_t.shape[0] > 1 else 0
+    qparams = qparams.contiguous()
+    grid = (b * h, kmod.cdiv(n, block_m))
+    args = (q, k, v, pk, pv, bias_t, fac_t, qparams, out, probs, h, n, npre)
+    args += (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    args += (v.stride(0), v.stride(1), v.stride(2), *spk, *spv, sbias)
+    args += (out.stride(0), out.stride(1), out.stride(2), qparams.shape[0], float(scale), float(c0), float(c1))
+    meta = {
+        "D": d,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "QKIND": kind,
+        "ADDITIVE": additive,
+        "HAS_PREFIX": prefix_keys is not None,
+        "HAS_BIAS": bias is not None,
+        "STORE_P": store_probs,
+        "DT": _DTYPE_CODES[q.dtype],
+        "IEEE": q.dtype == torch.float32,
+    }
+    if q.is_cuda:
+        with torch.cuda.device(q.device):
+            kmod.quantized_attention_kernel[grid](*args, **meta, num_warps=num_warps)
+    else:  # the Triton interpreter
+        kmod.quantized_attention_kernel[grid](*args, **meta)
+    return out, (probs if store_probs else None)
+
+
+@torch.library.custom_op("regcache::quantized_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_keys: torch.Tensor | None,
+    prefix_values: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    factor: torch.Tensor | None,
+    qparams: torch.Tensor,
+    kind: int,
+    additive: bool,
+    c0: float,
+    c1: float,
+    scale: float,
+    block_m: int,
+    num_warps: int,
+) -> torch.Tensor:
+    out, _ = launch(
+        q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, block_m, num_warps
+    )
+    return out
+
+
+@_attention_op.register_fake
+def _(q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, block_m, num_warps):
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d).transpose(1, 2)
+
+
+def prepare(
+    q: torch.Tensor, scale: float, prob_quantizer: Quantizer | None = None, prefix: AttentionPrefix | None = None
+) -> tuple[tuple, dict[str, Any]]:
+    """The tensors and constants the kernel takes for these queries, quantizer and prefix (see :func:`launch`)."""
+    kind, additive, c0, c1 = prob_quantizer_spec(prob_quantizer, q.dtype)
+    qparams = _prob_params(prob_quantizer, kind, q.dtype, q.device)
+    pk = pv = bias = factor = None
+    if prefix is not None:
+        pk, pv = prefix.keys.to(q.dtype), prefix.values.to(q.dtype)  # register keys / values stay full precision
+        lm = prefix.log_multiplicity
+        if lm is not None:  # exactly the explicit path's per-column bias ln τ and factor τ, in q's dtype
+            npre = pk.shape[-2]
+            lm = lm.reshape((1,) * (4 - lm.ndim) + tuple(lm.shape)).expand(-1, -1, -1, npre)
+            lm = lm.reshape(lm.shape[0], npre)
+            bias = lm.to(q.dtype).float()
+            factor = lm.exp().to(q.dtype).float()
+    consts = {"kind": kind, "additive": additive, "c0": c0, "c1": c1, "scale": float(scale)}
+    return (pk, pv, bias, factor, qparams), consts
+
+
+def quantized_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    prob_quantizer: Quantizer | None = None,
+    prefix: AttentionPrefix | None = None,
+    block_m: int = 0,
+    num_warps: int = 0,
+) -> torch.Tensor | None:
+    """Q_p(softmax(q kᵀ · scale [+ ln τ])) · v over [prefix; tokens] in one kernel, or None where it does not apply.
+
+    q, k, v: (B, heads, N, head_dim), already through their matmul quantizers. The output has
+    q's shape and dtype (stored as (B, N, heads, head_dim): transposing it back is a free view).
+    """
+    if not supports(q, prefix, prob_quantizer):
+        return None
+    (pk, pv, bias, factor, qparams), c = prepare(q, scale, prob_quantizer, prefix)
+    args = (q, k.to(q.dtype), v.to(q.dtype), pk, pv, bias, factor, qparams)
+    consts = (c["kind"], c["additive"], c["c0"], c["c1"], c["scale"], block_m, num_warps)
+    if torch.compiler.is_compiling():
+        return _attention_op(*args, *consts)
+    try:
+        return _attention_op(*args, *consts)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # a compile or launch failure: explicit attention from now on
+        warnings.warn(f"fused attention disabled ({exc!r}); using the explicit attention", stacklevel=2)
+        _FAILED[0] = True
+        return None
+
+
+def attention_fusable(attn: torch.nn.Module) -> bool:
+    """Whether nothing on this Attention needs the explicit path (hooks on taps / matmuls / quantizers, observers)."""
+    if not enabled():
+        return False
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return False
+    if _has_hooks(attn.tap_probs) or _has_hooks(attn.matmul_qk) or _has_hooks(attn.matmul_pv):
+        return False
+    for mm in (attn.matmul_qk, attn.matmul_pv):
+        for quantizer in (mm.a_quantizer, mm.b_quantizer):
+            if quantizer is not None and (quantizer.mode == "observe" or _has_hooks(quantizer)):
+                return False
+    return True
+
+
+__all__ = [
+    "MAX_KEYS",
+    "attention_fusable",
+    "enabled",
+    "launch",
+    "prepare",
+    "quantized_attention",
+    "set_enabled",
+    "supports",
+]

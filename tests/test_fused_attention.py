@@ -1,0 +1,286 @@
+"""The fused quantized attention (regcache.quant.fused_attention) against the explicit Attention path.
+
+The kernel runs on CPU under Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: the flag is
+read at import). It is not bit-identical to the explicit path (fused softmax): a probability on a
+quantization boundary may take the neighbouring code. The tests bound the fraction of probability
+codes that differ, check that each differs by at most one level, and bound the output difference
+in quantization steps (flips per row x step x max |v|) plus the dtype's rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Shared by the interpreter run (CPU) and the CUDA run: builds attention layers with realistic
+# quantizers, runs the explicit and the fused path on the same q / k / v and measures the difference.
+_NUMERICS = """
+import json, math, torch
+from torch import nn
+from regcache.encoders.base import Attention, AttentionPrefix
+from regcache.quant import UniformQuantizer, fused_attention as fa
+from regcache.quant.log_quantizers import LogSqrt2Quantizer
+from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
+
+DEVICE, B, H, N, D = {device!r}, {batch}, {heads}, {tokens}, {head_dim}
+# max flipped-code fraction, and output rounding tolerance relative to max |out|, per dtype
+FLIP_BOUND = {{torch.float32: 1e-3, torch.bfloat16: 2e-3}}
+OUT_RTOL = {{torch.float32: 1e-5, torch.bfloat16: 2.0**-7}}
+g = torch.Generator().manual_seed(0)
+
+
+def qkv(dtype):
+    # ViT-like: a shared direction makes rows peaky; token 0 is a sink key every query attends to
+    mean = torch.randn(D, generator=g)
+    q = torch.randn(B, H, N, D, generator=g) * 1.2 + mean
+    k = torch.randn(B, H, N, D, generator=g) * 1.2
+    k[:, :, 0] += 2.0 * mean
+    v = torch.randn(B, H, N, D, generator=g)
+    return (t.to(DEVICE, dtype) for t in (q, k, v))
+
+
+def prefixes(dtype):
+    shared = AttentionPrefix(torch.randn(1, H, 1, D, generator=g) * 2, torch.randn(1, H, 1, D, generator=g),
+                             torch.full((1, 1, 1, 1), math.log(4.0)))
+    lm = torch.log(torch.tensor([1.0, 3.0])).view(1, 1, 1, 2) + torch.arange(B).view(B, 1, 1, 1) * math.log(2)
+    per_sample = AttentionPrefix(torch.randn(B, H, 2, D, generator=g) * 2, torch.randn(B, H, 2, D, generator=g), lm)
+    no_tau = AttentionPrefix(torch.randn(1, H, 1, D, generator=g) * 2, torch.randn(1, H, 1, D, generator=g))
+    return {{"none": None, "1 entry, tau 4": shared, "2 per sample": per_sample, "1 entry, no tau": no_tau}}
+
+
+def quantizer(name, probs):
+    if name == "float":
+        return None, 0.0
+    if name == "uniform8":  # naive's min-max asymmetric per tensor
+        q = UniformQuantizer(8, symmetric=False).calibrate_(probs)
+        step = float(q.scale)
+    elif name == "uniform6_head":  # PTQ4ViT without twin softmax: one symmetric step per head
+        q = UniformQuantizer(6, symmetric=True, granularity="channel", axis=1).calibrate_(probs)
+        step = float(q.scale.max())
+    elif name.startswith("log"):  # RepQ-ViT's log-sqrt2, percentile search
+        q = LogSqrt2Quantizer(int(name[3:])).calibrate_(probs)
+        step = None
+    else:  # PTQ4ViT twin uniform, split 2^-4
+        q = TwinSoftmaxQuantizer(6, additive_quirk=name == "twin6_additive")
+        q.set_split(2.0**-4)
+        step = 1 / (2**5 - 1)  # the coarse range's step
+    q.set_mode("quant")
+    return q.to(DEVICE), step
+
+
+def one_level(pf, pe, name, step, tau):
+    # how far (in levels) a differing probability moved: at most one level of its range
+    d = (pf.float() - pe.float()).abs()
+    if name.startswith("log"):  # adjacent log-sqrt2 levels differ by a factor sqrt(2) (or lowest level <-> 0)
+        hi = torch.maximum(pf.float(), pe.float())
+        return bool((d <= hi * (1 - 2**-0.5) * 1.02 + 1e-7).all())
+    return bool((d <= step * tau * 1.02 + 1e-7).all())
+
+
+results = []
+for dtype in (torch.float32, torch.bfloat16):
+    q, k, v = qkv(dtype)
+    ref_probs = ((q.float() @ k.float().transpose(-2, -1)) * D**-0.5).softmax(-1)
+    for qname in ("float", "uniform8", "uniform6_head", "log4", "log8", "twin6", "twin6_additive"):
+        pq, step = quantizer(qname, ref_probs)
+        attn = Attention(nn.Linear(H * D, 3 * H * D), nn.Linear(H * D, H * D), H).to(DEVICE)
+        attn.matmul_pv.a_quantizer = pq
+        if qname == "uniform8":  # naive also quantizes Q, K and V (outside the kernel, as the explicit path)
+            for mm, a, b in ((attn.matmul_qk, q, k.transpose(-2, -1)), (attn.matmul_pv, None, v)):
+                if a is not None:
+                    mm.a_quantizer = UniformQuantizer(8, symmetric=False).to(DEVICE).calibrate_(a)
+                    mm.a_quantizer.set_mode("quant")
+                mm.b_quantizer = UniformQuantizer(8, symmetric=False).to(DEVICE).calibrate_(b)
+                mm.b_quantizer.set_mode("quant")
+        for pname, prefix in prefixes(dtype).items():
+            prefix = None if prefix is None else prefix.to(DEVICE)
+            attn.prefix = prefix
+            lm = None if prefix is None else prefix.log_multiplicity
+            tau = 1.0 if lm is None else float(lm.exp().max())
+            with torch.no_grad():
+                fa.set_enabled(False)
+                seen = {{}}
+                hooks = [attn.tap_probs.register_forward_hook(lambda m, i, o: seen.update(raw=o))]
+                if pq is not None:
+                    hooks.append(pq.register_forward_hook(lambda m, i, o: seen.update(p=o)))
+                explicit = attn.attend(q, k, v)
+                for h in hooks:
+                    h.remove()
+                pe = seen.get("p", seen["raw"])
+                if pq is not None and prefix is not None and prefix.log_multiplicity is not None:
+                    lm = prefix.log_multiplicity.reshape(-1, 1, 1, prefix.num_entries)
+                    ones = torch.ones(*lm.shape[:3], N, device=DEVICE, dtype=dtype)
+                    pe = pe * torch.cat([lm.exp().to(dtype), ones], -1)  # as the explicit path's `* factor`
+                fa.set_enabled(True)
+                fused = attn.attend(q, k, v)
+                assert fused is not None and fused.shape == explicit.shape and fused.dtype == dtype
+                qq = attn.matmul_qk.quantize_a(q)
+                kq = attn.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
+                vq = attn.matmul_pv.quantize_b(v)
+                (pk, pv, bias, fac, qp), c = fa.prepare(qq, attn.scale, pq, prefix)
+                again, pf = fa.launch(qq, kq, vq, pk, pv, bias, fac, qp, **c, store_probs=True)
+                assert torch.equal(again, fused)  # the Attention wiring ran this very kernel
+            flips = (pf != pe)
+            out_diff = (fused.float() - explicit.float()).abs().max().item()
+            vmax = vq.float().abs().max().item()
+            if prefix is not None:
+                vmax = max(vmax, prefix.values.float().abs().max().item())
+            row_flips = int(flips.sum(-1).max())
+            rtol = OUT_RTOL[dtype] * explicit.float().abs().max().item()
+            row = {{"dtype": str(dtype)[6:], "quantizer": qname, "prefix": pname,
+                    "flip_fraction": flips.float().mean().item(), "max_flips_per_row": row_flips,
+                    "out_max_abs_diff": out_diff, "prob_max_abs_diff": (pf.float() - pe.float()).abs().max().item()}}
+            if pq is not None:  # the comparison is not vacuous: quantization moved most token probabilities
+                npre = 0 if prefix is None else prefix.num_entries
+                assert (pe[..., npre:] != seen["raw"][..., npre:]).float().mean() > 0.5
+            else:
+                row["flip_fraction"] = row["max_flips_per_row"] = None  # no codes to flip
+            if pq is None:  # no codes: the probabilities themselves agree to the dtype's rounding
+                assert row["prob_max_abs_diff"] <= 4 * OUT_RTOL[dtype], row
+                assert out_diff <= 4 * rtol + 1e-6, row
+            else:
+                assert row["flip_fraction"] <= FLIP_BOUND[dtype], row
+                assert one_level(pf[flips], pe[flips], qname, step, tau), row
+                level = step if step is not None else float(pq.scale) * (1 - 2**-0.5)
+                row["out_diff_in_steps"] = out_diff / (level * tau * vmax)
+                assert out_diff <= row_flips * level * tau * vmax * 1.02 + 2 * rtol + 1e-6, row
+            results.append(row)
+print("ok", json.dumps(results))
+"""
+
+
+def _run_interpreted(script: str) -> str:
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.startswith("ok"), res.stdout[-2000:]
+    return res.stdout
+
+
+def test_fused_attention_matches_explicit_under_triton_interpreter():
+    """Every probability quantizer x prefix x dtype, on CPU through the interpreter, against Attention.attend."""
+    pytest.importorskip("triton")
+    script = _NUMERICS.format(device="cpu", batch=2, heads=2, tokens=45, head_dim=64)
+    rows = json.loads(_run_interpreted(textwrap.dedent(script))[3:])
+    assert len(rows) == 2 * 7 * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_attention_matches_explicit_cuda():
+    """The same bounds on the GPU, at ViT-B/16 shapes (197 tokens, head dim 64)."""
+    pytest.importorskip("triton")
+    script = _NUMERICS.format(device="cuda", batch=4, heads=12, tokens=197, head_dim=64)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    for row in json.loads(res.stdout[3:]):
+        print(row)
+
+
+_WIRING = """
+import torch
+from conftest import images, install_random_prefix, make_model
+from regcache.encoders import adapt, record
+from regcache.quant import NaiveConfig, calibrate_, quantize_, fused_attention as fa
+from regcache.quant.methods.repq_vit import RepQViTConfig
+
+launches = [0]
+real_launch = fa.launch
+def counting_launch(*args, **kwargs):
+    launches[0] += 1
+    return real_launch(*args, **kwargs)
+fa.launch = counting_launch
+
+
+def build(config):
+    enc = adapt(make_model("dinov2")).eval()
+    install_random_prefix(enc)
+    quantize_(enc, config)
+    calibrate_(enc, [images("dinov2", 4, seed=3)], progress=False)
+    return enc
+
+
+x = images("dinov2", 3)
+for config in (NaiveConfig(8, 8), RepQViTConfig(w_bits=8, a_bits=4)):
+    fa.set_enabled(True)
+    launches[0] = 0
+    enc = build(config)
+    assert launches[0] == 0, "calibration (observers) must keep the explicit attention"
+    fa.set_enabled(False)
+    ref = build(config)
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), ref.state_dict().values()))
+    with torch.no_grad():
+        explicit = enc(x)
+        assert launches[0] == 0  # switch off
+        fa.set_enabled(True)
+        fused = enc(x)
+        assert launches[0] == enc.num_blocks, launches
+        cos = torch.nn.functional.cosine_similarity(fused, explicit, dim=-1).min().item()
+        assert cos > 0.999, cos
+        launches[0] = 0
+        with record(enc, ("attn_probs",)) as rec:
+            recorded = enc(x)
+        assert launches[0] == 0 and len(rec["attn_probs"]) == enc.num_blocks  # record() needs the probabilities
+        assert torch.equal(recorded, explicit)
+    with torch.enable_grad():
+        enc(x.clone().requires_grad_(True)).sum().backward()  # autograd: explicit path, no launch
+    assert launches[0] == 0
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(enc)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert launches[0] > 0  # the custom op ran inside the traced graph
+        torch._dynamo.reset()
+        compiled = torch.compile(enc, backend="aot_eager", fullgraph=True)(x)
+        assert (compiled - fused).abs().max() <= 1e-5, (compiled - fused).abs().max()
+    fa.set_enabled(False)
+print("ok")
+"""
+
+
+def test_attention_wiring_under_triton_interpreter():
+    """The switch: fused forward on quantized models, explicit for calibration, record(), autograd; compiles."""
+    pytest.importorskip("triton")
+    _run_interpreted(textwrap.dedent(_WIRING))
+
+
+def test_fused_attention_off_by_default_and_cpu_falls_back():
+    from regcache.quant import UniformQuantizer, fused_attention
+
+    if os.environ.get("REGCACHE_FUSED_ATTENTION", "0") != "1":
+        assert not fused_attention.enabled()
+    q = torch.randn(1, 2, 8, 64)
+    assert not fused_attention.supports(q, None, None)  # CPU without the interpreter
+    assert fused_attention.quantized_attention(q, q, q, 0.125) is None
+    observing = UniformQuantizer(8)
+    observing.set_mode("observe")
+    assert fused_attention.prob_quantizer_spec(observing, torch.float32) is None
+    per_token = UniformQuantizer(8, granularity="channel", axis=2)
+    per_token.set_scale(torch.ones(8))
+    per_token.set_mode("quant")
+    assert fused_attention.prob_quantizer_spec(per_token, torch.float32) is None
+
+
+def test_bench_attention_tiny_runs(tmp_path):
+    """benchmarks/bench_attention.py --tiny (interpreter) writes its JSON; fused matches explicit there."""
+    pytest.importorskip("triton")
+    bench = ROOT / "benchmarks" / "bench_attention.py"
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, str(bench), "--tiny", "--quantizers", "float", "repq log4", "ptq4vit twin8"]
+    res = subprocess.run(args, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| batch | quantizer |" in res.stdout.splitlines()[-8]
+    rows = json.loads((tmp_path / "bench_attention.json").read_text())["rows"]
+    assert [(r["quantizer"], r["prefix"]) for r in rows] == [
+        (q, p) for q in ("float", "repq log4", "ptq4vit twin8") for p in ("none", "1 entry, tau 4")
+    ]
+    assert all(r["max_rel_diff"] <= 2.0**-6 for r in rows)
