@@ -135,6 +135,8 @@ class QuantizedEncoder(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_transform"):
             datamodule.set_transform(self.preprocess)
+            if hasattr(datamodule, "set_model_kind"):
+                datamodule.set_model_kind(quantized=self.quant_config is not None)
             self.dataset_names = list(datamodule.names)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

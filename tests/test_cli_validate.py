@@ -210,3 +210,16 @@ def test_register_search_through_the_cli_resumes_after_interruption(tmp_path, sh
     # a finished search is reused as is
     again = _run(config)
     assert again["regcache"]["search_seconds"] == resumed["regcache"]["search_seconds"]
+
+
+@pytest.mark.parametrize(("method", "depth"), [("float", 0), ("naive", 2)])
+def test_validate_prefetches_decoded_batches_for_quantized_models_only(shards, tmp_path, method, depth):
+    from datamodules.suite import ValidationSuite
+    from regcache._lightning import pl
+    from regcache.module import QuantizedEncoder
+
+    suite = ValidationSuite(str(shards), {"colors": {}}, batch_size=6, num_workers=0, decode_on_gpu=True)
+    module = QuantizedEncoder("regcache-tiny-vit", method=method, run_dir=str(tmp_path), fidelity=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, limit_val_batches=1)
+    trainer.validate(module, datamodule=suite, verbose=False)
+    assert suite.modules["colors"].prefetch_depth == depth

@@ -353,3 +353,17 @@ def test_trainer_validate_on_the_suite_without_cuda_decodes_encoded_batches(tmp_
     module = _recording_module(events)
     _trainer(tmp_path).validate(module, datamodule=suite, verbose=False)
     assert module.seen > 0 and suite.modules["imagenet1k_sample_small"].trainer is not None
+
+
+def test_suite_prefetches_for_quantized_models_only_unless_told():
+    datasets = {"imagenet1k_sample_small": {}, "cifar10_sample": {"prefetch_depth": 3}}
+    auto = ValidationSuite(str(DATA_DIR), datasets, decode_on_gpu=True)
+    depths = lambda suite: {n: m.prefetch_depth for n, m in suite.modules.items()}  # noqa: E731
+    assert depths(auto) == {"imagenet1k_sample_small": 2, "cifar10_sample": 3}  # before the model is known
+    auto.set_model_kind(quantized=False)
+    assert depths(auto) == {"imagenet1k_sample_small": 0, "cifar10_sample": 3}  # a dataset's own option wins
+    auto.set_model_kind(quantized=True)
+    assert depths(auto) == {"imagenet1k_sample_small": 2, "cifar10_sample": 3}
+    fixed = ValidationSuite(str(DATA_DIR), datasets, decode_on_gpu=True, prefetch_depth=1)
+    fixed.set_model_kind(quantized=False)
+    assert depths(fixed) == {"imagenet1k_sample_small": 1, "cifar10_sample": 3}
