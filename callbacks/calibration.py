@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 from regcache._lightning import pl
@@ -37,21 +36,20 @@ class Calibration(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.quant_config is None or self.done:
             return
-        start = time.perf_counter()
-        pl_module.attach_method()
-        path = Path(self.state_path) if self.state_path else self.default_path(pl_module)
-        state = None
-        if trainer.is_global_zero:
-            if path.is_file() and not self.force:
-                state = read_quant_state(path)
-                self.loaded_from = str(path)
-            else:
-                loader = trainer.datamodule.calib_dataloader()
-                calibrate_(pl_module.encoder, loader, progress=trainer.progress_bar_callback is not None)
-                state = quant_state(pl_module.encoder)
-                write_quant_state(path, state)
-        state = trainer.strategy.broadcast(state, src=0)
-        apply_quant_state(pl_module.encoder, *state)
+        with pl_module.timed("calibration"):
+            pl_module.attach_method()
+            path = Path(self.state_path) if self.state_path else self.default_path(pl_module)
+            state = None
+            if trainer.is_global_zero:
+                if path.is_file() and not self.force:
+                    state = read_quant_state(path)
+                    self.loaded_from = str(path)
+                else:
+                    loader = trainer.datamodule.calib_dataloader()
+                    calibrate_(pl_module.encoder, loader, progress=trainer.progress_bar_callback is not None)
+                    state = quant_state(pl_module.encoder)
+                    write_quant_state(path, state)
+            state = trainer.strategy.broadcast(state, src=0)
+            apply_quant_state(pl_module.encoder, *state)
         pl_module.results["calibration"] = {"state": str(path), "loaded": self.loaded_from is not None}
-        pl_module.add_time("calibration", time.perf_counter() - start)
         self.done = True

@@ -6,7 +6,6 @@ in ``pl_module.results["metrics"]`` under ``<dataset>/<metric>`` as fractions in
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -82,8 +81,7 @@ class ZeroShotValidation(_PerDataset):
 
     def make_metric(self, trainer, pl_module, idx):
         dm = _datamodule(trainer)
-        start = time.perf_counter()
-        with torch.inference_mode(False), torch.no_grad():
+        with pl_module.timed("zeroshot_classifiers"), torch.inference_mode(False), torch.no_grad():
             self.classifiers[idx] = build_zeroshot_classifier(
                 pl_module.net,
                 pl_module.tokenizer,
@@ -94,7 +92,6 @@ class ZeroShotValidation(_PerDataset):
                 cache_dir=self.cache_dir or str(pl_module.run_dir / "cache"),
                 model_id=pl_module.loaded.identity,
             )
-        pl_module.add_time("zeroshot_classifiers", time.perf_counter() - start)
         return ZeroShotAccuracy(num_classes=len(dm.classnames(idx)))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

@@ -74,7 +74,7 @@ def set_enabled(flag: bool) -> None:
 @functools.cache
 def _kernel() -> Any:
     """The kernel module, or None when Triton is unavailable."""
-    try:
+    try:  # a static import: torch.compile traces this, and importlib.import_module would break its graph
         from regcache.quant import _triton_attention as k
     except (ImportError, AttributeError):  # pragma: no cover - depends on the install
         return None
