@@ -3,7 +3,7 @@
     python benchmarks/bench_attention.py                    # GPU: batch 256 and 1000, every quantizer,
                                                             # without / with a 1-entry prefix (tau 4)
     python benchmarks/bench_attention.py --tiny             # CPU, Triton interpreter, tiny shapes (CI)
-    python benchmarks/bench_attention.py --tune             # GPU: also sweep BLOCK_M x num_warps
+    python benchmarks/bench_attention.py --tune             # GPU: also sweep BLOCK_M x BLOCK_N x num_warps
 
 For each case the same ``Attention.attend`` runs with ``REGCACHE_FUSED_ATTENTION`` off (explicit:
 scores, softmax, fake-quantized probabilities and P·V through HBM), the explicit path under
@@ -20,6 +20,7 @@ benchmarks/common.py and prints the table last.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -101,19 +102,21 @@ def flip_fraction(attn: Attention, q, k, v) -> float:
 
 
 def tune(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, warmup: int, repeats: int) -> None:
-    """Print the fused kernel's time for each BLOCK_M x num_warps (launch errors reported, not fatal)."""
+    """Print the fused kernel's time for each BLOCK_M x BLOCK_N x num_warps (launch errors reported, not fatal)."""
     (pk, pv, bias, fac, qp), c = fa.prepare(q, attn.scale, attn.matmul_pv.a_quantizer, attn.prefix)
-    for block_m in (16, 32, 64, 128):
-        for warps in (2, 4, 8):
-            try:
-                t = time_fn(
-                    lambda bm=block_m, w=warps: fa.launch(q, k, v, pk, pv, bias, fac, qp, **c, block_m=bm, num_warps=w),
-                    warmup=warmup,
-                    repeats=repeats,
-                )
-                print(f"tune BLOCK_M={block_m} num_warps={warps}: {1000 * t:.3f} ms", flush=True)
-            except Exception as exc:  # a configuration that does not fit (registers / shared memory): go on
-                print(f"tune BLOCK_M={block_m} num_warps={warps}: failed ({exc!r})", flush=True)
+    for block_m, block_n, warps in itertools.product((32, 64, 128), (16, 32, 64, 128), (4, 8)):
+        name = f"tune BLOCK_M={block_m} BLOCK_N={block_n} num_warps={warps}"
+        try:
+            t = time_fn(
+                lambda bm=block_m, bn=block_n, w=warps: fa.launch(
+                    q, k, v, pk, pv, bias, fac, qp, **c, block_m=bm, num_warps=w, block_n=bn
+                ),
+                warmup=warmup,
+                repeats=repeats,
+            )
+            print(f"{name}: {1000 * t:.3f} ms", flush=True)
+        except Exception as exc:  # a configuration that does not fit (registers / shared memory): go on
+            print(f"{name}: failed ({exc!r})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd explicit path")
     p.add_argument("--block-m", type=int, default=0, help="query rows per program (0: the kernel's default)")
     p.add_argument("--num-warps", type=int, default=0, help="warps per program (0: the kernel's default)")
-    p.add_argument("--tune", action="store_true", help="also time BLOCK_M x num_warps on the first case")
+    p.add_argument("--block-n", type=int, default=0, help="keys per tile (0: the kernel's default)")
+    p.add_argument(
+        "--tune", action="store_true", help="also time BLOCK_M x BLOCK_N x num_warps on the first prefixed case"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; tiny 1)")
     args = p.parse_args(argv)
 
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     compile_explicit = not (tiny or args.no_compile)
     torch.set_grad_enabled(False)
 
-    rows = []
+    rows, tuned = [], False
     for batch in batches:
         q, k, v = make_qkv(batch, heads, tokens, head_dim, device, dtype)
         sample = slice(0, min(batch, 64))
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                     t_compiled = time_fn(lambda c=compiled, x=(q, k, v): c(*x), warmup=warmup, repeats=repeats)
                     torch._dynamo.reset()
                 fa.set_enabled(True)
-                kw = {"block_m": args.block_m, "num_warps": args.num_warps}
+                kw = {"block_m": args.block_m, "num_warps": args.num_warps, "block_n": args.block_n}
 
                 def fused_call(a=attn, kw=kw, x=(q, k, v)):
                     return fa.quantized_attention(*x, a.scale, a.matmul_pv.a_quantizer, a.prefix, **kw)
@@ -193,8 +199,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 fa.set_enabled(False)
                 print(rows[-1], flush=True)
-                if args.tune and len(rows) == 1:
+                if args.tune and prefix is not None and not tuned:
                     tune(attn, q, k, v, warmup, repeats)
+                    tuned = True
     columns = list(rows[0])
     extra = {"heads": heads, "tokens": tokens, "head_dim": head_dim, "dtype": "bfloat16", "interpreter": tiny}
     write_results("bench_attention", rows, columns, extra)

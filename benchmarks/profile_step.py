@@ -12,8 +12,11 @@ same command under ``ncu --target-processes all -k regex:... python ...``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -72,17 +75,42 @@ def profile_search(args, device: str) -> None:
         candidates = curate_candidates(encoder, ref, layers=l_q, k=4, progress=False)
     search = RegisterSearch(
         encoder, NaiveConfig(8, 8), calib, ref, EmbeddingCosine(), l_q, candidates, taus=range(1, 16),
-        delete_ks=(2,), progress=False,
+        delete_ks=(2,), progress=False, eval_batch_size=1000, compile_tail=args.compile,
     )  # fmt: skip
-    points = search.points
+    points = [p for p in search.points if p.mode == "both"]
     search.points = points[:2]
-    search.run("cached")  # warm-up and setup
-    search.points = points[2 : 2 + args.configs]
+    search.run("cached")  # warm-up, setup and compilation
+    todo = points[2 : 2 + args.configs]
+    search.points = todo
     sync()
     with profile(activities=_activities()) as prof:
         search.run("cached")
         sync()
     _report(prof, args.rows)
+    _search_split(search, todo)
+
+
+def _search_split(search: Any, points: list[Any]) -> None:
+    """Synchronized wall time per configuration of its three steps: install, re-calibration, tail forward."""
+    parts = {"install": [], "recalibration": [], "tail forward + score": []}
+    for point in points:
+        for name, fn in (
+            ("install", lambda p=point: search.install(p)),
+            ("recalibration", lambda p=point: search._recalibrate(p, "cached")),
+            (
+                "tail forward + score",
+                lambda p=point: float(search._evaluate_tail(search._start(p), search.compile_tail)),
+            ),
+        ):
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            sync()
+            parts[name].append(time.perf_counter() - t0)
+    print("| step (synchronized) | ms / configuration |\n|---|---|")
+    for name, ts in parts.items():
+        print(f"| {name} | {1e3 * statistics.median(ts):.1f} |")
 
 
 def profile_calibration(args, device: str) -> None:

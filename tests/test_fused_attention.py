@@ -32,6 +32,7 @@ from regcache.quant.log_quantizers import LogSqrt2Quantizer
 from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
 
 DEVICE, B, H, N, D = {device!r}, {batch}, {heads}, {tokens}, {head_dim}
+fa.TILE[:] = {tile}  # several key tiles per row: the two-pass softmax is exercised
 # max flipped-code fraction, and output rounding tolerance relative to max |out|, per dtype
 FLIP_BOUND = {{torch.float32: 1e-3, torch.bfloat16: 2e-3}}
 OUT_RTOL = {{torch.float32: 1e-5, torch.bfloat16: 2.0**-7}}
@@ -170,7 +171,7 @@ def _run_interpreted(script: str) -> str:
 def test_fused_attention_matches_explicit_under_triton_interpreter():
     """Every probability quantizer x prefix x dtype, on CPU through the interpreter, against Attention.attend."""
     pytest.importorskip("triton")
-    script = _NUMERICS.format(device="cpu", batch=2, heads=2, tokens=45, head_dim=64)
+    script = _NUMERICS.format(device="cpu", batch=2, heads=2, tokens=45, head_dim=64, tile=[32, 32])
     rows = json.loads(_run_interpreted(textwrap.dedent(script))[3:])
     assert len(rows) == 2 * 7 * 4
 
@@ -179,8 +180,9 @@ def test_fused_attention_matches_explicit_under_triton_interpreter():
 def test_fused_attention_matches_explicit_cuda():
     """The same bounds on the GPU, at ViT-B/16 shapes (197 tokens, head dim 64)."""
     pytest.importorskip("triton")
-    script = _NUMERICS.format(device="cuda", batch=4, heads=12, tokens=197, head_dim=64)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = _NUMERICS.format(device="cuda", batch=4, heads=12, tokens=197, head_dim=64, tile=[64, 64])
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     for row in json.loads(res.stdout[3:]):

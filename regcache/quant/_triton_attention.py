@@ -1,9 +1,9 @@
 """The Triton kernel behind :mod:`regcache.quant.fused_attention` (imported lazily: only where Triton is installed).
 
-One program = one (batch, head) and one block of query rows. It loads the whole K and V of the
-head (prefix entries first, then the tokens: at most 256 keys), so the row softmax is computed in
-one pass in registers, the probabilities are fake-quantized there and P·V accumulated, reading
-q / k / v once and writing the output once.
+One program = one (batch, head) and one block of query rows. It walks the keys (prefix entries
+first, then the tokens) in tiles twice: once for each row's softmax max and sum, once to compute
+the probabilities, fake-quantize them in registers and accumulate P·V. q is read once, K twice,
+V once, the output written once; nothing of size N² reaches HBM.
 
 The eager attention rounds to the activation dtype after every op (matmul, ``* scale``, ``+ ln τ``,
 softmax, ``/ τ``, each op of a quantizer that computes in x's dtype, ``* τ``); ``_rd`` repeats those
@@ -133,6 +133,44 @@ def _fake_quant(x, p0, p1, c0, c1, QKIND: tl.constexpr, ADDITIVE: tl.constexpr, 
 
 
 @triton.jit
+def _scores(
+    q,
+    k_ptr,
+    pk_ptr,
+    bias_ptr,
+    kbase,
+    pkbase,
+    bbase,
+    sk_n,
+    spk_n,
+    cols,
+    dcol,
+    N,
+    NPRE,
+    sm_scale,
+    HAS_PREFIX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Scores of the query block against key columns ``cols`` of [prefix; tokens], -inf outside."""
+    is_tok = (cols >= NPRE) & (cols < NPRE + N)
+    tok = tl.where(is_tok, cols - NPRE, 0)
+    kk = tl.load(k_ptr + kbase + tok[:, None] * sk_n + dcol[None, :], mask=is_tok[:, None], other=0.0)
+    if HAS_PREFIX:
+        is_pre = cols < NPRE
+        pre = tl.where(is_pre, cols, 0)
+        kp = tl.load(pk_ptr + pkbase + pre[:, None] * spk_n + dcol[None, :], mask=is_pre[:, None], other=0.0)
+        kk = tl.where(is_pre[:, None], kp.to(kk.dtype), kk)
+    s = _dot(q, tl.trans(kk), IEEE)
+    s = _rd(_rd(s, DT) * sm_scale, DT)  # (q @ kᵀ) then * scale, each rounded as eager
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + bbase + cols, mask=cols < NPRE, other=0.0)
+        s = _rd(s + bias[None, :], DT)
+    return tl.where((cols < NPRE + N)[None, :], s, float("-inf"))
+
+
+@triton.jit
 def quantized_attention_kernel(
     q_ptr,
     k_ptr,
@@ -183,6 +221,10 @@ def quantized_attention_kernel(
 ):
     """out[b, h, rows] = Q_p(softmax(q kᵀ · scale + bias)) · v over [prefix; tokens] (last dim stride 1).
 
+    Two passes over tiles of BLOCK_N keys: the first finds each row's max and exp-sum (online), the
+    second recomputes the scores, normalizes, quantizes and accumulates P·V in float32. The
+    probabilities must be final before they are quantized, hence the second pass instead of
+    flash attention's rescaled accumulator; the scores' matmul is cheap next to the element work.
     Strides are in elements; a prefix / bias batch stride of 0 shares one register set by the batch.
     ``p_ptr`` (with STORE_P) receives the quantized probabilities, (B, H, N, NPRE + N) contiguous.
     """
@@ -192,48 +234,91 @@ def quantized_attention_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     dcol = tl.arange(0, D)
-    cols = tl.arange(0, BLOCK_N)
-    is_pre = cols < NPRE
-    is_tok = (cols >= NPRE) & (cols < NPRE + N)
-    valid = cols < NPRE + N
-    tok = tl.where(is_tok, cols - NPRE, 0)
+    nk = NPRE + N
+    kbase = b * sk_b + h * sk_h
+    pkbase = b * spk_b + h * spk_h
+    vbase = b * sv_b + h * sv_h
+    pvbase = b * spv_b + h * spv_h
+    bbase = b * sbias_b
 
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :], mask=row_ok[:, None], other=0.0)
-    kk = tl.load(k_ptr + b * sk_b + h * sk_h + tok[:, None] * sk_n + dcol[None, :], mask=is_tok[:, None], other=0.0)
-    if HAS_PREFIX:
-        pre = tl.where(is_pre, cols, 0)
-        kp = tl.load(pk_ptr + b * spk_b + h * spk_h + pre[:, None] * spk_n + dcol[None, :], mask=is_pre[:, None])
-        kk = tl.where(is_pre[:, None], kp.to(kk.dtype), kk)
-    s = _dot(q, tl.trans(kk), IEEE)
-    s = _rd(_rd(s, DT) * sm_scale, DT)  # (q @ kᵀ) then * scale, each rounded as eager
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + b * sbias_b + cols, mask=is_pre, other=0.0)
-        fac = tl.load(fac_ptr + b * sbias_b + cols, mask=is_pre, other=1.0)
-        s = _rd(s + bias[None, :], DT)
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m = tl.max(s, axis=1)
-    e = tl.exp(s - m[:, None])
-    p = _rd(e / tl.sum(e, axis=1)[:, None], DT)
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    lsum = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, nk, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        s = _scores(
+            q,
+            k_ptr,
+            pk_ptr,
+            bias_ptr,
+            kbase,
+            pkbase,
+            bbase,
+            sk_n,
+            spk_n,
+            cols,
+            dcol,
+            N,
+            NPRE,
+            sm_scale,
+            HAS_PREFIX,
+            HAS_BIAS,
+            DT,
+            IEEE,
+        )
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m = m_new
+    inv = 1.0 / lsum
 
     pidx = h % nparam
     p0 = tl.load(qp_ptr + pidx * 2)
     p1 = tl.load(qp_ptr + pidx * 2 + 1)
-    if HAS_BIAS:  # each of τ copies' share p/τ is quantized, then the τ copies summed back
-        x = _rd(tl.div_rn(p, fac[None, :]), DT)
-        pq = _rd(_fake_quant(x, p0, p1, c0, c1, QKIND, ADDITIVE, DT) * fac[None, :], DT)
-    else:
-        pq = _fake_quant(p, p0, p1, c0, c1, QKIND, ADDITIVE, DT)
-    pq = tl.where(valid[None, :], pq, 0.0)
-    if STORE_P:
-        nk = NPRE + N
-        base = (b * H + h) * N * nk
-        tl.store(p_ptr + base + rows[:, None] * nk + cols[None, :], pq, mask=row_ok[:, None] & valid[None, :])
-
-    vv = tl.load(v_ptr + b * sv_b + h * sv_h + tok[:, None] * sv_n + dcol[None, :], mask=is_tok[:, None], other=0.0)
-    if HAS_PREFIX:
-        vp = tl.load(pv_ptr + b * spv_b + h * spv_h + pre[:, None] * spv_n + dcol[None, :], mask=is_pre[:, None])
-        vv = tl.where(is_pre[:, None], vp.to(vv.dtype), vv)
-    acc = _dot(pq.to(vv.dtype), vv, IEEE)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for start in range(0, nk, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        valid = cols < nk
+        s = _scores(
+            q,
+            k_ptr,
+            pk_ptr,
+            bias_ptr,
+            kbase,
+            pkbase,
+            bbase,
+            sk_n,
+            spk_n,
+            cols,
+            dcol,
+            N,
+            NPRE,
+            sm_scale,
+            HAS_PREFIX,
+            HAS_BIAS,
+            DT,
+            IEEE,
+        )
+        p = _rd(tl.exp(s - m[:, None]) * inv[:, None], DT)
+        if HAS_BIAS:  # each of τ copies' share p/τ is quantized, then the τ copies summed back
+            fac = tl.load(fac_ptr + bbase + cols, mask=cols < NPRE, other=1.0)
+            x = _rd(tl.div_rn(p, fac[None, :]), DT)
+            pq = _rd(_fake_quant(x, p0, p1, c0, c1, QKIND, ADDITIVE, DT) * fac[None, :], DT)
+        else:
+            pq = _fake_quant(p, p0, p1, c0, c1, QKIND, ADDITIVE, DT)
+        pq = tl.where(valid[None, :], pq, 0.0)
+        if STORE_P:
+            base = (b * H + h) * N * nk
+            tl.store(p_ptr + base + rows[:, None] * nk + cols[None, :], pq, mask=row_ok[:, None] & valid[None, :])
+        is_tok = (cols >= NPRE) & valid
+        tok = tl.where(is_tok, cols - NPRE, 0)
+        vv = tl.load(v_ptr + vbase + tok[:, None] * sv_n + dcol[None, :], mask=is_tok[:, None], other=0.0)
+        if HAS_PREFIX:
+            is_pre = cols < NPRE
+            pre = tl.where(is_pre, cols, 0)
+            vp = tl.load(pv_ptr + pvbase + pre[:, None] * spv_n + dcol[None, :], mask=is_pre[:, None], other=0.0)
+            vv = tl.where(is_pre[:, None], vp.to(vv.dtype), vv)
+        acc += _dot(pq.to(vv.dtype), vv, IEEE)
     acc = _rd(acc, DT)
     tl.store(
         out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dcol[None, :],

@@ -1,14 +1,15 @@
 """Fused quantized attention: one Triton kernel per (batch·head, block of query rows) (opt-in prototype).
 
 The explicit attention materializes scores, softmax, fake-quantized probabilities and P·V in HBM
-(the probabilities must be quantized, so SDPA / flash kernels cannot run it). For ViT shapes a row
-has at most a few hundred keys, so :func:`quantized_attention` loads the whole K / V of a head into
-SRAM and does scores, softmax, the probability fake quantizer and P·V in registers
-(``_triton_attention.py``): q / k / v read once, the output written once.
+(the probabilities must be quantized, so SDPA / flash kernels cannot run it).
+:func:`quantized_attention` walks the keys in tiles twice per block of query rows: a first pass
+for the softmax's row max and sum, a second for the probabilities, their fake quantizer and P·V,
+all in registers (``_triton_attention.py``): nothing of size N² reaches HBM, at the price of
+computing q·kᵀ twice (cheap next to the per-probability work).
 
 Numerics follow the eager :class:`~regcache.encoders.base.Attention` op for op, including the
-rounding to the activation dtype after each op, but the softmax is computed differently (one pass,
-other summation order, ``exp`` of the GPU's fast path), so a probability lying on a quantization
+rounding to the activation dtype after each op, but the softmax is computed differently (online
+row sums, a reciprocal instead of a division, ``exp`` of the GPU's fast path), so a probability lying on a quantization
 boundary can land on the neighbouring code: the result is close to, not bit-identical with, the
 explicit path (tests/test_fused_attention.py bounds the fraction of flipped codes and the output
 difference in steps).
@@ -42,8 +43,11 @@ from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
 if TYPE_CHECKING:
     from regcache.encoders.base import AttentionPrefix
 
-MAX_KEYS = 256  # prefix entries + tokens: K and V of one head stay in SRAM
 HEAD_DIMS = (16, 32, 64, 128)
+TILE = [
+    64,
+    64,
+]  # default (query rows, keys) per tile: the fastest on an H100 at ViT-B/16 shapes (bench_attention --tune)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ENABLED = [os.environ.get("REGCACHE_FUSED_ATTENTION", "0") == "1"]
@@ -133,9 +137,6 @@ def supports(q: torch.Tensor, prefix: AttentionPrefix | None, prob_quantizer: Qu
         return False
     if torch.is_grad_enabled() and q.requires_grad:
         return False
-    npre = 0 if prefix is None else prefix.keys.shape[-2]
-    if npre + q.shape[-2] > MAX_KEYS:
-        return False
     if prefix is not None and prefix.keys.shape[0] not in (1, q.shape[0]):
         return False
     spec = prob_quantizer_spec(prob_quantizer, q.dtype)
@@ -165,16 +166,16 @@ def launch(
     block_m: int = 0,
     num_warps: int = 0,
     store_probs: bool = False,
+    block_n: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel: (output (B, heads, N, D) laid out as (B, N, heads, D), quantized probabilities or None)."""
     kmod = _kernel()
     b, h, n, d = q.shape
     npre = 0 if prefix_keys is None else prefix_keys.shape[-2]
-    block_n = max(16, kmod.next_power_of_2(npre + n))
-    if not block_m:  # untuned guess: a few (BLOCK_M, BLOCK_N) float32 tiles must stay in registers
-        block_m = 16 if n <= 16 else 32 if n <= 32 or block_n >= 256 else 64
-    if not num_warps:
-        num_warps = 8 if block_m * block_n >= 64 * 256 else 4
+    small = max(16, kmod.next_power_of_2(max(n, npre + n)))
+    block_m = block_m or min(TILE[0], small)
+    block_n = block_n or min(TILE[1], small)
+    num_warps = num_warps or 4
     q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
     # (B, N, heads, D) storage: the caller's transpose(1, 2).reshape(B, N, heads·D) is then a view
     out = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -235,15 +236,17 @@ def _attention_op(
     scale: float,
     block_m: int,
     num_warps: int,
+    block_n: int,
 ) -> torch.Tensor:
     out, _ = launch(
-        q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, block_m, num_warps
-    )
+        q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, block_m, num_warps,
+        block_n=block_n,
+    )  # fmt: skip
     return out
 
 
 @_attention_op.register_fake
-def _(q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, block_m, num_warps):
+def _(q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, bm, nw, bn):
     b, h, n, d = q.shape
     return q.new_empty(b, n, h, d).transpose(1, 2)
 
@@ -277,6 +280,7 @@ def quantized_attention(
     prefix: AttentionPrefix | None = None,
     block_m: int = 0,
     num_warps: int = 0,
+    block_n: int = 0,
 ) -> torch.Tensor | None:
     """Q_p(softmax(q kᵀ · scale [+ ln τ])) · v over [prefix; tokens] in one kernel, or None where it does not apply.
 
@@ -287,7 +291,7 @@ def quantized_attention(
         return None
     (pk, pv, bias, factor, qparams), c = prepare(q, scale, prob_quantizer, prefix)
     args = (q, k.to(q.dtype), v.to(q.dtype), pk, pv, bias, factor, qparams)
-    consts = (c["kind"], c["additive"], c["c0"], c["c1"], c["scale"], block_m, num_warps)
+    consts = (c["kind"], c["additive"], c["c0"], c["c1"], c["scale"], block_m, num_warps, block_n)
     if torch.compiler.is_compiling():
         return _attention_op(*args, *consts)
     try:
@@ -316,7 +320,6 @@ def attention_fusable(attn: torch.nn.Module) -> bool:
 
 
 __all__ = [
-    "MAX_KEYS",
     "attention_fusable",
     "enabled",
     "launch",
