@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-warps", type=int, default=0, help="warps per program (0: the kernel's default)")
     p.add_argument("--block-n", type=int, default=0, help="keys per tile (0: the kernel's default)")
     p.add_argument(
-        "--tune", action="store_true", help="also time BLOCK_M x BLOCK_N x num_warps on the first prefixed case"
+        "--tune",
+        action="store_true",
+        help="also time BLOCK_M x BLOCK_N x num_warps on the first case without and with a prefix",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; tiny 1)")
     args = p.parse_args(argv)
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     compile_explicit = not (tiny or args.no_compile)
     torch.set_grad_enabled(False)
 
-    rows, tuned = [], False
+    rows, tuned = [], set()
     for batch in batches:
         q, k, v = make_qkv(batch, heads, tokens, head_dim, device, dtype)
         sample = slice(0, min(batch, 64))
@@ -199,9 +201,10 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 fa.set_enabled(False)
                 print(rows[-1], flush=True)
-                if args.tune and prefix is not None and not tuned:
+                if args.tune and pname not in tuned:  # the first case without and the first with a prefix
+                    print(f"tuning {qname} / {pname}", flush=True)
                     tune(attn, q, k, v, warmup, repeats)
-                    tuned = True
+                    tuned.add(pname)
     columns = list(rows[0])
     extra = {"heads": heads, "tokens": tokens, "head_dim": head_dim, "dtype": "bfloat16", "interpreter": tiny}
     write_results("bench_attention", rows, columns, extra)

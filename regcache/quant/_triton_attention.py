@@ -1,8 +1,8 @@
 """The Triton kernel behind :mod:`regcache.quant.fused_attention` (imported lazily: only where Triton is installed).
 
-One program = one (batch, head) and one block of query rows. It walks the keys (prefix entries
-first, then the tokens) in tiles twice: once for each row's softmax max and sum, once to compute
-the probabilities, fake-quantize them in registers and accumulate P·V. q is read once, K twice,
+One program = one (batch, head) and one block of query rows. It walks the keys (the prefix
+entries as one small tile, then the tokens in tiles) twice: once for each row's softmax max and
+sum, once to compute the probabilities, fake-quantize them in registers and accumulate P·V. q is read once, K twice,
 V once, the output written once; nothing of size N² reaches HBM.
 
 The eager attention rounds to the activation dtype after every op (matmul, ``* scale``, ``+ ln τ``,
@@ -133,41 +133,20 @@ def _fake_quant(x, p0, p1, c0, c1, QKIND: tl.constexpr, ADDITIVE: tl.constexpr, 
 
 
 @triton.jit
-def _scores(
-    q,
-    k_ptr,
-    pk_ptr,
-    bias_ptr,
-    kbase,
-    pkbase,
-    bbase,
-    sk_n,
-    spk_n,
-    cols,
-    dcol,
-    N,
-    NPRE,
-    sm_scale,
-    HAS_PREFIX: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DT: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """Scores of the query block against key columns ``cols`` of [prefix; tokens], -inf outside."""
-    is_tok = (cols >= NPRE) & (cols < NPRE + N)
-    tok = tl.where(is_tok, cols - NPRE, 0)
-    kk = tl.load(k_ptr + kbase + tok[:, None] * sk_n + dcol[None, :], mask=is_tok[:, None], other=0.0)
-    if HAS_PREFIX:
-        is_pre = cols < NPRE
-        pre = tl.where(is_pre, cols, 0)
-        kp = tl.load(pk_ptr + pkbase + pre[:, None] * spk_n + dcol[None, :], mask=is_pre[:, None], other=0.0)
-        kk = tl.where(is_pre[:, None], kp.to(kk.dtype), kk)
+def _tile_scores(q, ptr, base, s_n, idx, n, sm_scale, D: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """(q kᵀ) · scale for key rows ``idx`` (< n) of one tile, each op rounded as eager; -inf past n."""
+    ok = idx < n
+    kk = tl.load(ptr + base + idx[:, None] * s_n + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
     s = _dot(q, tl.trans(kk), IEEE)
-    s = _rd(_rd(s, DT) * sm_scale, DT)  # (q @ kᵀ) then * scale, each rounded as eager
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + bbase + cols, mask=cols < NPRE, other=0.0)
-        s = _rd(s + bias[None, :], DT)
-    return tl.where((cols < NPRE + N)[None, :], s, float("-inf"))
+    s = _rd(_rd(s, DT) * sm_scale, DT)
+    return tl.where(ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _pv(pq, ptr, base, s_n, idx, n, D: tl.constexpr, IEEE: tl.constexpr):
+    """pq @ V[idx] for value rows ``idx`` (< n) of one tile, float32."""
+    vv = tl.load(ptr + base + idx[:, None] * s_n + tl.arange(0, D)[None, :], mask=(idx < n)[:, None], other=0.0)
+    return _dot(pq.to(vv.dtype), vv, IEEE)
 
 
 @triton.jit
@@ -211,6 +190,7 @@ def quantized_attention_kernel(
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     QKIND: tl.constexpr,
     ADDITIVE: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
@@ -221,10 +201,12 @@ def quantized_attention_kernel(
 ):
     """out[b, h, rows] = Q_p(softmax(q kᵀ · scale + bias)) · v over [prefix; tokens] (last dim stride 1).
 
-    Two passes over tiles of BLOCK_N keys: the first finds each row's max and exp-sum (online), the
-    second recomputes the scores, normalizes, quantizes and accumulates P·V in float32. The
-    probabilities must be final before they are quantized, hence the second pass instead of
-    flash attention's rescaled accumulator; the scores' matmul is cheap next to the element work.
+    Two passes over the keys: the first finds each row's max and exp-sum (online), the second
+    recomputes the scores, normalizes, quantizes and accumulates P·V in float32. The probabilities
+    must be final before they are quantized, hence the second pass instead of flash attention's
+    rescaled accumulator; the scores' matmul is cheap next to the per-probability work. The prefix
+    (NPRE <= BLOCK_P entries, with the ``ln τ`` bias and the p/τ quantization) is its own small
+    tile, so the token tiles (BLOCK_N keys) carry none of its extra arithmetic.
     Strides are in elements; a prefix / bias batch stride of 0 shares one register set by the batch.
     ``p_ptr`` (with STORE_P) receives the quantized probabilities, (B, H, N, NPRE + N) contiguous.
     """
@@ -234,91 +216,61 @@ def quantized_attention_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     dcol = tl.arange(0, D)
-    nk = NPRE + N
     kbase = b * sk_b + h * sk_h
-    pkbase = b * spk_b + h * spk_h
     vbase = b * sv_b + h * sv_h
+    pkbase = b * spk_b + h * spk_h
     pvbase = b * spv_b + h * spv_h
-    bbase = b * sbias_b
+    pre = tl.arange(0, BLOCK_P)
+    nk = NPRE + N
+    pbase = (b * H + h) * N * nk
 
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :], mask=row_ok[:, None], other=0.0)
 
+    # pass 1: row max and sum of exp, prefix tile first
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     lsum = tl.zeros((BLOCK_M,), tl.float32)
-    for start in range(0, nk, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        s = _scores(
-            q,
-            k_ptr,
-            pk_ptr,
-            bias_ptr,
-            kbase,
-            pkbase,
-            bbase,
-            sk_n,
-            spk_n,
-            cols,
-            dcol,
-            N,
-            NPRE,
-            sm_scale,
-            HAS_PREFIX,
-            HAS_BIAS,
-            DT,
-            IEEE,
-        )
+    if HAS_PREFIX:
+        sp = _tile_scores(q, pk_ptr, pkbase, spk_n, pre, NPRE, sm_scale, D, DT, IEEE)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b * sbias_b + pre, mask=pre < NPRE, other=0.0)
+            sp = _rd(sp + bias[None, :], DT)
+        m = tl.max(sp, axis=1)
+        lsum = tl.sum(tl.exp(sp - m[:, None]), axis=1)
+    for start in range(0, N, BLOCK_N):
+        s = _tile_scores(q, k_ptr, kbase, sk_n, start + tl.arange(0, BLOCK_N), N, sm_scale, D, DT, IEEE)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
     inv = 1.0 / lsum
 
+    # pass 2: probabilities, their fake quantizer, P·V
     pidx = h % nparam
     p0 = tl.load(qp_ptr + pidx * 2)
     p1 = tl.load(qp_ptr + pidx * 2 + 1)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for start in range(0, nk, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        valid = cols < nk
-        s = _scores(
-            q,
-            k_ptr,
-            pk_ptr,
-            bias_ptr,
-            kbase,
-            pkbase,
-            bbase,
-            sk_n,
-            spk_n,
-            cols,
-            dcol,
-            N,
-            NPRE,
-            sm_scale,
-            HAS_PREFIX,
-            HAS_BIAS,
-            DT,
-            IEEE,
-        )
-        p = _rd(tl.exp(s - m[:, None]) * inv[:, None], DT)
+    if HAS_PREFIX:
+        p = _rd(tl.exp(sp - m[:, None]) * inv[:, None], DT)
         if HAS_BIAS:  # each of τ copies' share p/τ is quantized, then the τ copies summed back
-            fac = tl.load(fac_ptr + bbase + cols, mask=cols < NPRE, other=1.0)
+            fac = tl.load(fac_ptr + b * sbias_b + pre, mask=pre < NPRE, other=1.0)
             x = _rd(tl.div_rn(p, fac[None, :]), DT)
             pq = _rd(_fake_quant(x, p0, p1, c0, c1, QKIND, ADDITIVE, DT) * fac[None, :], DT)
         else:
             pq = _fake_quant(p, p0, p1, c0, c1, QKIND, ADDITIVE, DT)
-        pq = tl.where(valid[None, :], pq, 0.0)
+        pq = tl.where((pre < NPRE)[None, :], pq, 0.0)
         if STORE_P:
-            base = (b * H + h) * N * nk
-            tl.store(p_ptr + base + rows[:, None] * nk + cols[None, :], pq, mask=row_ok[:, None] & valid[None, :])
-        is_tok = (cols >= NPRE) & valid
-        tok = tl.where(is_tok, cols - NPRE, 0)
-        vv = tl.load(v_ptr + vbase + tok[:, None] * sv_n + dcol[None, :], mask=is_tok[:, None], other=0.0)
-        if HAS_PREFIX:
-            is_pre = cols < NPRE
-            pre = tl.where(is_pre, cols, 0)
-            vp = tl.load(pv_ptr + pvbase + pre[:, None] * spv_n + dcol[None, :], mask=is_pre[:, None], other=0.0)
-            vv = tl.where(is_pre[:, None], vp.to(vv.dtype), vv)
-        acc += _dot(pq.to(vv.dtype), vv, IEEE)
+            tl.store(
+                p_ptr + pbase + rows[:, None] * nk + pre[None, :], pq, mask=row_ok[:, None] & (pre < NPRE)[None, :]
+            )
+        acc += _pv(pq, pv_ptr, pvbase, spv_n, pre, NPRE, D, IEEE)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        s = _tile_scores(q, k_ptr, kbase, sk_n, cols, N, sm_scale, D, DT, IEEE)
+        p = _rd(tl.exp(s - m[:, None]) * inv[:, None], DT)
+        pq = tl.where((cols < N)[None, :], _fake_quant(p, p0, p1, c0, c1, QKIND, ADDITIVE, DT), 0.0)
+        if STORE_P:
+            ptrs = p_ptr + pbase + rows[:, None] * nk + NPRE + cols[None, :]
+            tl.store(ptrs, pq, mask=row_ok[:, None] & (cols < N)[None, :])
+        acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, D, IEEE)
     acc = _rd(acc, DT)
     tl.store(
         out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dcol[None, :],

@@ -172,7 +172,7 @@ def launch(
     kmod = _kernel()
     b, h, n, d = q.shape
     npre = 0 if prefix_keys is None else prefix_keys.shape[-2]
-    small = max(16, kmod.next_power_of_2(max(n, npre + n)))
+    small = max(16, kmod.next_power_of_2(n))
     block_m = block_m or min(TILE[0], small)
     block_n = block_n or min(TILE[1], small)
     num_warps = num_warps or 4
@@ -203,6 +203,7 @@ def launch(
         "D": d,
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
+        "BLOCK_P": max(16, kmod.next_power_of_2(npre)),
         "QKIND": kind,
         "ADDITIVE": additive,
         "HAS_PREFIX": prefix_keys is not None,
