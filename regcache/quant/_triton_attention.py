@@ -249,19 +249,19 @@ def quantized_attention_kernel(
     p1 = tl.load(qp_ptr + pidx * 2 + 1)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     if HAS_PREFIX:
-        p = _rd(tl.exp(sp - m[:, None]) * inv[:, None], DT)
+        pp = _rd(tl.exp(sp - m[:, None]) * inv[:, None], DT)
         if HAS_BIAS:  # each of τ copies' share p/τ is quantized, then the τ copies summed back
             fac = tl.load(fac_ptr + b * sbias_b + pre, mask=pre < NPRE, other=1.0)
-            x = _rd(tl.div_rn(p, fac[None, :]), DT)
-            pq = _rd(_fake_quant(x, p0, p1, c0, c1, QKIND, ADDITIVE, DT) * fac[None, :], DT)
+            xp = _rd(tl.div_rn(pp, fac[None, :]), DT)
+            ppq = _rd(_fake_quant(xp, p0, p1, c0, c1, QKIND, ADDITIVE, DT) * fac[None, :], DT)
         else:
-            pq = _fake_quant(p, p0, p1, c0, c1, QKIND, ADDITIVE, DT)
-        pq = tl.where((pre < NPRE)[None, :], pq, 0.0)
+            ppq = _fake_quant(pp, p0, p1, c0, c1, QKIND, ADDITIVE, DT)
+        ppq = tl.where((pre < NPRE)[None, :], ppq, 0.0)
         if STORE_P:
             tl.store(
-                p_ptr + pbase + rows[:, None] * nk + pre[None, :], pq, mask=row_ok[:, None] & (pre < NPRE)[None, :]
+                p_ptr + pbase + rows[:, None] * nk + pre[None, :], ppq, mask=row_ok[:, None] & (pre < NPRE)[None, :]
             )
-        acc += _pv(pq, pv_ptr, pvbase, spv_n, pre, NPRE, D, IEEE)
+        acc += _pv(ppq, pv_ptr, pvbase, spv_n, pre, NPRE, D, IEEE)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         s = _tile_scores(q, k_ptr, kbase, sk_n, cols, N, sm_scale, D, DT, IEEE)
