@@ -88,6 +88,51 @@ def profile_search(args, device: str) -> None:
         sync()
     _report(prof, args.rows)
     _search_split(search, todo)
+    if torch.cuda.is_available():
+        _sync_sites(search, todo[:2])
+
+
+def _sync_sites(search: Any, points: list[Any]) -> None:
+    """Where a configuration's queued work waits for the GPU (host syncs), and its host time without syncing.
+
+    Runs install + re-calibration + tail of each point under ``torch.cuda.set_sync_debug_mode("warn")``
+    and prints the regcache frames of every synchronizing call; the score is not read.
+    """
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+    host: list[float] = []
+
+    def on_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        frames = [f for f in traceback.extract_stack() if "/regcache/" in f.filename]
+        key = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
+        sites[key] = sites.get(key, 0) + 1
+
+    previous = warnings.showwarning
+    warnings.showwarning = on_warning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = on_warning
+            for point in points:
+                sync()
+                torch.cuda.set_sync_debug_mode("warn")
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    search.install(point)
+                    search._recalibrate(point, "cached")
+                    search._evaluate_tail(search._start(point), search.compile_tail)
+                host.append(time.perf_counter() - t0)
+                torch.cuda.set_sync_debug_mode("default")
+                sync()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = previous
+    print(f"host time per configuration without reading the score: {[round(1e3 * t, 1) for t in host]} ms")
+    print("synchronizing calls (count per site):" if sites else "no synchronizing call")
+    for key, n in sorted(sites.items(), key=lambda kv: -kv[1]):
+        print(f"  {n} x {key}")
 
 
 def _search_split(search: Any, points: list[Any]) -> None:
