@@ -104,7 +104,7 @@ def _sync_sites(search: Any, points: list[Any]) -> None:
     sites: dict[str, int] = {}
     host: list[float] = []
 
-    def on_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+    def on_warning(message, category, filename, lineno, file=None, line=None):
         frames = [f for f in traceback.extract_stack() if "/regcache/" in f.filename]
         key = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
         sites[key] = sites.get(key, 0) + 1
