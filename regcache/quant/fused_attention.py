@@ -28,10 +28,12 @@ implementation for tracing), so compiled graphs keep the fused attention without
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -67,6 +69,17 @@ _SQRT2_FACTOR = {dt: _rounded_sqrt2_factor(dt) for dt in _DTYPE_CODES}
 def enabled() -> bool:
     """Whether Attention.forward may use the fused kernel (REGCACHE_FUSED_ATTENTION=1 or set_enabled)."""
     return _ENABLED[0] and not _FAILED[0]
+
+
+@contextlib.contextmanager
+def enabled_as(flag: bool) -> Iterator[None]:
+    """Within the block the fused attention is on (``flag``) or off; the previous setting returns after it."""
+    previous = _ENABLED[0]
+    _ENABLED[0] = bool(flag)
+    try:
+        yield
+    finally:
+        _ENABLED[0] = previous
 
 
 def set_enabled(flag: bool) -> None:
@@ -323,6 +336,7 @@ def attention_fusable(attn: torch.nn.Module) -> bool:
 __all__ = [
     "attention_fusable",
     "enabled",
+    "enabled_as",
     "launch",
     "prepare",
     "quantized_attention",

@@ -71,6 +71,7 @@ from tqdm.auto import tqdm
 from regcache.encoders.base import VisionEncoder
 from regcache.quant.api import QuantConfig, quantize_
 from regcache.quant.calibration import batch_images
+from regcache.quant.fused_attention import enabled_as as fused_attention_as
 from regcache.quant.modules import quant_mode
 from regcache.registers._common import device_dtype, float_fingerprint, plain_float
 from regcache.registers.cache import RegisterCache, derive_cache
@@ -179,7 +180,9 @@ class RegisterSearch:
     ``cache_device``: where cached streams live (default: the encoder's device; "cpu" for big pools).
     ``eval_batch_size``: reference images per forward (None: the given batches); ``compile_tail``:
     ``torch.compile`` the tail of prefixed configurations (opt-in, see the module docstring);
-    ``save_every_s``: at most this long between writes of the resumable state.
+    ``save_every_s``: at most this long between writes of the resumable state; ``fused_attention``:
+    run the attention of quantized forwards as one Triton kernel (:mod:`regcache.quant.fused_attention`,
+    scores to float tolerance; None: on for a compiled tail on CUDA, where it was measured faster).
     """
 
     def __init__(
@@ -209,6 +212,7 @@ class RegisterSearch:
         eval_batch_size: int | None = None,
         compile_tail: bool = False,
         save_every_s: float = 10.0,
+        fused_attention: bool | None = None,
     ) -> None:
         if getattr(encoder, "quant_config", None) is not None:
             raise ValueError("pass the float encoder: the search quantizes its own copy")
@@ -231,9 +235,12 @@ class RegisterSearch:
         self.eval_batch_size = eval_batch_size
         self.compile_tail = compile_tail
         self.save_every_s = save_every_s
+        self.device, self.dtype = device_dtype(encoder)
+        if fused_attention is None:  # measured faster only inside the compiled tail on a GPU (BENCHMARKS §1)
+            fused_attention = compile_tail and self.device.type == "cuda"
+        self.fused_attention = fused_attention
         self._compiled_block: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
         self._prefixes: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
-        self.device, self.dtype = device_dtype(encoder)
         self.cache_device = torch.device(cache_device) if cache_device is not None else self.device
         if caches is None:
             if candidates is None:
@@ -501,7 +508,8 @@ class RegisterSearch:
                 last_save, unsaved = time.monotonic(), False
 
         try:
-            with _dynamo_limit(4 * len(self.l_starts) + 8 if self._compiled_block is not None else 0):
+            limit = 4 * len(self.l_starts) + 8 if self._compiled_block is not None else 0
+            with _dynamo_limit(limit), fused_attention_as(self.fused_attention):
                 for group in self._groups(todo, strategy):
                     scores = self._run_batched(group) if len(group) > 1 else [self._run_point(group[0], strategy)]
                     record()  # the previous group's scores: the device is already busy with this group
