@@ -33,6 +33,8 @@ from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
 
 DEVICE, B, H, N, D = {device!r}, {batch}, {heads}, {tokens}, {head_dim}
 fa.TILE[:] = {tile}  # several key tiles per row: the two-pass softmax is exercised
+import regcache.encoders.base as base
+base._FLOAT_SDPA = False  # the unquantized case runs the kernel (float mode), not SDPA
 # max flipped-code fraction, and output rounding tolerance relative to max |out|, per dtype
 FLIP_BOUND = {{torch.float32: 1e-3, torch.bfloat16: 2e-3}}
 OUT_RTOL = {{torch.float32: 1e-5, torch.bfloat16: 2.0**-7}}

@@ -3,7 +3,9 @@
 One block = ``norm1 → qkv → Q·Kᵀ → softmax → P·V → proj → ls1`` (+ residual) then
 ``norm2 → fc1 → act → fc2 → ls2`` (+ residual), with every linear an ``nn.Linear`` and both
 attention products explicit :class:`~regcache.quant.modules.MatMul` modules, so quantization
-methods see the same named tensors on every family.
+methods see the same named tensors on every family. Where nothing quantizes or reads an
+attention's probabilities (float mode, no hooks) it runs through ``scaled_dot_product_attention``
+instead, the same function with fused kernels.
 
 RegCache needs two extension points, both empty by default (the model is then exactly the
 original network):
@@ -19,15 +21,20 @@ attention probabilities); :func:`regcache.encoders.record` hooks them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from regcache.quant import fused_attention
 from regcache.quant.modules import MatMul
+
+# float attention (nothing quantized or hooked) runs through SDPA; REGCACHE_FLOAT_SDPA=0 keeps it explicit (A/B)
+_FLOAT_SDPA = os.environ.get("REGCACHE_FLOAT_SDPA", "1") != "0"
 
 
 class Tap(nn.Identity):
@@ -105,6 +112,8 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Per-head attention output (B, heads, N, head_dim) of projected q, k, v (with the prefix if set)."""
         prefix = self.prefix
+        if _FLOAT_SDPA and self._plain_float():
+            return self._sdpa(q, k, v, prefix)
         out = self._fused_attention(q, k, v, prefix) if fused_attention.enabled() else None
         if out is not None:
             return out
@@ -112,6 +121,39 @@ class Attention(nn.Module):
             return self._forward_with_prefix(q, k, v, prefix)
         probs = self.tap_probs((self.matmul_qk(q, k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
         return self.matmul_pv(probs, v)
+
+    def _plain_float(self) -> bool:
+        """Whether nothing quantizes or reads this attention's probabilities and operands (float mode, no hooks)."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        for module in (self.tap_probs, self.matmul_qk, self.matmul_pv):
+            if module._forward_hooks or module._forward_pre_hooks:
+                return False
+        for mm in (self.matmul_qk, self.matmul_pv):
+            for quantizer in (mm.a_quantizer, mm.b_quantizer):
+                if quantizer is not None and (
+                    quantizer.mode != "float" or quantizer._forward_hooks or quantizer._forward_pre_hooks
+                ):
+                    return False
+        return True
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix | None) -> torch.Tensor:
+        """Float attention through ``scaled_dot_product_attention`` (flash / memory-efficient kernels).
+
+        The same function as the explicit path (a prefix is concatenated, ``ln τ`` is an additive
+        mask), rounded differently: the float model as fast as open_clip's own, which also uses SDPA.
+        """
+        if prefix is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        b, n_tok = q.shape[0], k.shape[-2]
+        keys = torch.cat([prefix.keys.to(k.dtype).expand(b, -1, -1, -1), k], dim=-2)
+        values = torch.cat([prefix.values.to(v.dtype).expand(b, -1, -1, -1), v], dim=-2)
+        mask = None
+        lm = prefix.log_multiplicity
+        if lm is not None:
+            lm = lm.reshape((1,) * (4 - lm.ndim) + tuple(lm.shape)).expand(-1, -1, -1, prefix.num_entries)
+            mask = torch.cat([lm.to(q.dtype), lm.new_zeros(lm.shape[0], 1, 1, n_tok).to(q.dtype)], dim=-1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
 
     def _fused_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix | None
