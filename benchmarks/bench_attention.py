@@ -12,7 +12,8 @@ skips it) and the fused kernel. Q, K, V are random with a shared direction and a
 rows, as in trained ViTs); the probability quantizers are calibrated on them: naive's uniform
 8-bit (min-max, asymmetric), RepQ-ViT's log-√2 (8 and 4 bits, percentile search) and PTQ4ViT's
 twin uniform 8-bit (reference quirk, split 2^-4). Reports median times, the fused kernel's
-TFLOP/s (QKᵀ + PV), the max output difference to the explicit eager path (absolute and relative
+TFLOP/s (QKᵀ + PV), the kernel alone (``kernel_ms``: launched directly, without the wrapper's checks
+and preparation), the max output difference to the explicit eager path (absolute and relative
 to max |out|) and the fraction of probability codes that differ. Writes JSON via
 benchmarks/common.py and prints the table last.
 """
@@ -181,6 +182,12 @@ def main(argv: list[str] | None = None) -> None:
                 if fused is None:
                     raise SystemExit(f"fused attention did not run for {qname} / {pname}")
                 t_fused = time_fn(fused_call, warmup=warmup, repeats=repeats)
+                (pk, pv, bias, fac, qp), c = fa.prepare(q, attn.scale, attn.matmul_pv.a_quantizer, attn.prefix)
+                t_kernel = time_fn(
+                    lambda x=(q, k, v, pk, pv, bias, fac, qp), c=c, kw=kw: fa.launch(*x, **c, **kw),
+                    warmup=warmup,
+                    repeats=repeats,
+                )
                 flops = 2 * 2 * batch * heads * tokens * (tokens + npre) * head_dim
                 diff = (fused.float() - explicit.float()).abs().max().item()
                 rows.append(
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                         "explicit_ms": 1000 * t_explicit,
                         "compiled_ms": 1000 * t_compiled,
                         "fused_ms": 1000 * t_fused,
+                        "kernel_ms": 1000 * t_kernel,
                         "speedup_vs_eager": t_explicit / t_fused,
                         "speedup_vs_compiled": t_compiled / t_fused,
                         "fused_tflops": flops / t_fused / 1e12,

@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py eval --method naive --bits 8 [--regcache] [--compile]
     python benchmarks/profile_step.py search --configs 6
     python benchmarks/profile_step.py calibration --method noisyquant
+    python benchmarks/profile_step.py noisyquant-steps        # seconds per NoisyQuant step kind (timers, no profiler)
 
 Prints the top operators by device time (self), then by CPU time, for the profiled steps only
 (warm-up excluded). ViT-B/16 shapes, random weights and images. For kernel-level detail run the
@@ -170,11 +171,57 @@ def profile_calibration(args, device: str) -> None:
     _report(prof, args.rows)
 
 
+def profile_noisyquant_steps(args, device: str) -> None:
+    """NoisyQuant's calibration with synchronized timers around each step kind (no profiler overhead), twice."""
+    from regcache.quant.methods import noisyquant as nq
+
+    totals: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+            return out
+
+        return wrapper
+
+    cls = nq.NoisyQuantConfig
+    patched = {"_capture": "input capture", "_set_clip": "clip search", "_set_noise": "noise search"}
+    originals = {attr: getattr(cls, attr) for attr in patched}
+    for attr, name in patched.items():
+        setattr(cls, attr, timed(name, originals[attr]))
+    try:
+        batches = _images(1024, 224, device, 0, 32)
+        for run in ("first (kernels compile)", "second"):
+            totals.clear()
+            encoder, _ = vision_encoder(args.model, device, torch.float32)
+            sync()
+            t0 = time.perf_counter()
+            quantize_(encoder, METHODS["noisyquant"](w_bits=args.bits, a_bits=args.bits))
+            calibrate_(encoder, batches, progress=False)
+            sync()
+            total = time.perf_counter() - t0
+            rest = total - sum(totals.values())
+            parts = "; ".join(f"{k} {v:.2f} s" for k, v in totals.items())
+            print(f"{run} run: total {total:.2f} s = {parts}; rest (block forwards, weights) {rest:.2f} s", flush=True)
+    finally:
+        for attr, fn in originals.items():
+            setattr(cls, attr, fn)
+
+
 def _activities() -> list[ProfilerActivity]:
     return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
 
 
-WORKLOADS = {"eval": profile_eval, "search": profile_search, "calibration": profile_calibration}
+WORKLOADS = {
+    "eval": profile_eval,
+    "search": profile_search,
+    "calibration": profile_calibration,
+    "noisyquant-steps": profile_noisyquant_steps,
+}
 
 
 def main() -> None:
