@@ -68,6 +68,8 @@ class RegisterSearch(pl.Callback):
             the whole reference set at once is fastest where memory allows).
         compile_tail: ``torch.compile`` the search's tail forward (one compilation for the grid;
             scores agree with eager to float tolerance, not bit for bit).
+        fused_attention: run the quantized attention as one Triton kernel during the grid (None: on
+            for a compiled tail on CUDA, where it is faster; scores to float tolerance).
         save_every_s: at most this many seconds between writes of the resumable search state
             (what a preemption can lose; 0 writes after every configuration).
         force: recompute even if a saved result exists.
@@ -91,6 +93,7 @@ class RegisterSearch(pl.Callback):
         recalibrate: str = "per_config",
         eval_batch_size: int | None = None,
         compile_tail: bool = False,
+        fused_attention: bool | None = None,
         save_every_s: float = 10.0,
         force: bool = False,
     ) -> None:
@@ -110,6 +113,7 @@ class RegisterSearch(pl.Callback):
         self.recalibrate = recalibrate
         self.eval_batch_size = eval_batch_size
         self.compile_tail = compile_tail
+        self.fused_attention = fused_attention
         self.save_every_s = save_every_s
         self.force = force
         self.done = False
@@ -222,6 +226,7 @@ class RegisterSearch(pl.Callback):
                     recalibrate=self.recalibrate,
                     eval_batch_size=self.eval_batch_size,
                     compile_tail=self.compile_tail,
+                    fused_attention=self.fused_attention,
                     save_every_s=self.save_every_s,
                     state_path=out / f"search_state.rank{rank}of{world}.json",
                     progress=trainer.progress_bar_callback is not None,
