@@ -61,6 +61,13 @@ class AttentionPrefix:
         """Distinct prefix entries n (not counting multiplicity)."""
         return self.keys.shape[-2]
 
+    def entry_log_multiplicity(self) -> torch.Tensor | None:
+        """``ln τ`` of every entry as a ``(P or 1, 1, 1, n)`` view, or None without multiplicity."""
+        lm = self.log_multiplicity
+        if lm is None:
+            return None
+        return lm.reshape((1,) * (4 - lm.ndim) + tuple(lm.shape)).expand(-1, -1, -1, self.num_entries)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AttentionPrefix:
         """Move/cast the cached tensors."""
         lm = self.log_multiplicity
@@ -124,18 +131,14 @@ class Attention(nn.Module):
 
     def _plain_float(self) -> bool:
         """Whether nothing quantizes or reads this attention's probabilities and operands (float mode, no hooks)."""
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        if fused_attention.attention_observed(self):
             return False
-        for module in (self.tap_probs, self.matmul_qk, self.matmul_pv):
-            if module._forward_hooks or module._forward_pre_hooks:
-                return False
-        for mm in (self.matmul_qk, self.matmul_pv):
-            for quantizer in (mm.a_quantizer, mm.b_quantizer):
-                if quantizer is not None and (
-                    quantizer.mode != "float" or quantizer._forward_hooks or quantizer._forward_pre_hooks
-                ):
-                    return False
-        return True
+        return all(q.mode == "float" for q in self.matmul_quantizers())
+
+    def matmul_quantizers(self) -> list[nn.Module]:
+        """The quantizers set on Q·Kᵀ and P·V (operands a and b of each)."""
+        pairs = ((mm.a_quantizer, mm.b_quantizer) for mm in (self.matmul_qk, self.matmul_pv))
+        return [q for pair in pairs for q in pair if q is not None]
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix | None) -> torch.Tensor:
         """Float attention through ``scaled_dot_product_attention`` (flash / memory-efficient kernels).
@@ -149,9 +152,8 @@ class Attention(nn.Module):
         keys = torch.cat([prefix.keys.to(k.dtype).expand(b, -1, -1, -1), k], dim=-2)
         values = torch.cat([prefix.values.to(v.dtype).expand(b, -1, -1, -1), v], dim=-2)
         mask = None
-        lm = prefix.log_multiplicity
+        lm = prefix.entry_log_multiplicity()
         if lm is not None:
-            lm = lm.reshape((1,) * (4 - lm.ndim) + tuple(lm.shape)).expand(-1, -1, -1, prefix.num_entries)
             mask = torch.cat([lm.to(q.dtype), lm.new_zeros(lm.shape[0], 1, 1, n_tok).to(q.dtype)], dim=-1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
 
@@ -187,17 +189,14 @@ class Attention(nn.Module):
         output, prefix columns holding the mass of all τ copies.
         """
         b, _, n_tok, _ = q.shape
-        npre = prefix.num_entries
         qq = self.matmul_qk.quantize_a(q)
         pk = prefix.keys.to(qq.dtype)  # register keys / values stay in full precision
         keys_t = torch.cat(
             [pk.transpose(-2, -1).expand(b, -1, -1, -1), self.matmul_qk.quantize_b(k.transpose(-2, -1))], -1
         )
         logits = (qq @ keys_t) * self.scale
-        lm = prefix.log_multiplicity
+        lm = prefix.entry_log_multiplicity()  # (P or 1, 1, 1, n)
         if lm is not None:
-            lm = lm.reshape((1,) * (4 - lm.ndim) + tuple(lm.shape))
-            lm = lm.expand(-1, -1, -1, npre)  # (P or 1, 1, 1, n)
             zeros = lm.new_zeros(lm.shape[0], 1, 1, n_tok)
             logits = logits + torch.cat([lm.to(logits.dtype), zeros.to(logits.dtype)], dim=-1)
         probs = self.tap_probs(logits.softmax(dim=-1))

@@ -274,11 +274,9 @@ def prepare(
     pk = pv = bias = factor = None
     if prefix is not None:
         pk, pv = prefix.keys.to(q.dtype), prefix.values.to(q.dtype)  # register keys / values stay full precision
-        lm = prefix.log_multiplicity
+        lm = prefix.entry_log_multiplicity()
         if lm is not None:  # exactly the explicit path's per-column bias ln τ and factor τ, in q's dtype
-            npre = pk.shape[-2]
-            lm = lm.reshape((1,) * (4 - lm.ndim) + tuple(lm.shape)).expand(-1, -1, -1, npre)
-            lm = lm.reshape(lm.shape[0], npre)
+            lm = lm.reshape(lm.shape[0], prefix.num_entries)
             bias = lm.to(q.dtype).float()
             factor = lm.exp().to(q.dtype).float()
     consts = {"kind": kind, "additive": additive, "c0": c0, "c1": c1, "scale": float(scale)}
@@ -318,23 +316,24 @@ def quantized_attention(
         return None
 
 
+def attention_observed(attn: torch.nn.Module) -> bool:
+    """Whether a hook reads this Attention's probabilities, matmuls or matmul quantizers (global hooks included)."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return True
+    modules = (attn.tap_probs, attn.matmul_qk, attn.matmul_pv, *attn.matmul_quantizers())
+    return any(_has_hooks(m) for m in modules)
+
+
 def attention_fusable(attn: torch.nn.Module) -> bool:
     """Whether nothing on this Attention needs the explicit path (hooks on taps / matmuls / quantizers, observers)."""
-    if not enabled():
+    if not enabled() or attention_observed(attn):
         return False
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
-        return False
-    if _has_hooks(attn.tap_probs) or _has_hooks(attn.matmul_qk) or _has_hooks(attn.matmul_pv):
-        return False
-    for mm in (attn.matmul_qk, attn.matmul_pv):
-        for quantizer in (mm.a_quantizer, mm.b_quantizer):
-            if quantizer is not None and (quantizer.mode == "observe" or _has_hooks(quantizer)):
-                return False
-    return True
+    return all(q.mode != "observe" for q in attn.matmul_quantizers())
 
 
 __all__ = [
     "attention_fusable",
+    "attention_observed",
     "enabled",
     "enabled_as",
     "launch",
