@@ -103,14 +103,18 @@ def flip_fraction(attn: Attention, q, k, v) -> float:
 
 
 def tune(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, warmup: int, repeats: int) -> None:
-    """Print the fused kernel's time for each BLOCK_M x BLOCK_N x num_warps (launch errors reported, not fatal)."""
-    (pk, pv, bias, fac, qp), c = fa.prepare(q, attn.scale, attn.matmul_pv.a_quantizer, attn.prefix)
-    for block_m, block_n, warps in itertools.product((32, 64, 128), (16, 32, 64, 128), (4, 8)):
-        name = f"tune BLOCK_M={block_m} BLOCK_N={block_n} num_warps={warps}"
+    """Print the fused kernel's time for each numerics x BLOCK_M x BLOCK_N x num_warps (errors reported, not fatal).
+
+    BLOCK_N 256 holds all of a ViT-B/16 row's keys: the single-tile variant.
+    """
+    grid = itertools.product((True, False), (32, 64, 128), (16, 32, 64, 256), (4, 8))
+    for exact, block_m, block_n, warps in grid:
+        (pk, pv, bias, fac, qp), c = fa.prepare(q, attn.scale, attn.matmul_pv.a_quantizer, attn.prefix, exact)
+        name = f"tune exact={int(exact)} BLOCK_M={block_m} BLOCK_N={block_n} num_warps={warps}"
         try:
             t = time_fn(
-                lambda bm=block_m, bn=block_n, w=warps: fa.launch(
-                    q, k, v, pk, pv, bias, fac, qp, **c, block_m=bm, num_warps=w, block_n=bn
+                lambda bm=block_m, bn=block_n, w=warps, c=c, x=(pk, pv, bias, fac, qp), e=exact: fa.launch(
+                    q, k, v, *x, **c, block_m=bm, num_warps=w, block_n=bn, exact=e
                 ),
                 warmup=warmup,
                 repeats=repeats,
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-m", type=int, default=0, help="query rows per program (0: the kernel's default)")
     p.add_argument("--num-warps", type=int, default=0, help="warps per program (0: the kernel's default)")
     p.add_argument("--block-n", type=int, default=0, help="keys per tile (0: the kernel's default)")
+    p.add_argument("--fast", action="store_true", help="the fast (float32, Inductor-like) kernel numerics, not exact")
+    p.add_argument("--single-tile-keys", type=int, default=None, help="fa.SINGLE_TILE_KEYS (0: never one tile)")
     p.add_argument(
         "--tune",
         action="store_true",
@@ -149,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     warmup = 1 if tiny else 3
     compile_explicit = not (tiny or args.no_compile)
     torch.set_grad_enabled(False)
+    fa.EXACT[0] = not args.fast
+    if args.single_tile_keys is not None:
+        fa.SINGLE_TILE_KEYS[0] = args.single_tile_keys
 
     rows, tuned = [], set()
     for batch in batches:
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         lm = torch.full((1, 1, 1, 1), math.log(4.0), device=device)
         for qname in args.quantizers:
             quantizer = make_quantizer(qname, probs)
-            for pname, prefix in (("none", None), ("1 entry, tau 4", AttentionPrefix(keys, values, lm))):
+            for pname, prefix in (("none", None), ("1 entry, tau 4", AttentionPrefix(keys, values, lm, (4,)))):
                 attn = attention_module(heads, head_dim, quantizer, prefix, device)
                 npre = 0 if prefix is None else 1
                 fa.set_enabled(False)
@@ -172,6 +181,15 @@ def main(argv: list[str] | None = None) -> None:
                     compiled = torch.compile(attn.attend, dynamic=False)
                     t_compiled = time_fn(lambda c=compiled, x=(q, k, v): c(*x), warmup=warmup, repeats=repeats)
                     torch._dynamo.reset()
+                keys_all, values_all = k, v
+                if prefix is not None:  # flash attention's cost on the same key count (no τ: no mask)
+                    keys_all = torch.cat([keys.expand(batch, -1, -1, -1), k], dim=-2)
+                    values_all = torch.cat([values.expand(batch, -1, -1, -1), v], dim=-2)
+                t_sdpa = time_fn(
+                    lambda x=(q, keys_all, values_all): torch.nn.functional.scaled_dot_product_attention(*x),
+                    warmup=warmup,
+                    repeats=repeats,
+                )
                 fa.set_enabled(True)
                 kw = {"block_m": args.block_m, "num_warps": args.num_warps, "block_n": args.block_n}
 
@@ -199,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                         "compiled_ms": 1000 * t_compiled,
                         "fused_ms": 1000 * t_fused,
                         "kernel_ms": 1000 * t_kernel,
+                        "float_sdpa_ms": 1000 * t_sdpa,
                         "speedup_vs_eager": t_explicit / t_fused,
                         "speedup_vs_compiled": t_compiled / t_fused,
                         "fused_tflops": flops / t_fused / 1e12,
@@ -215,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                     tuned.add(pname)
     columns = list(rows[0])
     extra = {"heads": heads, "tokens": tokens, "head_dim": head_dim, "dtype": "bfloat16", "interpreter": tiny}
+    extra.update(exact=fa.EXACT[0], single_tile_keys=fa.SINGLE_TILE_KEYS[0], tile=list(fa.TILE))
     write_results("bench_attention", rows, columns, extra)
 
 

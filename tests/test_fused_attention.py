@@ -33,6 +33,8 @@ from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
 
 DEVICE, B, H, N, D = {device!r}, {batch}, {heads}, {tokens}, {head_dim}
 fa.TILE[:] = {tile}  # several key tiles per row: the two-pass softmax is exercised
+fa.SINGLE_TILE_KEYS[:] = [{single}]  # or every key in one tile, scores kept in registers
+EXACT = fa.EXACT[0] = {exact}  # eager rounding op for op, or the fast float32 kernel
 import regcache.encoders.base as base
 base._FLOAT_SDPA = False  # the unquantized case runs the kernel (float mode), not SDPA
 # max flipped-code fraction, and output rounding tolerance relative to max |out|, per dtype
@@ -111,24 +113,34 @@ for dtype in (torch.float32, torch.bfloat16):
             tau = 1.0 if lm is None else float(lm.exp().max())
             with torch.no_grad():
                 fa.set_enabled(False)
+                qq = attn.matmul_qk.quantize_a(q)
+                kq = attn.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
+                vq = attn.matmul_pv.quantize_b(v)
+                if EXACT:  # reference: the eager path itself, op for op in the activation dtype
+                    ref, ref_in = attn, (q, k, v)
+                else:  # reference: the explicit path in float32 on the kernel's (already quantized) inputs
+                    ref = Attention(nn.Linear(H * D, 3 * H * D), nn.Linear(H * D, H * D), H).to(DEVICE)
+                    ref.matmul_pv.a_quantizer = pq
+                    ref_in = (qq.float(), kq.float(), vq.float())
+                    if prefix is not None:
+                        ref.prefix = AttentionPrefix(prefix.keys.to(dtype).float(), prefix.values.to(dtype).float(),
+                                                     prefix.log_multiplicity)
                 seen = {{}}
-                hooks = [attn.tap_probs.register_forward_hook(lambda m, i, o: seen.update(raw=o))]
+                hooks = [ref.tap_probs.register_forward_hook(lambda m, i, o: seen.update(raw=o))]
                 if pq is not None:
                     hooks.append(pq.register_forward_hook(lambda m, i, o: seen.update(p=o)))
-                explicit = attn.attend(q, k, v)
+                explicit = ref.attend(*ref_in)
                 for h in hooks:
                     h.remove()
                 pe = seen.get("p", seen["raw"])
                 if pq is not None and prefix is not None and prefix.log_multiplicity is not None:
                     lm = prefix.log_multiplicity.reshape(-1, 1, 1, prefix.num_entries)
-                    ones = torch.ones(*lm.shape[:3], N, device=DEVICE, dtype=dtype)
-                    pe = pe * torch.cat([lm.exp().to(dtype), ones], -1)  # as the explicit path's `* factor`
+                    ones = torch.ones(*lm.shape[:3], N, device=DEVICE, dtype=pe.dtype)
+                    pe = pe * torch.cat([lm.exp().to(pe.dtype), ones], -1)  # as the explicit path's `* factor`
+                pe = pe.to(dtype)  # the kernel stores its probabilities in the activation dtype
                 fa.set_enabled(True)
                 fused = attn.attend(q, k, v)
                 assert fused is not None and fused.shape == explicit.shape and fused.dtype == dtype
-                qq = attn.matmul_qk.quantize_a(q)
-                kq = attn.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
-                vq = attn.matmul_pv.quantize_b(v)
                 (pk, pv, bias, fac, qp), c = fa.prepare(qq, attn.scale, pq, prefix)
                 again, pf = fa.launch(qq, kq, vq, pk, pv, bias, fac, qp, **c, store_probs=True)
                 assert torch.equal(again, fused)  # the Attention wiring ran this very kernel
@@ -171,19 +183,29 @@ def _run_interpreted(script: str) -> str:
     return res.stdout
 
 
-def test_fused_attention_matches_explicit_under_triton_interpreter():
-    """Every probability quantizer x prefix x dtype, on CPU through the interpreter, against Attention.attend."""
+@pytest.mark.parametrize("exact, single", [(True, 0), (False, 64)], ids=["exact-tiles", "fast-single-tile"])
+def test_fused_attention_matches_explicit_under_triton_interpreter(exact, single):
+    """Every probability quantizer x prefix x dtype, on CPU through the interpreter, against the explicit path.
+
+    Exact kernel (two passes over 32-key tiles) against Attention.attend op for op; fast kernel (all 45
+    keys in one tile) against the explicit path computed in float32 on the same inputs.
+    """
     pytest.importorskip("triton")
-    script = _NUMERICS.format(device="cpu", batch=2, heads=2, tokens=45, head_dim=64, tile=[32, 32])
+    script = _NUMERICS.format(
+        device="cpu", batch=2, heads=2, tokens=45, head_dim=64, tile=[32, 32], exact=exact, single=single
+    )
     rows = json.loads(_run_interpreted(textwrap.dedent(script))[3:])
     assert len(rows) == 2 * 7 * 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fused_attention_matches_explicit_cuda():
+@pytest.mark.parametrize("exact, single", [(True, 0), (False, 256)], ids=["exact-tiles", "fast-single-tile"])
+def test_fused_attention_matches_explicit_cuda(exact, single):
     """The same bounds on the GPU, at ViT-B/16 shapes (197 tokens, head dim 64)."""
     pytest.importorskip("triton")
-    script = _NUMERICS.format(device="cuda", batch=4, heads=12, tokens=197, head_dim=64, tile=[64, 16])
+    script = _NUMERICS.format(
+        device="cuda", batch=4, heads=12, tokens=197, head_dim=64, tile=[64, 16], exact=exact, single=single
+    )
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
@@ -318,17 +340,20 @@ def _compile_for_sm90(constants: dict) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "qkind, additive, prefix, bias, dt, store",
-    [(0, False, False, False, 1, False), (1, False, True, True, 1, True), (2, False, True, True, 1, False),
-     (3, True, True, False, 1, False), (3, False, False, False, 0, True)],
+    "qkind, additive, prefix, bias, dt, store, exact, single",
+    [(0, False, False, False, 1, False, True, False), (1, False, True, True, 1, True, True, False),
+     (2, False, True, True, 1, False, True, False), (3, True, True, False, 1, False, True, False),
+     (3, False, False, False, 0, True, True, False), (1, False, True, True, 1, False, False, True),
+     (2, False, True, True, 1, True, False, True), (3, True, False, False, 1, False, False, False),
+     (3, False, True, True, 0, False, False, True)],
 )  # fmt: skip
-def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store):
-    """Each quantizer kind / prefix / dtype variant builds down to a cubin (Triton's type checks included).
+def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exact, single):
+    """Each quantizer kind / prefix / dtype / numerics variant builds down to a cubin (Triton's type checks included).
 
-    The token tiles (32 keys) and the prefix tile (16) differ in shape, as in the default launch.
+    The token tiles (32 keys, or one 256-key tile) and the prefix tile (16) differ in shape, as in the default launch.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter replaces the kernel's device helpers")
-    constants = dict(D=64, BLOCK_M=64, BLOCK_N=32, BLOCK_P=16, QKIND=qkind, ADDITIVE=additive, HAS_PREFIX=prefix)
-    constants.update(HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0)
+    constants = dict(D=64, BLOCK_M=64, BLOCK_N=256 if single else 32, BLOCK_P=16, QKIND=qkind, ADDITIVE=additive)
+    constants.update(HAS_PREFIX=prefix, HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0, EXACT=exact, SINGLE=single)
     assert "cubin" in _compile_for_sm90(constants)

@@ -54,6 +54,11 @@ if INTERPRET:  # CPU tests: the interpreter has no libdevice
         else:
             return x
 
+    @triton.jit
+    def _rn(x, DT: tl.constexpr):
+        """x made exactly representable in DT (the interpreter's casts truncate; a GPU's round to nearest)."""
+        return _rd(x, DT)
+
 else:
 
     @triton.jit
@@ -88,6 +93,11 @@ else:
         else:
             return x
 
+    @triton.jit
+    def _rn(x, DT: tl.constexpr):
+        """x as it is: the cast before a store or tl.dot rounds to nearest on the GPU."""
+        return x
+
 
 @triton.jit
 def _clamp(x, lo, hi):
@@ -95,51 +105,96 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
-def _fake_quant(x, p0, p1, c0, c1, QKIND: tl.constexpr, ADDITIVE: tl.constexpr, DT: tl.constexpr):
+def _fake_quant(
+    x, p0, p1, r0, r1, c0, c1, QKIND: tl.constexpr, ADDITIVE: tl.constexpr, DT: tl.constexpr, EXACT: tl.constexpr
+):
     """Fake quantization of probabilities x (float32 registers holding DT values).
 
     QKIND 0: none. 1: uniform (UniformQuantizer.plain_fake_quant: float32, p0 = scale, p1 = zero
     point, c0 / c1 = qmin / qmax, result rounded to DT). 2: log-√2 (LogSqrt2Quantizer.fake_quant, in
     DT: p0 = Δ in DT, c0 = the rounded 1 + (√2 - 1), c1 = number of non-zero codes). 3: twin softmax
     (fake_twin_softmax, in DT: p0 = split in DT, p1 = split / levels in DT, c0 = levels).
+    r0 / r1 = 1 / p0 and 1 / p1. EXACT: every op rounded as the eager quantizer (divisions, DT
+    roundings, libdevice log2); otherwise float32 throughout with reciprocals and the fast log2 / exp2,
+    as Inductor's fused kernels compute (a probability on a code boundary may take the neighbour).
     """
-    if QKIND == 1:
-        r = _rint(tl.div_rn(x, p0))
-        q = _clamp(r + p1, c0, c1)
-        return _rd((q - p1) * p0, DT)
-    elif QKIND == 2:
-        t = _rd(tl.div_rn(tl.maximum(x, 0.0), p0), DT)
-        raw = tl.minimum(_rd(-2.0 * _rd(_log2(t), DT), DT), c1)  # x = 0: +inf, capped into the zero code
-        code = _rint(raw)
-        is_zero = code >= c1
-        code = _clamp(code, 0.0, c1 - 1.0)
-        half = tl.ceil(code * 0.5)
-        odd = code - 2.0 * tl.floor(code * 0.5)
-        level = _rd(_rd(_exp2(-half) * tl.where(odd > 0, c0, 1.0), DT) * p0, DT)
-        return tl.where(is_zero, 0.0, level)
-    elif QKIND == 3:
-        if ADDITIVE:
-            hx = _rd(tl.maximum(tl.minimum(x, 1.0), p0) * c0, DT)
-            high = _rd(tl.div_rn(_clamp(_rint(hx), 0.0, c0), c0), DT)
-            lx = _rd(tl.div_rn(tl.minimum(tl.maximum(x, 0.0), p0), p1), DT)
-            low = _rd(_clamp(_rint(lx), 0.0, c0) * p1, DT)
-            return _rd(high + low, DT)
+    if EXACT:
+        if QKIND == 1:
+            r = _rint(tl.div_rn(x, p0))
+            q = _clamp(r + p1, c0, c1)
+            return _rd((q - p1) * p0, DT)
+        elif QKIND == 2:
+            t = _rd(tl.div_rn(tl.maximum(x, 0.0), p0), DT)
+            raw = tl.minimum(_rd(-2.0 * _rd(_log2(t), DT), DT), c1)  # x = 0: +inf, capped into the zero code
+            code = _rint(raw)
+            is_zero = code >= c1
+            code = _clamp(code, 0.0, c1 - 1.0)
+            half = tl.ceil(code * 0.5)
+            odd = code - 2.0 * tl.floor(code * 0.5)
+            level = _rd(_rd(_exp2(-half) * tl.where(odd > 0, c0, 1.0), DT) * p0, DT)
+            return tl.where(is_zero, 0.0, level)
+        elif QKIND == 3:
+            if ADDITIVE:
+                hx = _rd(tl.maximum(tl.minimum(x, 1.0), p0) * c0, DT)
+                high = _rd(tl.div_rn(_clamp(_rint(hx), 0.0, c0), c0), DT)
+                lx = _rd(tl.div_rn(tl.minimum(tl.maximum(x, 0.0), p0), p1), DT)
+                low = _rd(_clamp(_rint(lx), 0.0, c0) * p1, DT)
+                return _rd(high + low, DT)
+            else:
+                high = _rd(tl.div_rn(_clamp(_rint(_rd(x * c0, DT)), 0.0, c0), c0), DT)
+                low = _rd(_clamp(_rint(_rd(tl.div_rn(x, p1), DT)), 0.0, c0) * p1, DT)
+                return tl.where(x < p0, low, high)
         else:
-            high = _rd(tl.div_rn(_clamp(_rint(_rd(x * c0, DT)), 0.0, c0), c0), DT)
-            low = _rd(_clamp(_rint(_rd(tl.div_rn(x, p1), DT)), 0.0, c0) * p1, DT)
-            return tl.where(x < p0, low, high)
+            return x
     else:
-        return x
+        if QKIND == 1:
+            q = _clamp(_rint(x * r0) + p1, c0, c1)
+            return (q - p1) * p0
+        elif QKIND == 2:
+            raw = tl.minimum(-2.0 * tl.log2(tl.maximum(x, 0.0) * r0), c1)
+            code = _rint(raw)
+            is_zero = code >= c1
+            code = _clamp(code, 0.0, c1 - 1.0)
+            half = tl.ceil(code * 0.5)
+            odd = code - 2.0 * tl.floor(code * 0.5)
+            level = tl.exp2(-half) * tl.where(odd > 0, c0, 1.0) * p0
+            return tl.where(is_zero, 0.0, level)
+        elif QKIND == 3:
+            inv_levels = 1.0 / c0
+            if ADDITIVE:
+                high = _clamp(_rint(tl.maximum(tl.minimum(x, 1.0), p0) * c0), 0.0, c0) * inv_levels
+                low = _clamp(_rint(tl.minimum(tl.maximum(x, 0.0), p0) * r1), 0.0, c0) * p1
+                return high + low
+            else:
+                high = _clamp(_rint(x * c0), 0.0, c0) * inv_levels
+                low = _clamp(_rint(x * r1), 0.0, c0) * p1
+                return tl.where(x < p0, low, high)
+        else:
+            return x
 
 
 @triton.jit
-def _tile_scores(q, ptr, base, s_n, idx, n, sm_scale, D: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
-    """(q kᵀ) · scale for key rows ``idx`` (< n) of one tile, each op rounded as eager; -inf past n."""
+def _tile_scores(
+    q, ptr, base, s_n, idx, n, sm_scale, D: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, EXACT: tl.constexpr
+):
+    """(q kᵀ) · scale for key rows ``idx`` (< n) of one tile (EXACT: each op rounded as eager); -inf past n."""
     ok = idx < n
     kk = tl.load(ptr + base + idx[:, None] * s_n + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
     s = _dot(q, tl.trans(kk), IEEE)
-    s = _rd(_rd(s, DT) * sm_scale, DT)
+    if EXACT:  # noqa: SIM108 (kernel code: one constexpr branch per build)
+        s = _rd(_rd(s, DT) * sm_scale, DT)
+    else:
+        s = s * sm_scale
     return tl.where(ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _softexp(x, EXACT: tl.constexpr):
+    """e^x (EXACT: scores in natural units, as eager's softmax) or 2^x (fast: scores pre-scaled by log2 e)."""
+    if EXACT:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
@@ -198,15 +253,20 @@ def quantized_attention_kernel(
     STORE_P: tl.constexpr,
     DT: tl.constexpr,
     IEEE: tl.constexpr,
+    EXACT: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
     """out[b, h, rows] = Q_p(softmax(q kᵀ · scale + bias)) · v over [prefix; tokens] (last dim stride 1).
 
     Two passes over the keys: the first finds each row's max and exp-sum (online), the second
     recomputes the scores, normalizes, quantizes and accumulates P·V in float32. The probabilities
     must be final before they are quantized, hence the second pass instead of flash attention's
-    rescaled accumulator; the scores' matmul is cheap next to the per-probability work. The prefix
+    rescaled accumulator. SINGLE (all N tokens in one BLOCK_N tile): the scores and their
+    exponentials are computed once and kept in registers between the passes. The prefix
     (NPRE <= BLOCK_P entries, with the ``ln τ`` bias and the p/τ quantization) is its own small
-    tile, so the token tiles (BLOCK_N keys) carry none of its extra arithmetic.
+    tile, so the token tiles carry none of its extra arithmetic.
+    EXACT: every op rounded to the activation dtype as the eager path; otherwise float32 registers
+    throughout with scores in log2 units (``sm_scale`` then includes log2 e), as Inductor computes.
     Strides are in elements; a prefix / bias batch stride of 0 shares one register set by the batch.
     ``p_ptr`` (with STORE_P) receives the quantized probabilities, (B, H, N, NPRE + N) contiguous.
     """
@@ -223,6 +283,7 @@ def quantized_attention_kernel(
     pre = tl.arange(0, BLOCK_P)
     nk = NPRE + N
     pbase = (b * H + h) * N * nk
+    log_unit = 1.0 if EXACT else 1.4426950408889634  # ln τ in the scores' units
 
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :], mask=row_ok[:, None], other=0.0)
 
@@ -230,47 +291,83 @@ def quantized_attention_kernel(
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     lsum = tl.zeros((BLOCK_M,), tl.float32)
     if HAS_PREFIX:
-        sp = _tile_scores(q, pk_ptr, pkbase, spk_n, pre, NPRE, sm_scale, D, DT, IEEE)
+        sp = _tile_scores(q, pk_ptr, pkbase, spk_n, pre, NPRE, sm_scale, D, DT, IEEE, EXACT)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + b * sbias_b + pre, mask=pre < NPRE, other=0.0)
-            sp = _rd(sp + bias[None, :], DT)
+            if EXACT:  # noqa: SIM108
+                sp = _rd(sp + bias[None, :], DT)
+            else:
+                sp = sp + bias[None, :] * log_unit
         m = tl.max(sp, axis=1)
-        lsum = tl.sum(tl.exp(sp - m[:, None]), axis=1)
-    for start in range(0, N, BLOCK_N):
-        s = _tile_scores(q, k_ptr, kbase, sk_n, start + tl.arange(0, BLOCK_N), N, sm_scale, D, DT, IEEE)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        lsum = tl.sum(_softexp(sp - m[:, None], EXACT), axis=1)
+    if SINGLE:  # every token key in one tile: its max is the row's final max, its exponentials final too
+        cols1 = tl.arange(0, BLOCK_N)
+        s1 = _tile_scores(q, k_ptr, kbase, sk_n, cols1, N, sm_scale, D, DT, IEEE, EXACT)
+        m_new = tl.maximum(m, tl.max(s1, axis=1))
+        e1 = _softexp(s1 - m_new[:, None], EXACT)
+        lsum = lsum * _softexp(m - m_new, EXACT) + tl.sum(e1, axis=1)
         m = m_new
+    else:
+        for start in range(0, N, BLOCK_N):
+            s = _tile_scores(q, k_ptr, kbase, sk_n, start + tl.arange(0, BLOCK_N), N, sm_scale, D, DT, IEEE, EXACT)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            lsum = lsum * _softexp(m - m_new, EXACT) + tl.sum(_softexp(s - m_new[:, None], EXACT), axis=1)
+            m = m_new
     inv = 1.0 / lsum
 
     # pass 2: probabilities, their fake quantizer, P·V
     pidx = h % nparam
     p0 = tl.load(qp_ptr + pidx * 2)
     p1 = tl.load(qp_ptr + pidx * 2 + 1)
+    r0 = 1.0 / p0
+    r1 = 1.0 / p1
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     if HAS_PREFIX:
-        pp = _rd(tl.exp(sp - m[:, None]) * inv[:, None], DT)
+        pp = _softexp(sp - m[:, None], EXACT) * inv[:, None]
+        if EXACT:
+            pp = _rd(pp, DT)
         if HAS_BIAS:  # each of τ copies' share p/τ is quantized, then the τ copies summed back
             fac = tl.load(fac_ptr + b * sbias_b + pre, mask=pre < NPRE, other=1.0)
-            xp = _rd(tl.div_rn(pp, fac[None, :]), DT)
-            ppq = _rd(_fake_quant(xp, p0, p1, c0, c1, QKIND, ADDITIVE, DT) * fac[None, :], DT)
+            if EXACT:
+                xp = _rd(tl.div_rn(pp, fac[None, :]), DT)
+                ppq = _rd(_fake_quant(xp, p0, p1, r0, r1, c0, c1, QKIND, ADDITIVE, DT, EXACT) * fac[None, :], DT)
+            else:
+                xp = pp * (1.0 / fac)[None, :]
+                ppq = _rn(_fake_quant(xp, p0, p1, r0, r1, c0, c1, QKIND, ADDITIVE, DT, EXACT) * fac[None, :], DT)
         else:
-            ppq = _fake_quant(pp, p0, p1, c0, c1, QKIND, ADDITIVE, DT)
+            ppq = _rn(_fake_quant(pp, p0, p1, r0, r1, c0, c1, QKIND, ADDITIVE, DT, EXACT), DT)
         ppq = tl.where((pre < NPRE)[None, :], ppq, 0.0)
         if STORE_P:
             tl.store(
                 p_ptr + pbase + rows[:, None] * nk + pre[None, :], ppq, mask=row_ok[:, None] & (pre < NPRE)[None, :]
             )
         acc += _pv(ppq, pv_ptr, pvbase, spv_n, pre, NPRE, D, IEEE)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        s = _tile_scores(q, k_ptr, kbase, sk_n, cols, N, sm_scale, D, DT, IEEE)
-        p = _rd(tl.exp(s - m[:, None]) * inv[:, None], DT)
-        pq = tl.where((cols < N)[None, :], _fake_quant(p, p0, p1, c0, c1, QKIND, ADDITIVE, DT), 0.0)
+    if SINGLE:
+        p = e1 * inv[:, None]
+        if EXACT:
+            p = _rd(p, DT)
+        pq = _rn(_fake_quant(p, p0, p1, r0, r1, c0, c1, QKIND, ADDITIVE, DT, EXACT), DT)
+        pq = tl.where((cols1 < N)[None, :], pq, 0.0)
         if STORE_P:
-            ptrs = p_ptr + pbase + rows[:, None] * nk + NPRE + cols[None, :]
-            tl.store(ptrs, pq, mask=row_ok[:, None] & (cols < N)[None, :])
-        acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, D, IEEE)
+            tl.store(
+                p_ptr + pbase + rows[:, None] * nk + NPRE + cols1[None, :],
+                pq,
+                mask=row_ok[:, None] & (cols1 < N)[None, :],
+            )
+        acc += _pv(pq, v_ptr, vbase, sv_n, cols1, N, D, IEEE)
+    else:
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            s = _tile_scores(q, k_ptr, kbase, sk_n, cols, N, sm_scale, D, DT, IEEE, EXACT)
+            p = _softexp(s - m[:, None], EXACT) * inv[:, None]
+            if EXACT:
+                p = _rd(p, DT)
+            pq = _rn(_fake_quant(p, p0, p1, r0, r1, c0, c1, QKIND, ADDITIVE, DT, EXACT), DT)
+            pq = tl.where((cols < N)[None, :], pq, 0.0)
+            if STORE_P:
+                ptrs = p_ptr + pbase + rows[:, None] * nk + NPRE + cols[None, :]
+                tl.store(ptrs, pq, mask=row_ok[:, None] & (cols < N)[None, :])
+            acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, D, IEEE)
     acc = _rd(acc, DT)
     tl.store(
         out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dcol[None, :],

@@ -46,10 +46,13 @@ if TYPE_CHECKING:
     from regcache.encoders.base import AttentionPrefix
 
 HEAD_DIMS = (16, 32, 64, 128)
-TILE = [
-    64,
-    64,
-]  # default (query rows, keys) per tile: the fastest on an H100 at ViT-B/16 shapes (bench_attention --tune)
+# default (query rows, keys) per tile: the fastest on an H100 at ViT-B/16 shapes (bench_attention --tune)
+TILE = [64, 16]
+# rows of at most this many keys (rounded up to a power of two) run as one tile, scores kept in registers; 0: never
+SINGLE_TILE_KEYS = [0]
+# exact: the eager path's rounding op for op; fast: float32 registers, reciprocals, exp2 (as Inductor computes)
+EXACT = [os.environ.get("REGCACHE_FUSED_ATTENTION_EXACT", "1") != "0"]
+_LOG2E = 1.4426950408889634
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ENABLED = [os.environ.get("REGCACHE_FUSED_ATTENTION", "0") == "1"]
@@ -180,14 +183,20 @@ def launch(
     num_warps: int = 0,
     store_probs: bool = False,
     block_n: int = 0,
+    exact: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the kernel: (output (B, heads, N, D) laid out as (B, N, heads, D), quantized probabilities or None)."""
+    """Run the kernel: (output (B, heads, N, D) laid out as (B, N, heads, D), quantized probabilities or None).
+
+    ``exact`` None: :data:`EXACT`. ``block_n`` >= N runs the single-tile variant.
+    """
     kmod = _kernel()
     b, h, n, d = q.shape
+    exact = EXACT[0] if exact is None else bool(exact)
     npre = 0 if prefix_keys is None else prefix_keys.shape[-2]
     small = max(16, kmod.next_power_of_2(n))
     block_m = block_m or min(TILE[0], small)
-    block_n = block_n or min(TILE[1], small)
+    if not block_n:
+        block_n = small if small <= SINGLE_TILE_KEYS[0] else min(TILE[1], small)
     num_warps = num_warps or 4
     q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
     # (B, N, heads, D) storage: the caller's transpose(1, 2).reshape(B, N, heads·D) is then a view
@@ -211,7 +220,8 @@ def launch(
     args = (q, k, v, pk, pv, bias_t, fac_t, qparams, out, probs, h, n, npre)
     args += (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     args += (v.stride(0), v.stride(1), v.stride(2), *spk, *spv, sbias)
-    args += (out.stride(0), out.stride(1), out.stride(2), qparams.shape[0], float(scale), float(c0), float(c1))
+    sm_scale = float(scale) if exact else float(scale) * _LOG2E  # fast: scores in log2 units, exp2 in the kernel
+    args += (out.stride(0), out.stride(1), out.stride(2), qparams.shape[0], sm_scale, float(c0), float(c1))
     meta = {
         "D": d,
         "BLOCK_M": block_m,
@@ -224,6 +234,8 @@ def launch(
         "STORE_P": store_probs,
         "DT": _DTYPE_CODES[q.dtype],
         "IEEE": q.dtype == torch.float32,
+        "EXACT": exact,
+        "SINGLE": block_n >= n,
     }
     if q.is_cuda:
         with torch.cuda.device(q.device):
@@ -251,34 +263,45 @@ def _attention_op(
     block_m: int,
     num_warps: int,
     block_n: int,
+    exact: bool,
 ) -> torch.Tensor:
     out, _ = launch(
         q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, block_m, num_warps,
-        block_n=block_n,
+        block_n=block_n, exact=exact,
     )  # fmt: skip
     return out
 
 
 @_attention_op.register_fake
-def _(q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, bm, nw, bn):
+def _(q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, bm, nw, bn, exact):
     b, h, n, d = q.shape
     return q.new_empty(b, n, h, d).transpose(1, 2)
 
 
 def prepare(
-    q: torch.Tensor, scale: float, prob_quantizer: Quantizer | None = None, prefix: AttentionPrefix | None = None
+    q: torch.Tensor,
+    scale: float,
+    prob_quantizer: Quantizer | None = None,
+    prefix: AttentionPrefix | None = None,
+    exact: bool | None = None,
 ) -> tuple[tuple, dict[str, Any]]:
-    """The tensors and constants the kernel takes for these queries, quantizer and prefix (see :func:`launch`)."""
-    kind, additive, c0, c1 = prob_quantizer_spec(prob_quantizer, q.dtype)
-    qparams = _prob_params(prob_quantizer, kind, q.dtype, q.device)
+    """The tensors and constants the kernel takes for these queries, quantizer and prefix (see :func:`launch`).
+
+    Exact: parameters rounded to q's dtype as the eager quantizers use them; fast: in float32, the
+    quantizers' own values (the fast kernel is the explicit path computed in float32).
+    """
+    exact = EXACT[0] if exact is None else bool(exact)
+    work = q.dtype if exact else torch.float32
+    kind, additive, c0, c1 = prob_quantizer_spec(prob_quantizer, work)
+    qparams = _prob_params(prob_quantizer, kind, work, q.device)
     pk = pv = bias = factor = None
     if prefix is not None:
         pk, pv = prefix.keys.to(q.dtype), prefix.values.to(q.dtype)  # register keys / values stay full precision
         lm = prefix.entry_log_multiplicity()
-        if lm is not None:  # exactly the explicit path's per-column bias ln τ and factor τ, in q's dtype
+        if lm is not None:  # the explicit path's per-column bias ln τ and factor τ, in the working dtype
             lm = lm.reshape(lm.shape[0], prefix.num_entries)
-            bias = lm.to(q.dtype).float()
-            factor = lm.exp().to(q.dtype).float()
+            bias = lm.to(work).float()
+            factor = (lm.exp().to(q.dtype) if exact else lm.float().exp()).float()
     consts = {"kind": kind, "additive": additive, "c0": c0, "c1": c1, "scale": float(scale)}
     return (pk, pv, bias, factor, qparams), consts
 
@@ -293,17 +316,20 @@ def quantized_attention(
     block_m: int = 0,
     num_warps: int = 0,
     block_n: int = 0,
+    exact: bool | None = None,
 ) -> torch.Tensor | None:
     """Q_p(softmax(q kᵀ · scale [+ ln τ])) · v over [prefix; tokens] in one kernel, or None where it does not apply.
 
     q, k, v: (B, heads, N, head_dim), already through their matmul quantizers. The output has
     q's shape and dtype (stored as (B, N, heads, head_dim): transposing it back is a free view).
+    ``exact`` None: :data:`EXACT` (the eager rounding; False: Inductor-like float32 registers).
     """
     if not supports(q, prefix, prob_quantizer):
         return None
-    (pk, pv, bias, factor, qparams), c = prepare(q, scale, prob_quantizer, prefix)
+    exact = EXACT[0] if exact is None else bool(exact)
+    (pk, pv, bias, factor, qparams), c = prepare(q, scale, prob_quantizer, prefix, exact)
     args = (q, k.to(q.dtype), v.to(q.dtype), pk, pv, bias, factor, qparams)
-    consts = (c["kind"], c["additive"], c["c0"], c["c1"], c["scale"], block_m, num_warps, block_n)
+    consts = (c["kind"], c["additive"], c["c0"], c["c1"], c["scale"], block_m, num_warps, block_n, exact)
     if torch.compiler.is_compiling():
         return _attention_op(*args, *consts)
     try:
