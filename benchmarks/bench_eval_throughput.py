@@ -62,6 +62,7 @@ def install_random_regcache(encoder, l_q: int, tau: int = 4, k_delete: int = 4) 
             torch.randn(shape, generator=g).to(p.device, p.dtype),
             torch.randn(shape, generator=g).to(p.device, p.dtype),
             torch.full((1, 1, 1, 1), math.log(tau), device=p.device, dtype=p.dtype),
+            multiplicity=(tau,),
         )
     install_deletion(encoder, l_q, k_delete)
 

@@ -162,8 +162,9 @@ def install_random_prefix(encoder, entries: int = 2, seed: int = 0) -> None:
     for block in encoder.blocks[1:]:
         a = block.attn
         shape = (1, a.num_heads, entries, a.head_dim)
-        lm = torch.log(torch.tensor([1.0, 3.0][:entries])).view(1, 1, 1, entries)
-        a.prefix = AttentionPrefix(torch.randn(shape, generator=g), torch.randn(shape, generator=g), lm)
+        taus = (1, 3)[:entries]
+        lm = torch.log(torch.tensor([float(t) for t in taus])).view(1, 1, 1, entries)
+        a.prefix = AttentionPrefix(torch.randn(shape, generator=g), torch.randn(shape, generator=g), lm, taus)
 
 
 def reloaded(encoder, family: str, path, with_prefix: bool = False):

@@ -5,7 +5,8 @@ One block = ``norm1 → qkv → Q·Kᵀ → softmax → P·V → proj → ls1`` 
 attention products explicit :class:`~regcache.quant.modules.MatMul` modules, so quantization
 methods see the same named tensors on every family. Where nothing quantizes or reads an
 attention's probabilities (float mode, no hooks) it runs through ``scaled_dot_product_attention``
-instead, the same function with fused kernels.
+instead, the same function with fused kernels (a prefix of small integer multiplicities as repeated
+keys rather than a mask, which would cost SDPA its flash kernel).
 
 RegCache needs two extension points, both empty by default (the model is then exactly the
 original network):
@@ -35,6 +36,11 @@ from regcache.quant.modules import MatMul
 
 # float attention (nothing quantized or hooked) runs through SDPA; REGCACHE_FLOAT_SDPA=0 keeps it explicit (A/B)
 _FLOAT_SDPA = os.environ.get("REGCACHE_FLOAT_SDPA", "1") != "0"
+# In float SDPA a prefix with integer multiplicities is given as τ physical copies of each entry instead of
+# an ``ln τ`` mask: any attn_mask moves SDPA off the flash kernel (with the mask, RegCache cost the compiled
+# float model 4 % on an H100), while copies only lengthen the key axis by sum(τ) - n, small next to the
+# ~200 tokens of a ViT up to this many extra keys; beyond it the mask is kept.
+_MAX_EXTRA_REPEATED_KEYS = 64
 
 
 class Tap(nn.Identity):
@@ -50,11 +56,26 @@ class AttentionPrefix:
     ``log_multiplicity``: ``ln τ`` per entry, shape broadcastable to ``(P, 1, 1, n)``. One entry
     with ``ln τ`` added to its logit is exactly τ identical copies of it; its attention
     probability is quantized as τ copies would be (``p/τ`` quantized, then times τ).
+    ``multiplicity``: the same τ per entry as host integers, or None where they are not integers
+    shared by the batch (per-sample τ). It must agree with ``log_multiplicity``; it exists so the
+    float SDPA path can repeat the entries instead of masking without reading τ off the device
+    (a sync, and a graph break under ``torch.compile``).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     log_multiplicity: torch.Tensor | None = None
+    multiplicity: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.multiplicity is None:
+            return
+        mult = tuple(int(t) for t in self.multiplicity)
+        if len(mult) != self.num_entries or any(t < 1 for t in mult):
+            raise ValueError(f"multiplicity needs one τ >= 1 per entry ({self.num_entries}), got {mult}")
+        if self.log_multiplicity is None and any(t > 1 for t in mult):
+            raise ValueError("a multiplicity above 1 needs its ln τ in log_multiplicity (the explicit paths use it)")
+        self.multiplicity = mult
 
     @property
     def num_entries(self) -> int:
@@ -75,7 +96,17 @@ class AttentionPrefix:
             self.keys.to(device=device, dtype=dtype),
             self.values.to(device=device, dtype=dtype),
             None if lm is None else lm.to(device=device, dtype=dtype),
+            self.multiplicity,
         )
+
+    def repeated_entries(self) -> tuple[int, ...] | None:
+        """τ per entry where float SDPA should repeat the entries instead of masking, else None (keep the mask)."""
+        mult = self.multiplicity
+        if mult is None or self.keys.shape[0] != 1:  # per-sample prefixes would need a key count per sample
+            return None
+        if sum(mult) - len(mult) > _MAX_EXTRA_REPEATED_KEYS:
+            return None
+        return mult
 
 
 class Attention(nn.Module):
@@ -143,16 +174,25 @@ class Attention(nn.Module):
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix | None) -> torch.Tensor:
         """Float attention through ``scaled_dot_product_attention`` (flash / memory-efficient kernels).
 
-        The same function as the explicit path (a prefix is concatenated, ``ln τ`` is an additive
-        mask), rounded differently: the float model as fast as open_clip's own, which also uses SDPA.
+        The same function as the explicit path (a prefix is concatenated), rounded differently: the
+        float model as fast as open_clip's own, which also uses SDPA. Multiplicity τ is τ physical
+        copies of an entry where τ is known on the host and small (no mask, so the flash kernel
+        stays eligible), else an additive ``ln τ`` mask. Copies are expanded slices joined by the
+        one concatenation with the tokens: no index tensor, whose host-to-device copy would sync.
         """
         if prefix is None:
             return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         b, n_tok = q.shape[0], k.shape[-2]
-        keys = torch.cat([prefix.keys.to(k.dtype).expand(b, -1, -1, -1), k], dim=-2)
-        values = torch.cat([prefix.values.to(v.dtype).expand(b, -1, -1, -1), v], dim=-2)
-        mask = None
+        pk, pv = prefix.keys.to(k.dtype), prefix.values.to(v.dtype)
         lm = prefix.entry_log_multiplicity()
+        repeats = prefix.repeated_entries() if lm is not None else None
+        if repeats is not None:
+            keys = torch.cat([pk[:, :, i : i + 1].expand(b, -1, t, -1) for i, t in enumerate(repeats)] + [k], dim=-2)
+            values = torch.cat([pv[:, :, i : i + 1].expand(b, -1, t, -1) for i, t in enumerate(repeats)] + [v], dim=-2)
+            return F.scaled_dot_product_attention(q, keys, values, scale=self.scale)
+        keys = torch.cat([pk.expand(b, -1, -1, -1), k], dim=-2)
+        values = torch.cat([pv.expand(b, -1, -1, -1), v], dim=-2)
+        mask = None
         if lm is not None:
             mask = torch.cat([lm.to(q.dtype), lm.new_zeros(lm.shape[0], 1, 1, n_tok).to(q.dtype)], dim=-1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)

@@ -91,13 +91,16 @@ class RegisterCache:
         )
 
     def prefix(self, layer: int, tau: int, device=None, dtype=None) -> AttentionPrefix:
-        """The :class:`AttentionPrefix` of block ``layer`` with every entry counted τ times (τ >= 1)."""
+        """The :class:`AttentionPrefix` of block ``layer`` with every entry counted τ times (τ >= 1).
+
+        τ is also kept on the host (``multiplicity``) so float SDPA can repeat the entries instead of masking.
+        """
         if tau < 1:
             raise ValueError(f"tau must be >= 1 for an installed prefix, got {tau}")
         keys = self.keys[layer].unsqueeze(0).to(device=device, dtype=dtype)
         values = self.values[layer].unsqueeze(0).to(device=device, dtype=dtype)
         log_tau = torch.full((1, 1, 1, 1), float(torch.tensor(float(tau)).log()), device=device, dtype=dtype)
-        return AttentionPrefix(keys, values, log_tau)
+        return AttentionPrefix(keys, values, log_tau, multiplicity=(int(tau),) * keys.shape[-2])
 
     def metadata(self) -> dict[str, Any]:
         """JSON-able description (everything but the tensors)."""

@@ -44,6 +44,9 @@ def install_batched_prefix(
 ) -> None:
     """One (register, τ) per group of ``repeat`` consecutive samples: batch element ``p*repeat + b``
     gets ``caches[p]`` with multiplicity ``taus[p]`` (τ >= 1), so P configurations run as one batch.
+
+    τ differs per sample, so the prefix has no host ``multiplicity``: float SDPA keeps the ``ln τ`` mask
+    (repeating entries would need a different key count per sample).
     """
     if len(caches) != len(taus):
         raise ValueError("need one τ per cache")
