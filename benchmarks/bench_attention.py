@@ -103,11 +103,8 @@ def flip_fraction(attn: Attention, q, k, v) -> float:
 
 
 def tune(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, warmup: int, repeats: int) -> None:
-    """Print the fused kernel's time for each numerics x BLOCK_M x BLOCK_N x num_warps (errors reported, not fatal).
-
-    BLOCK_N 256 holds all of a ViT-B/16 row's keys: the single-tile variant.
-    """
-    grid = itertools.product((True, False), (32, 64, 128), (16, 32, 64, 256), (4, 8))
+    """Print the fused kernel's time for each numerics x BLOCK_M x BLOCK_N x num_warps (errors reported, not fatal)."""
+    grid = itertools.product((True, False), (32, 64, 128), (16, 32, 64), (4, 8))
     for exact, block_m, block_n, warps in grid:
         (pk, pv, bias, fac, qp), c = fa.prepare(q, attn.scale, attn.matmul_pv.a_quantizer, attn.prefix, exact)
         name = f"tune exact={int(exact)} BLOCK_M={block_m} BLOCK_N={block_n} num_warps={warps}"
@@ -134,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-m", type=int, default=0, help="query rows per program (0: the kernel's default)")
     p.add_argument("--num-warps", type=int, default=0, help="warps per program (0: the kernel's default)")
     p.add_argument("--block-n", type=int, default=0, help="keys per tile (0: the kernel's default)")
-    p.add_argument("--fast", action="store_true", help="the fast (float32, Inductor-like) kernel numerics, not exact")
-    p.add_argument("--single-tile-keys", type=int, default=None, help="fa.SINGLE_TILE_KEYS (0: never one tile)")
+    p.add_argument("--exact", action="store_true", help="the exact kernel numerics (eager rounding), not the fast ones")
     p.add_argument(
         "--tune",
         action="store_true",
@@ -155,9 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     warmup = 1 if tiny else 3
     compile_explicit = not (tiny or args.no_compile)
     torch.set_grad_enabled(False)
-    fa.EXACT[0] = not args.fast
-    if args.single_tile_keys is not None:
-        fa.SINGLE_TILE_KEYS[0] = args.single_tile_keys
+    fa.EXACT[0] = args.exact
 
     rows, tuned = [], set()
     for batch in batches:
@@ -234,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                     tuned.add(pname)
     columns = list(rows[0])
     extra = {"heads": heads, "tokens": tokens, "head_dim": head_dim, "dtype": "bfloat16", "interpreter": tiny}
-    extra.update(exact=fa.EXACT[0], single_tile_keys=fa.SINGLE_TILE_KEYS[0], tile=list(fa.TILE))
+    extra.update(exact=fa.EXACT[0], tile=list(fa.TILE))
     write_results("bench_attention", rows, columns, extra)
 
 

@@ -33,7 +33,6 @@ from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
 
 DEVICE, B, H, N, D = {device!r}, {batch}, {heads}, {tokens}, {head_dim}
 fa.TILE[:] = {tile}  # several key tiles per row: the two-pass softmax is exercised
-fa.SINGLE_TILE_KEYS[:] = [{single}]  # or every key in one tile, scores kept in registers
 EXACT = fa.EXACT[0] = {exact}  # eager rounding op for op, or the fast float32 kernel
 import regcache.encoders.base as base
 base._FLOAT_SDPA = False  # the unquantized case runs the kernel (float mode), not SDPA
@@ -183,29 +182,25 @@ def _run_interpreted(script: str) -> str:
     return res.stdout
 
 
-@pytest.mark.parametrize("exact, single", [(True, 0), (False, 64)], ids=["exact-tiles", "fast-single-tile"])
-def test_fused_attention_matches_explicit_under_triton_interpreter(exact, single):
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_fused_attention_matches_explicit_under_triton_interpreter(exact):
     """Every probability quantizer x prefix x dtype, on CPU through the interpreter, against the explicit path.
 
-    Exact kernel (two passes over 32-key tiles) against Attention.attend op for op; fast kernel (all 45
-    keys in one tile) against the explicit path computed in float32 on the same inputs.
+    Exact kernel against Attention.attend op for op; fast kernel against the explicit path computed
+    in float32 on the same inputs. Two passes over 32-key tiles (45 keys: a partial last tile).
     """
     pytest.importorskip("triton")
-    script = _NUMERICS.format(
-        device="cpu", batch=2, heads=2, tokens=45, head_dim=64, tile=[32, 32], exact=exact, single=single
-    )
+    script = _NUMERICS.format(device="cpu", batch=2, heads=2, tokens=45, head_dim=64, tile=[32, 32], exact=exact)
     rows = json.loads(_run_interpreted(textwrap.dedent(script))[3:])
     assert len(rows) == 2 * 7 * 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("exact, single", [(True, 0), (False, 256)], ids=["exact-tiles", "fast-single-tile"])
-def test_fused_attention_matches_explicit_cuda(exact, single):
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_fused_attention_matches_explicit_cuda(exact):
     """The same bounds on the GPU, at ViT-B/16 shapes (197 tokens, head dim 64)."""
     pytest.importorskip("triton")
-    script = _NUMERICS.format(
-        device="cuda", batch=4, heads=12, tokens=197, head_dim=64, tile=[64, 16], exact=exact, single=single
-    )
+    script = _NUMERICS.format(device="cuda", batch=4, heads=12, tokens=197, head_dim=64, tile=[64, 16], exact=exact)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
@@ -340,20 +335,20 @@ def _compile_for_sm90(constants: dict) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "qkind, additive, prefix, bias, dt, store, exact, single",
-    [(0, False, False, False, 1, False, True, False), (1, False, True, True, 1, True, True, False),
-     (2, False, True, True, 1, False, True, False), (3, True, True, False, 1, False, True, False),
-     (3, False, False, False, 0, True, True, False), (1, False, True, True, 1, False, False, True),
-     (2, False, True, True, 1, True, False, True), (3, True, False, False, 1, False, False, False),
-     (3, False, True, True, 0, False, False, True)],
+    "qkind, additive, prefix, bias, dt, store, exact",
+    [(0, False, False, False, 1, False, True), (1, False, True, True, 1, True, True),
+     (2, False, True, True, 1, False, True), (3, True, True, False, 1, False, True),
+     (3, False, False, False, 0, True, True), (1, False, True, True, 1, False, False),
+     (2, False, True, True, 1, True, False), (3, True, False, False, 1, False, False),
+     (3, False, True, True, 0, False, False)],
 )  # fmt: skip
-def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exact, single):
+def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exact):
     """Each quantizer kind / prefix / dtype / numerics variant builds down to a cubin (Triton's type checks included).
 
-    The token tiles (32 keys, or one 256-key tile) and the prefix tile (16) differ in shape, as in the default launch.
+    The token tiles (32 keys) and the prefix tile (16) differ in shape, as in the default launch.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter replaces the kernel's device helpers")
-    constants = dict(D=64, BLOCK_M=64, BLOCK_N=256 if single else 32, BLOCK_P=16, QKIND=qkind, ADDITIVE=additive)
-    constants.update(HAS_PREFIX=prefix, HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0, EXACT=exact, SINGLE=single)
+    constants = dict(D=64, BLOCK_M=64, BLOCK_N=32, BLOCK_P=16, QKIND=qkind, ADDITIVE=additive, HAS_PREFIX=prefix)
+    constants.update(HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0, EXACT=exact)
     assert "cubin" in _compile_for_sm90(constants)

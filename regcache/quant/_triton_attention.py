@@ -151,13 +151,20 @@ def _fake_quant(
             q = _clamp(_rint(x * r0) + p1, c0, c1)
             return (q - p1) * p0
         elif QKIND == 2:
-            raw = tl.minimum(-2.0 * tl.log2(tl.maximum(x, 0.0) * r0), c1)
-            code = _rint(raw)
-            is_zero = code >= c1
+            # round(-2 log2 t) from t's exponent e and mantissa m in [1, 2): -2e - [m >= 2^(1/4)] - [m >= 2^(3/4)]
+            # (no transcendental; the thresholds are irrational, so no ties): exact, unlike lg2.approx
+            t = tl.maximum(x, 0.0) * r0
+            bits = t.to(tl.int32, bitcast=True)
+            e = ((bits >> 23) & 0xFF) - 127
+            m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+            code = (-2 * e - (m >= 1.189207115002721).to(tl.int32) - (m >= 1.681792830507429).to(tl.int32)).to(
+                tl.float32
+            )
+            is_zero = (code >= c1) | (t < 1.1754943508222875e-38)  # zero or subnormal t: beyond every code
             code = _clamp(code, 0.0, c1 - 1.0)
             half = tl.ceil(code * 0.5)
             odd = code - 2.0 * tl.floor(code * 0.5)
-            level = tl.exp2(-half) * tl.where(odd > 0, c0, 1.0) * p0
+            level = _exp2(-half) * tl.where(odd > 0, c0, 1.0) * p0
             return tl.where(is_zero, 0.0, level)
         elif QKIND == 3:
             inv_levels = 1.0 / c0
@@ -254,15 +261,13 @@ def quantized_attention_kernel(
     DT: tl.constexpr,
     IEEE: tl.constexpr,
     EXACT: tl.constexpr,
-    SINGLE: tl.constexpr,
 ):
     """out[b, h, rows] = Q_p(softmax(q kᵀ · scale + bias)) · v over [prefix; tokens] (last dim stride 1).
 
     Two passes over the keys: the first finds each row's max and exp-sum (online), the second
     recomputes the scores, normalizes, quantizes and accumulates P·V in float32. The probabilities
     must be final before they are quantized, hence the second pass instead of flash attention's
-    rescaled accumulator. SINGLE (all N tokens in one BLOCK_N tile): the scores and their
-    exponentials are computed once and kept in registers between the passes. The prefix
+    rescaled accumulator. The prefix
     (NPRE <= BLOCK_P entries, with the ``ln τ`` bias and the p/τ quantization) is its own small
     tile, so the token tiles carry none of its extra arithmetic.
     EXACT: every op rounded to the activation dtype as the eager path; otherwise float32 registers
@@ -300,19 +305,11 @@ def quantized_attention_kernel(
                 sp = sp + bias[None, :] * log_unit
         m = tl.max(sp, axis=1)
         lsum = tl.sum(_softexp(sp - m[:, None], EXACT), axis=1)
-    if SINGLE:  # every token key in one tile: its max is the row's final max, its exponentials final too
-        cols1 = tl.arange(0, BLOCK_N)
-        s1 = _tile_scores(q, k_ptr, kbase, sk_n, cols1, N, sm_scale, D, DT, IEEE, EXACT)
-        m_new = tl.maximum(m, tl.max(s1, axis=1))
-        e1 = _softexp(s1 - m_new[:, None], EXACT)
-        lsum = lsum * _softexp(m - m_new, EXACT) + tl.sum(e1, axis=1)
+    for start in range(0, N, BLOCK_N):
+        s = _tile_scores(q, k_ptr, kbase, sk_n, start + tl.arange(0, BLOCK_N), N, sm_scale, D, DT, IEEE, EXACT)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        lsum = lsum * _softexp(m - m_new, EXACT) + tl.sum(_softexp(s - m_new[:, None], EXACT), axis=1)
         m = m_new
-    else:
-        for start in range(0, N, BLOCK_N):
-            s = _tile_scores(q, k_ptr, kbase, sk_n, start + tl.arange(0, BLOCK_N), N, sm_scale, D, DT, IEEE, EXACT)
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            lsum = lsum * _softexp(m - m_new, EXACT) + tl.sum(_softexp(s - m_new[:, None], EXACT), axis=1)
-            m = m_new
     inv = 1.0 / lsum
 
     # pass 2: probabilities, their fake quantizer, P·V
@@ -342,32 +339,18 @@ def quantized_attention_kernel(
                 p_ptr + pbase + rows[:, None] * nk + pre[None, :], ppq, mask=row_ok[:, None] & (pre < NPRE)[None, :]
             )
         acc += _pv(ppq, pv_ptr, pvbase, spv_n, pre, NPRE, D, IEEE)
-    if SINGLE:
-        p = e1 * inv[:, None]
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        s = _tile_scores(q, k_ptr, kbase, sk_n, cols, N, sm_scale, D, DT, IEEE, EXACT)
+        p = _softexp(s - m[:, None], EXACT) * inv[:, None]
         if EXACT:
             p = _rd(p, DT)
         pq = _rn(_fake_quant(p, p0, p1, r0, r1, c0, c1, QKIND, ADDITIVE, DT, EXACT), DT)
-        pq = tl.where((cols1 < N)[None, :], pq, 0.0)
+        pq = tl.where((cols < N)[None, :], pq, 0.0)
         if STORE_P:
-            tl.store(
-                p_ptr + pbase + rows[:, None] * nk + NPRE + cols1[None, :],
-                pq,
-                mask=row_ok[:, None] & (cols1 < N)[None, :],
-            )
-        acc += _pv(pq, v_ptr, vbase, sv_n, cols1, N, D, IEEE)
-    else:
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            s = _tile_scores(q, k_ptr, kbase, sk_n, cols, N, sm_scale, D, DT, IEEE, EXACT)
-            p = _softexp(s - m[:, None], EXACT) * inv[:, None]
-            if EXACT:
-                p = _rd(p, DT)
-            pq = _rn(_fake_quant(p, p0, p1, r0, r1, c0, c1, QKIND, ADDITIVE, DT, EXACT), DT)
-            pq = tl.where((cols < N)[None, :], pq, 0.0)
-            if STORE_P:
-                ptrs = p_ptr + pbase + rows[:, None] * nk + NPRE + cols[None, :]
-                tl.store(ptrs, pq, mask=row_ok[:, None] & (cols < N)[None, :])
-            acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, D, IEEE)
+            ptrs = p_ptr + pbase + rows[:, None] * nk + NPRE + cols[None, :]
+            tl.store(ptrs, pq, mask=row_ok[:, None] & (cols < N)[None, :])
+        acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, D, IEEE)
     acc = _rd(acc, DT)
     tl.store(
         out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dcol[None, :],

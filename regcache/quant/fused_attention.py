@@ -48,10 +48,9 @@ if TYPE_CHECKING:
 HEAD_DIMS = (16, 32, 64, 128)
 # default (query rows, keys) per tile: the fastest on an H100 at ViT-B/16 shapes (bench_attention --tune)
 TILE = [64, 16]
-# rows of at most this many keys (rounded up to a power of two) run as one tile, scores kept in registers; 0: never
-SINGLE_TILE_KEYS = [0]
-# exact: the eager path's rounding op for op; fast: float32 registers, reciprocals, exp2 (as Inductor computes)
-EXACT = [os.environ.get("REGCACHE_FUSED_ATTENTION_EXACT", "1") != "0"]
+# exact: the eager path's rounding op for op; fast (default): float32 registers, reciprocals, exp2, as
+# Inductor computes; 1.7x faster on an H100 (BENCHMARKS.md §1)
+EXACT = [os.environ.get("REGCACHE_FUSED_ATTENTION_EXACT", "0") == "1"]
 _LOG2E = 1.4426950408889634
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -187,7 +186,7 @@ def launch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel: (output (B, heads, N, D) laid out as (B, N, heads, D), quantized probabilities or None).
 
-    ``exact`` None: :data:`EXACT`. ``block_n`` >= N runs the single-tile variant.
+    ``exact`` None: :data:`EXACT`.
     """
     kmod = _kernel()
     b, h, n, d = q.shape
@@ -195,8 +194,7 @@ def launch(
     npre = 0 if prefix_keys is None else prefix_keys.shape[-2]
     small = max(16, kmod.next_power_of_2(n))
     block_m = block_m or min(TILE[0], small)
-    if not block_n:
-        block_n = small if small <= SINGLE_TILE_KEYS[0] else min(TILE[1], small)
+    block_n = block_n or min(TILE[1], small)
     num_warps = num_warps or 4
     q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
     # (B, N, heads, D) storage: the caller's transpose(1, 2).reshape(B, N, heads·D) is then a view
@@ -235,7 +233,6 @@ def launch(
         "DT": _DTYPE_CODES[q.dtype],
         "IEEE": q.dtype == torch.float32,
         "EXACT": exact,
-        "SINGLE": block_n >= n,
     }
     if q.is_cuda:
         with torch.cuda.device(q.device):
