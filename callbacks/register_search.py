@@ -68,8 +68,8 @@ class RegisterSearch(pl.Callback):
             the whole reference set at once is fastest where memory allows).
         compile_tail: ``torch.compile`` the search's tail forward (one compilation for the grid;
             scores agree with eager to float tolerance, not bit for bit).
-        fused_attention: run the quantized attention as one Triton kernel during the grid (None: on
-            for a compiled tail on CUDA, where it is faster; scores to float tolerance).
+        fused_attention: run the quantized attention as one Triton kernel during the grid (None: the
+            process setting, on by default where the kernel applies, CUDA; scores to float tolerance).
         save_every_s: at most this many seconds between writes of the resumable search state
             (what a preemption can lose; 0 writes after every configuration).
         force: recompute even if a saved result exists.

@@ -230,14 +230,15 @@ def test_tail_recalibration_keeps_weight_quantizers_and_equals_reset_and_calibra
     assert len(weight_calibrations) == 2 * n_weights
 
 
-@pytest.mark.parametrize(("flag", "expect"), [(None, False), (True, True), (False, False)])
+@pytest.mark.parametrize(("flag", "expect"), [(None, "process"), (True, True), (False, False)])
 def test_search_sets_fused_attention_for_its_run_only(flag, expect):
-    """``fused_attention`` holds while the grid runs and the process setting returns after; None is off on CPU."""
+    """``fused_attention`` holds while the grid runs and the process setting returns after; None keeps the process's."""
     from regcache.quant import fused_attention as fa
 
     seen = []
     search = _search(taus=(1,), delete_ks=(0,), compile_tail=True, fused_attention=flag)
     before = fa.enabled()
+    expect = before if expect == "process" else expect
     search.run("cached", callback=lambda row: seen.append(fa.enabled()))
     assert seen and set(seen) == {expect}
     assert fa.enabled() == before

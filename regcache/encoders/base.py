@@ -200,7 +200,7 @@ class Attention(nn.Module):
     def _fused_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix | None
     ) -> torch.Tensor | None:
-        """The attention as one Triton kernel (``REGCACHE_FUSED_ATTENTION=1``), or None where it must stay explicit.
+        """The attention as one Triton kernel (on by default on CUDA), or None where it must stay explicit.
 
         Explicit whenever something reads the probabilities or the matmul operands (hooks on
         ``tap_probs`` such as ``record()``, on the matmuls or their quantizers; an observing

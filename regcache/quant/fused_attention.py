@@ -1,4 +1,4 @@
-"""Fused quantized attention: one Triton kernel per (batch·head, block of query rows) (opt-in prototype).
+"""Fused quantized attention: one Triton kernel per (batch·head, block of query rows).
 
 The explicit attention materializes scores, softmax, fake-quantized probabilities and P·V in HBM
 (the probabilities must be quantized, so SDPA / flash kernels cannot run it).
@@ -7,12 +7,17 @@ for the softmax's row max and sum, a second for the probabilities, their fake qu
 all in registers (``_triton_attention.py``): nothing of size N² reaches HBM, at the price of
 computing q·kᵀ twice (cheap next to the per-probability work).
 
-Numerics follow the eager :class:`~regcache.encoders.base.Attention` op for op, including the
-rounding to the activation dtype after each op, but the softmax is computed differently (online
-row sums, a reciprocal instead of a division, ``exp`` of the GPU's fast path), so a probability lying on a quantization
-boundary can land on the neighbouring code: the result is close to, not bit-identical with, the
-explicit path (tests/test_fused_attention.py bounds the fraction of flipped codes and the output
-difference in steps).
+Numerics, two kinds (:data:`EXACT`). Fast (default): the explicit path computed in float32
+registers (no rounding to the activation dtype between ops, reciprocals instead of divisions,
+``exp2``), as Inductor computes a compiled explicit attention; for bfloat16 activations that is
+more precise than the eager path, which rounds scores, probabilities and every quantizer op to
+bfloat16, so codes near a boundary differ from eager's (RepQ-ViT's 4-bit log-√2 levels are a factor
+√2 apart: one flipped top-level probability moves an output by up to ~30 %, BENCHMARKS.md §1).
+Exact (``REGCACHE_FUSED_ATTENTION_EXACT=1``): the eager ops with their rounding, op for op, 1.7×
+slower. Either way the softmax is computed differently (online row sums), so a probability on a
+quantization boundary can land on the neighbouring code: tests/test_fused_attention.py bounds the
+fraction of flipped codes and the output difference in steps, the fast kernel against the
+explicit path in float32, the exact one against the eager path.
 
 Probability quantizers handled in registers: none / ``float`` mode, :class:`UniformQuantizer`
 (per tensor or per head, the formula of ``plain_fake_quant``), :class:`LogSqrt2Quantizer` (RepQ-ViT)
@@ -21,7 +26,9 @@ and :class:`TwinSoftmaxQuantizer` (PTQ4ViT, both variants). Q, K and V arrive al
 RegCache prefix adds full-precision key/value entries with a per-column logit bias ``ln τ``, the
 probability quantized as ``p/τ`` then times τ.
 
-Off unless ``REGCACHE_FUSED_ATTENTION=1`` (or :func:`set_enabled`). Under ``torch.compile`` the
+On by default wherever it applies (CUDA inference with nothing observing the attention: no
+calibration observers, hooks or autograd); ``REGCACHE_FUSED_ATTENTION=0`` or :func:`set_enabled`
+keeps the explicit path, the reference numerics. Under ``torch.compile`` the
 kernel runs as the custom op ``regcache::quantized_attention`` (opaque to Inductor, with a fake
 implementation for tracing), so compiled graphs keep the fused attention without a graph break.
 """
@@ -54,7 +61,7 @@ EXACT = [os.environ.get("REGCACHE_FUSED_ATTENTION_EXACT", "0") == "1"]
 _LOG2E = 1.4426950408889634
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_ENABLED = [os.environ.get("REGCACHE_FUSED_ATTENTION", "0") == "1"]
+_ENABLED = [os.environ.get("REGCACHE_FUSED_ATTENTION", "1") != "0"]
 _FAILED = [False]  # set when the kernel failed to build or launch once: explicit attention from then on
 
 
@@ -69,7 +76,7 @@ _SQRT2_FACTOR = {dt: _rounded_sqrt2_factor(dt) for dt in _DTYPE_CODES}
 
 
 def enabled() -> bool:
-    """Whether Attention.forward may use the fused kernel (REGCACHE_FUSED_ATTENTION=1 or set_enabled)."""
+    """Whether Attention.forward may use the fused kernel (default on; REGCACHE_FUSED_ATTENTION=0 or set_enabled)."""
     return _ENABLED[0] and not _FAILED[0]
 
 

@@ -71,6 +71,7 @@ from tqdm.auto import tqdm
 from regcache.encoders.base import VisionEncoder
 from regcache.quant.api import QuantConfig, quantize_
 from regcache.quant.calibration import batch_images
+from regcache.quant.fused_attention import enabled as fused_attention_enabled
 from regcache.quant.fused_attention import enabled_as as fused_attention_as
 from regcache.quant.modules import quant_mode
 from regcache.registers._common import device_dtype, float_fingerprint, plain_float
@@ -236,8 +237,8 @@ class RegisterSearch:
         self.compile_tail = compile_tail
         self.save_every_s = save_every_s
         self.device, self.dtype = device_dtype(encoder)
-        if fused_attention is None:  # measured faster only inside the compiled tail on a GPU (BENCHMARKS §1)
-            fused_attention = compile_tail and self.device.type == "cuda"
+        if fused_attention is None:  # the process setting (on by default; the kernel applies on CUDA only)
+            fused_attention = fused_attention_enabled()
         self.fused_attention = fused_attention
         self._compiled_block: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
         self._prefixes: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
