@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=[m for m in CALIBRATION_IMAGES if m in METHODS])
     ap.add_argument("--bits", nargs="*", type=int, default=[8, 6])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--noisyquant-precision", default="auto", choices=["auto", "fp32", "bf16x3", "bf16x2"])
+    ap.add_argument("--noisyquant-precision", default="auto", choices=["auto", "fp32", "bf16x3", "bf16x2", "bf16"])
     ap.add_argument("--check-blocks", type=int, default=0, help="NoisyQuant: compare N blocks with the fp32 search")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -200,7 +200,9 @@ def profile_noisyquant_steps(args, device: str) -> None:
             encoder, _ = vision_encoder(args.model, device, torch.float32)
             sync()
             t0 = time.perf_counter()
-            quantize_(encoder, METHODS["noisyquant"](w_bits=args.bits, a_bits=args.bits))
+            config = METHODS["noisyquant"](w_bits=args.bits, a_bits=args.bits)
+            config.search_precision = args.noisyquant_precision
+            quantize_(encoder, config)
             calibrate_(encoder, batches, progress=False)
             sync()
             total = time.perf_counter() - t0
@@ -238,6 +240,7 @@ def main() -> None:
     ap.add_argument("--regcache", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--noisyquant-precision", default="auto", help="noisyquant-steps: search_precision")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"profile {args.workload} on {device_name()}, torch {torch.__version__}", flush=True)

@@ -324,6 +324,23 @@ def test_searches_choose_the_exact_optimum_in_every_precision(c_out, bits):
         assert torch.equal(got, noise), precision
 
 
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("c_out", [24, 96], ids=["direct", "gram"])
+def test_bf16_search_is_exact_for_the_rounded_weight_factor(c_out, bits):
+    """precision="bf16" finds the exact optimum of the output MSE with B = bf16(B), B Bᵀ = WᵀW (brute force)."""
+    from regcache.quant.methods.noisyquant import _output_factor
+
+    g = torch.Generator().manual_seed(c_out + bits)
+    x = torch.randn(96, 32, generator=g) * torch.exp(torch.randn(32, generator=g) * 0.5)
+    x[:, 0] *= 10
+    w = torch.randn(c_out, 32, generator=g) / 32**0.5
+    w_rounded = _output_factor(w).bfloat16().float().t()  # E Bᵀ... as a weight: its Gram matrix is B_hi B_hiᵀ
+    absmax, draw = x.abs().max(), torch.rand(32, generator=g)
+    scale, noise, base = exact_choices(x, w_rounded, bits, absmax, draw)
+    assert torch.equal(search_clip_scale(x, w, bits, absmax, budget=1 << 18, precision="bf16"), scale)
+    assert torch.equal(search_noise(x, w, bits, scale, base, budget=1 << 18, precision="bf16"), noise)
+
+
 def test_bf16x2_refuses_codes_that_bfloat16_cannot_hold():
     x, w = torch.randn(8, 4), torch.randn(4, 4)
     with pytest.raises(ValueError, match="bf16x3"):
@@ -348,6 +365,7 @@ for params, divide, lo, hi in cases:
     r = u.round().clamp(lo, hi)
     codes = nq._fused_lhs(x, params, lo, hi, divide, split3=False)
     assert torch.equal(codes.float(), torch.cat([r, r], dim=-1))
+    assert torch.equal(nq._fused_lhs(x, params, lo, hi, divide, split3=False, copies=1).float(), r)
     e = r - u
     hi_ = e.bfloat16()
     lo_ = (e - hi_.float()).bfloat16()
@@ -372,6 +390,15 @@ for precision in ("bf16x3", "bf16x2"):
     assert torch.equal(nq.search_clip_scale(x, w, 8, absmax, 200, 1 << 14, precision), scale), precision
     got = nq.search_noise(x, w, 8, scale, base, 40, 100, budget=1 << 14, precision=precision)
     assert torch.equal(got, noise), precision
+# bf16 through the kernels equals bf16 through the op-by-op formulas (the rounded factor's optimum)
+nq._FUSED_DISABLED[0] = True
+def bf16_choices():
+    return (nq.search_clip_scale(x, w, 8, absmax, 200, 1 << 14, "bf16"),
+            nq.search_noise(x, w, 8, scale, base, 40, 100, budget=1 << 14, precision="bf16"))
+ref = bf16_choices()
+nq._FUSED_DISABLED[0] = False
+got = bf16_choices()
+assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 assert not nq._FUSED_DISABLED[0]
 print("ok")
 """

@@ -17,13 +17,14 @@ def _bf16_rne(v):
 @triton.jit
 def lhs_kernel(
     x_ptr, p_ptr, out_ptr, n, tc, c, p_stride_k, p_stride_c, lo, hi,
-    DIVIDE: tl.constexpr, SPLIT3: tl.constexpr, BLOCK: tl.constexpr,
+    DIVIDE: tl.constexpr, SPLIT3: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """The bfloat16 left operand of candidates k for inputs x (T, C), row (k, t) of width 2C or 3C.
+    """The bfloat16 left operand of candidates k for inputs x (T, C), row (k, t) of width C, 2C or 3C.
 
     u = x / p[k] (DIVIDE, IEEE division) or x + p[k, c]; r = clamp(round(u), lo, hi) (half to even).
     SPLIT3: [e_hi | e_lo | e_hi] with e = r - u, e_hi = bf16(e), e_lo = bf16(e - e_hi) (bf16x3);
-    else [r | r] (bf16x2: |r| <= 256 is exact in bfloat16). Conversions round to nearest even.
+    else [r | r] (DOUBLE, bf16x2) or [r] (bf16): |r| <= 256 is exact in bfloat16. Conversions round
+    to nearest even.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -44,11 +45,13 @@ def lhs_kernel(
         tl.store(base, e_hi, mask=mask)
         tl.store(base + c, e_lo, mask=mask)
         tl.store(base + 2 * c, e_hi, mask=mask)
-    else:
+    elif DOUBLE:
         base = out_ptr + row * (2 * c) + ch
         rb = r.to(tl.bfloat16)  # an integer of at most 9 bits: exact
         tl.store(base, rb, mask=mask)
         tl.store(base + c, rb, mask=mask)
+    else:
+        tl.store(out_ptr + offs, r.to(tl.bfloat16), mask=mask)
 
 
 @triton.jit

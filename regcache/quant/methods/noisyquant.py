@@ -18,9 +18,11 @@ After the official kriskrisliu/NoisyQuant code (``fast_quant.py``, ``validate.py
 
 The candidate evaluation is batched (many candidates per matmul, memory bounded by
 ``search_chunk_elements``; the output MSE goes through WᵀW when C_out > C_in). ``search_precision``
-picks how: ``fp32``, ``bf16x3`` (E_hi B_hi + E_lo B_hi + E_hi B_lo) or ``bf16x2`` (integer codes R
-times B_hi + B_lo, minus the candidate-affine u B computed once; see :class:`_CodeProducts`); ``auto``
-is bf16x2 on CUDA and fp32 elsewhere. On CUDA the per-chunk operands are built by Triton kernels. ``search_tokens``
+picks how: ``fp32``, ``bf16x3`` (E_hi B_hi + E_lo B_hi + E_hi B_lo), ``bf16x2`` (integer codes R
+times B_hi + B_lo, minus the candidate-affine u B computed once; see :class:`_CodeProducts`) or
+``bf16`` (R times B_hi only: half bf16x2's tensor-core work, the objective of the weight factor B
+rounded to bfloat16, an opt-in speed / fidelity trade-off, BENCHMARKS.md §2); ``auto`` is bf16x2 on
+CUDA and fp32 elsewhere. On CUDA the per-chunk operands are built by Triton kernels. ``search_tokens``
 evaluates the objective on a seeded uniform sample of that many input tokens per linear; the
 reference uses every token (``search_tokens=None``, ~25x more work for ViT-B/16 at 1024 images).
 This sampling is a speed departure from the reference, not a quirk fix. The clip search's absmax
@@ -188,7 +190,7 @@ def output_mse(weight: torch.Tensor, precision: str = "fp32") -> Callable[[torch
 
         return split
     if precision != "fp32":
-        raise ValueError(f"unknown search precision {precision!r} (fp32, bf16x3)")
+        raise ValueError(f"unknown search precision {precision!r} (fp32, bf16x3, bf16x2, bf16)")
     if c_out > c_in:
         gram = w.t() @ w
 
@@ -256,9 +258,9 @@ def _launch(kernel: Any, grid: tuple[int], device: torch.device, *args: Any) -> 
 
 
 def _fused_lhs(
-    x: torch.Tensor, params: torch.Tensor, lo: int, hi: int, divide: bool, split3: bool
+    x: torch.Tensor, params: torch.Tensor, lo: int, hi: int, divide: bool, split3: bool, copies: int = 2
 ) -> torch.Tensor | None:
-    """bfloat16 (K, T, 2C) [R | R] or (K, T, 3C) [E_hi | E_lo | E_hi] of candidates ``params`` (None: not run).
+    """bfloat16 (K, T, copies·C) [R | R] / [R] or (K, T, 3C) [E_hi | E_lo | E_hi] of ``params`` (None: not run).
 
     u = x / params[k] (divide; params (K,)) or x + params[k] (params (K, C) or (K, 1)), R = clamp(round(u)),
     E = R - u: the float32 operations of the op-by-op formulas, in the same order.
@@ -268,11 +270,12 @@ def _fused_lhs(
     k_mod = _kernels()
     x, params = x.contiguous(), params.contiguous()
     k, (t, c) = params.shape[0], x.shape
-    out = torch.empty(k, t, (3 if split3 else 2) * c, device=x.device, dtype=torch.bfloat16)
+    out = torch.empty(k, t, (3 if split3 else copies) * c, device=x.device, dtype=torch.bfloat16)
     n = k * t * c
     stride_c = 0 if divide or params.shape[1] == 1 else 1
     grid = (k_mod.cdiv(n, _LHS_BLOCK),)
-    args = (x, params, out, n, t * c, c, params.stride(0), stride_c, float(lo), float(hi), divide, split3, _LHS_BLOCK)
+    args = (x, params, out, n, t * c, c, params.stride(0), stride_c, float(lo), float(hi), divide, split3)
+    args += (copies == 2, _LHS_BLOCK)
     return out if _launch(k_mod.lhs_kernel, grid, x.device, *args) else None
 
 
@@ -306,15 +309,20 @@ class _CodeProducts:
     u B is affine in the candidate (x B / Δ_k, or x_steps B + N_k B), so its parts are computed once,
     in float64, against the same B = B_hi + B_lo. Both terms use that B, so the difference is E B up
     to float32 rounding: the precision of bf16x3 (whose E_lo B_lo term is dropped instead).
+    ``products=1`` (precision ``bf16``): B = B_hi, R B_hi alone, half the work; exact for that B,
+    i.e. the output MSE of a weight factor rounded to bfloat16.
     """
 
-    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+    def __init__(self, weight: torch.Tensor, bits: int, products: int = 2) -> None:
         if bits > 9:
-            raise ValueError(f"bf16x2 needs codes exact in bfloat16 (bits <= 9), got {bits}: use bf16x3")
+            raise ValueError(f"bf16x2 / bf16 need codes exact in bfloat16 (bits <= 9), got {bits}: use bf16x3")
         b_hi, b_lo = _split_bf16(_output_factor(weight))
+        if products == 1:  # bf16: B is B_hi, exactly; R B_hi one product, u B_hi in float64 as below
+            b_lo = torch.zeros_like(b_hi)
+        self.copies = products
         self.b64 = b_hi.double() + b_lo.double()
         self.b32 = self.b64.float()  # exact: hi + lo spans at most 24 significant bits
-        self.rhs = torch.cat([b_hi, b_lo])  # [R | R] @ rhs
+        self.rhs = torch.cat([b_hi, b_lo]) if products == 2 else b_hi  # [R | R] @ rhs, or R @ B_hi
         self.c_out = weight.shape[0]
 
     def times_b(self, u: torch.Tensor) -> torch.Tensor:
@@ -349,17 +357,17 @@ class _CodeProducts:
     ) -> torch.Tensor:
         divide = offsets is None
         (k, (t, c)), n_cols = (p.shape[0], x.shape), shared.shape[1]
-        a = _fused_lhs(x, p, lo, hi, divide, split3=False)
+        a = _fused_lhs(x, p, lo, hi, divide, split3=False, copies=self.copies)
         if a is not None:
-            h = _mm_fp32(a.view(k * t, 2 * c), self.rhs)
+            h = _mm_fp32(a.view(k * t, self.copies * c), self.rhs)
         else:
             u = x.unsqueeze(0) / p.view(-1, 1, 1) if divide else x.unsqueeze(0) + p.unsqueeze(1)
             r = u.round_().clamp_(lo, hi)
-            if r.is_cuda:  # tensor cores: [R | R] @ [B_hi; B_lo]
-                a = torch.empty(k, t, 2 * c, device=r.device, dtype=torch.bfloat16)
-                a[..., :c].copy_(r)
-                a[..., c:].copy_(r)
-                h = _mm_fp32(a.view(k * t, 2 * c), self.rhs)
+            if r.is_cuda:  # tensor cores: [R | R] @ [B_hi; B_lo] (or R @ B_hi)
+                a = torch.empty(k, t, self.copies * c, device=r.device, dtype=torch.bfloat16)
+                for i in range(self.copies):
+                    a[..., i * c : (i + 1) * c].copy_(r)
+                h = _mm_fp32(a.view(k * t, self.copies * c), self.rhs)
             else:  # the same B in float32, one product
                 h = r.view(k * t, c) @ self.b32
         h = h.view(k, t * n_cols)
@@ -372,6 +380,9 @@ class _CodeProducts:
                 h.sub_(shared).sub_(offsets.unsqueeze(1))
             sq = h.square_().view(k, -1).sum(dim=1)
         return sq / (t * self.c_out)
+
+
+_CODE_PRODUCTS = {"bf16x2": 2, "bf16": 1}  # precisions computed as integer codes times B, and their products
 
 
 @torch.no_grad()
@@ -394,8 +405,8 @@ def search_clip_scale(
     scales = clips / n
 
     chunk = _chunk(x, weight, budget)
-    if precision == "bf16x2":
-        codes = _CodeProducts(weight, bits)
+    if precision in _CODE_PRODUCTS:
+        codes = _CodeProducts(weight, bits, _CODE_PRODUCTS[precision])
         losses = codes.losses(x, scales, -n, n, codes.times_b(x), None, chunk)
         return scales[torch.argmin(losses * scales.pow(2))]
 
@@ -432,8 +443,8 @@ def search_noise(
     scale = scale.float()
     x_steps = x.float() / scale  # errors are measured in units of Δ: the same Δ for every candidate
     chunk = _chunk(x, weight, budget)
-    if precision == "bf16x2":
-        codes = _CodeProducts(weight, bits)
+    if precision in _CODE_PRODUCTS:
+        codes = _CodeProducts(weight, bits, _CODE_PRODUCTS[precision])
         shared = codes.times_b(x_steps)
 
         def best(noises: torch.Tensor) -> torch.Tensor:  # noises (K, C_in) or (K, 1)
