@@ -140,8 +140,15 @@ for dtype in (torch.float32, torch.bfloat16):
                 fa.set_enabled(True)
                 fused = attn.attend(q, k, v)
                 assert fused is not None and fused.shape == explicit.shape and fused.dtype == dtype
-                (pk, pv, bias, fac, qp), c = fa.prepare(qq, attn.scale, pq, prefix)
-                again, pf = fa.launch(qq, kq, vq, pk, pv, bias, fac, qp, **c, store_probs=True)
+                operands = (attn.matmul_qk.a_quantizer, attn.matmul_qk.b_quantizer, attn.matmul_pv.b_quantizer)
+                fold = fa.operand_fold(attn, operands, q.device)
+                if qname == "uniform8":  # naive's per-tensor Q / K / V quantizers run inside the kernel
+                    assert fold is not None and fold[1] == 7, fold
+                ins, kw = (qq, kq, vq), {{}}
+                if fold is not None:
+                    ins, kw = (q, k, v), dict(operand_params=fold[0], operand_mask=fold[1])
+                (pk, pv, bias, fac, qp), c = fa.prepare(q, attn.scale, pq, prefix)
+                again, pf = fa.launch(*ins, pk, pv, bias, fac, qp, **c, **kw, store_probs=True)
                 assert torch.equal(again, fused)  # the Attention wiring ran this very kernel
             flips = (pf != pe)
             out_diff = (fused.float() - explicit.float()).abs().max().item()
@@ -336,20 +343,22 @@ def _compile_for_sm90(constants: dict) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "qkind, additive, prefix, bias, dt, store, exact",
-    [(0, False, False, False, 1, False, True), (1, False, True, True, 1, True, True),
-     (2, False, True, True, 1, False, True), (3, True, True, False, 1, False, True),
-     (3, False, False, False, 0, True, True), (1, False, True, True, 1, False, False),
-     (2, False, True, True, 1, True, False), (3, True, False, False, 1, False, False),
-     (3, False, True, True, 0, False, False)],
+    "qkind, additive, prefix, bias, dt, store, exact, qmask",
+    [(0, False, False, False, 1, False, True, 0), (1, False, True, True, 1, True, True, 7),
+     (2, False, True, True, 1, False, True, 0), (3, True, True, False, 1, False, True, 0),
+     (3, False, False, False, 0, True, True, 5), (1, False, True, True, 1, False, False, 7),
+     (2, False, True, True, 1, True, False, 2), (3, True, False, False, 1, False, False, 0),
+     (3, False, True, True, 0, False, False, 7)],
 )  # fmt: skip
-def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exact):
-    """Each quantizer kind / prefix / dtype / numerics variant builds down to a cubin (Triton's type checks included).
+def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exact, qmask):
+    """Each quantizer kind / prefix / dtype / numerics / folded-operand variant builds down to a cubin.
+
+    Triton's type checks included.
 
     The token tiles (32 keys) and the prefix tile (16) differ in shape, as in the default launch.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter replaces the kernel's device helpers")
     constants = dict(D=64, BLOCK_M=64, BLOCK_N=32, BLOCK_P=16, QKIND=qkind, ADDITIVE=additive, HAS_PREFIX=prefix)
-    constants.update(HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0, EXACT=exact)
+    constants.update(HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0, EXACT=exact, QMASK=qmask)
     assert "cubin" in _compile_for_sm90(constants)

@@ -181,12 +181,25 @@ def _fake_quant(
 
 
 @triton.jit
+def _operand_quant(x, s, z, lo, hi, DT: tl.constexpr, EXACT: tl.constexpr):
+    """A Q / K / V operand through its per-tensor uniform fake quantizer (plain_fake_quant), in its own dtype."""
+    y = _fake_quant(x.to(tl.float32), s, z, 1.0 / s, 1.0, lo, hi, 1, False, DT, EXACT)
+    return _rn(y, DT).to(x.dtype)
+
+
+@triton.jit
 def _tile_scores(
-    q, ptr, base, s_n, idx, n, sm_scale, D: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, EXACT: tl.constexpr
-):
-    """(q kᵀ) · scale for key rows ``idx`` (< n) of one tile (EXACT: each op rounded as eager); -inf past n."""
+    q, ptr, base, s_n, idx, n, sm_scale, ks, kz, klo, khi,
+    D: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, EXACT: tl.constexpr, KQ: tl.constexpr,
+):  # fmt: skip
+    """(q kᵀ) · scale for key rows ``idx`` (< n) of one tile (EXACT: each op rounded as eager); -inf past n.
+
+    KQ: the keys go through their fake quantizer (scale ks, zero point kz, codes klo..khi) first.
+    """
     ok = idx < n
     kk = tl.load(ptr + base + idx[:, None] * s_n + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+    if KQ:
+        kk = _operand_quant(kk, ks, kz, klo, khi, DT, EXACT)
     s = _dot(q, tl.trans(kk), IEEE)
     if EXACT:  # noqa: SIM108 (kernel code: one constexpr branch per build)
         s = _rd(_rd(s, DT) * sm_scale, DT)
@@ -205,9 +218,12 @@ def _softexp(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _pv(pq, ptr, base, s_n, idx, n, D: tl.constexpr, IEEE: tl.constexpr):
-    """pq @ V[idx] for value rows ``idx`` (< n) of one tile, float32."""
+def _pv(pq, ptr, base, s_n, idx, n, vs, vz, vlo, vhi, D: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+        EXACT: tl.constexpr, VQ: tl.constexpr):  # fmt: skip
+    """pq @ V[idx] for value rows ``idx`` (< n) of one tile, float32 (VQ: V through its fake quantizer first)."""
     vv = tl.load(ptr + base + idx[:, None] * s_n + tl.arange(0, D)[None, :], mask=(idx < n)[:, None], other=0.0)
+    if VQ:
+        vv = _operand_quant(vv, vs, vz, vlo, vhi, DT, EXACT)
     return _dot(pq.to(vv.dtype), vv, IEEE)
 
 
@@ -221,6 +237,7 @@ def quantized_attention_kernel(
     bias_ptr,
     fac_ptr,
     qp_ptr,
+    op_ptr,
     out_ptr,
     p_ptr,
     H,
@@ -261,6 +278,7 @@ def quantized_attention_kernel(
     DT: tl.constexpr,
     IEEE: tl.constexpr,
     EXACT: tl.constexpr,
+    QMASK: tl.constexpr,
 ):
     """out[b, h, rows] = Q_p(softmax(q kᵀ · scale + bias)) · v over [prefix; tokens] (last dim stride 1).
 
@@ -274,6 +292,8 @@ def quantized_attention_kernel(
     throughout with scores in log2 units (``sm_scale`` then includes log2 e), as Inductor computes.
     Strides are in elements; a prefix / bias batch stride of 0 shares one register set by the batch.
     ``p_ptr`` (with STORE_P) receives the quantized probabilities, (B, H, N, NPRE + N) contiguous.
+    QMASK bits 1 / 2 / 4: Q / K / V go through their per-tensor uniform fake quantizers in registers
+    (``op_ptr``: (3, 4) float32 rows [scale, zero point, qmin, qmax]); the prefix stays full precision.
     """
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -291,12 +311,20 @@ def quantized_attention_kernel(
     log_unit = 1.0 if EXACT else 1.4426950408889634  # ln τ in the scores' units
 
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    if QMASK & 1:
+        q = _operand_quant(q, tl.load(op_ptr), tl.load(op_ptr + 1), tl.load(op_ptr + 2), tl.load(op_ptr + 3), DT, EXACT)
+    ks, kz, klo, khi = 1.0, 0.0, 0.0, 0.0  # unused unless QMASK says so (op_ptr may be a dummy then)
+    if QMASK & 2:
+        ks, kz, klo, khi = tl.load(op_ptr + 4), tl.load(op_ptr + 5), tl.load(op_ptr + 6), tl.load(op_ptr + 7)
+    vs, vz, vlo, vhi = 1.0, 0.0, 0.0, 0.0
+    if QMASK & 4:
+        vs, vz, vlo, vhi = tl.load(op_ptr + 8), tl.load(op_ptr + 9), tl.load(op_ptr + 10), tl.load(op_ptr + 11)
 
     # pass 1: row max and sum of exp, prefix tile first
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     lsum = tl.zeros((BLOCK_M,), tl.float32)
     if HAS_PREFIX:
-        sp = _tile_scores(q, pk_ptr, pkbase, spk_n, pre, NPRE, sm_scale, D, DT, IEEE, EXACT)
+        sp = _tile_scores(q, pk_ptr, pkbase, spk_n, pre, NPRE, sm_scale, ks, kz, klo, khi, D, DT, IEEE, EXACT, False)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + b * sbias_b + pre, mask=pre < NPRE, other=0.0)
             if EXACT:  # noqa: SIM108
@@ -306,7 +334,10 @@ def quantized_attention_kernel(
         m = tl.max(sp, axis=1)
         lsum = tl.sum(_softexp(sp - m[:, None], EXACT), axis=1)
     for start in range(0, N, BLOCK_N):
-        s = _tile_scores(q, k_ptr, kbase, sk_n, start + tl.arange(0, BLOCK_N), N, sm_scale, D, DT, IEEE, EXACT)
+        kidx = start + tl.arange(0, BLOCK_N)
+        s = _tile_scores(
+            q, k_ptr, kbase, sk_n, kidx, N, sm_scale, ks, kz, klo, khi, D, DT, IEEE, EXACT, (QMASK & 2) != 0
+        )
         m_new = tl.maximum(m, tl.max(s, axis=1))
         lsum = lsum * _softexp(m - m_new, EXACT) + tl.sum(_softexp(s - m_new[:, None], EXACT), axis=1)
         m = m_new
@@ -338,10 +369,12 @@ def quantized_attention_kernel(
             tl.store(
                 p_ptr + pbase + rows[:, None] * nk + pre[None, :], ppq, mask=row_ok[:, None] & (pre < NPRE)[None, :]
             )
-        acc += _pv(ppq, pv_ptr, pvbase, spv_n, pre, NPRE, D, IEEE)
+        acc += _pv(ppq, pv_ptr, pvbase, spv_n, pre, NPRE, vs, vz, vlo, vhi, D, DT, IEEE, EXACT, False)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        s = _tile_scores(q, k_ptr, kbase, sk_n, cols, N, sm_scale, D, DT, IEEE, EXACT)
+        s = _tile_scores(
+            q, k_ptr, kbase, sk_n, cols, N, sm_scale, ks, kz, klo, khi, D, DT, IEEE, EXACT, (QMASK & 2) != 0
+        )
         p = _softexp(s - m[:, None], EXACT) * inv[:, None]
         if EXACT:
             p = _rd(p, DT)
@@ -350,7 +383,7 @@ def quantized_attention_kernel(
         if STORE_P:
             ptrs = p_ptr + pbase + rows[:, None] * nk + NPRE + cols[None, :]
             tl.store(ptrs, pq, mask=row_ok[:, None] & (cols < N)[None, :])
-        acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, D, IEEE)
+        acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, vs, vz, vlo, vhi, D, DT, IEEE, EXACT, (QMASK & 4) != 0)
     acc = _rd(acc, DT)
     tl.store(
         out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dcol[None, :],

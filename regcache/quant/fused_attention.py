@@ -151,6 +151,62 @@ def _prob_params(quantizer: Quantizer | None, kind: int, dtype: torch.dtype, dev
     return torch.zeros(1, 2, device=device)
 
 
+def operand_fold(
+    owner: torch.nn.Module,
+    quantizers: tuple[Quantizer | None, Quantizer | None, Quantizer | None],
+    device: torch.device,
+) -> tuple[torch.Tensor, int] | None:
+    """Q / K / V quantizers the kernel applies in registers: ((3, 4) float32 [scale, zero point, qmin, qmax], bit mask).
+
+    None when one of them is neither absent / in float mode nor a plain per-tensor uniform quantizer
+    in quant mode: the caller then quantizes the operands itself. Folding saves the separate
+    elementwise pass that writes the quantized Q, K and V. The parameter tensor is built on the
+    device (no host sync) and, outside ``torch.compile``, cached on ``owner`` until a quantizer's
+    mode or tensors change.
+    """
+    key, mask = [], 0
+    for bit, quantizer in zip((1, 2, 4), quantizers, strict=True):
+        if quantizer is None or quantizer.mode == "float":
+            continue
+        if not (isinstance(quantizer, UniformQuantizer) and type(quantizer)._fusable) or quantizer.mode != "quant":
+            return None
+        if _has_hooks(quantizer) or quantizer.granularity != "tensor" or quantizer.scale.numel() != 1:
+            return None
+        if quantizer.scale.dtype != torch.float32 or quantizer.zero_point.dtype != torch.float32:
+            return None
+        mask |= bit
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # tensor versions: not traceable, and a traced graph rebuilds the tensor anyway
+        for bit, quantizer in zip((1, 2, 4), quantizers, strict=True):
+            if mask & bit:
+                key.append((bit, quantizer.scale, quantizer.scale._version, quantizer.zero_point))
+                key[-1] += (quantizer.zero_point._version, quantizer.qmin, quantizer.qmax)
+        cached = getattr(owner, "_operand_fold_cache", None)
+        if cached is not None and _same_fold_key(cached[0], key):
+            return cached[1], mask
+    rows = []
+    for bit, quantizer in zip((1, 2, 4), quantizers, strict=True):
+        if not mask & bit:
+            rows.append(torch.zeros(4, device=device))
+            continue
+        lo = torch.full((), float(quantizer.qmin), device=device)
+        hi = torch.full((), float(quantizer.qmax), device=device)
+        rows.append(torch.stack([quantizer.scale.reshape(()), quantizer.zero_point.reshape(()), lo, hi]).to(device))
+    params = torch.stack(rows)
+    if not compiling:
+        owner._operand_fold_cache = (key, params)
+    return params, mask
+
+
+def _same_fold_key(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(
+        all(x is y or (not isinstance(x, torch.Tensor) and x == y) for x, y in zip(ka, kb, strict=True))
+        for ka, kb in zip(a, b, strict=True)
+    )
+
+
 def supports(q: torch.Tensor, prefix: AttentionPrefix | None, prob_quantizer: Quantizer | None) -> bool:
     """Whether :func:`quantized_attention` runs these (B, heads, N, head_dim) queries, prefix and quantizer."""
     if not (q.is_cuda or (_INTERPRET and q.device.type == "cpu")) or _kernel() is None:
@@ -190,10 +246,13 @@ def launch(
     store_probs: bool = False,
     block_n: int = 0,
     exact: bool | None = None,
+    operand_params: torch.Tensor | None = None,
+    operand_mask: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel: (output (B, heads, N, D) laid out as (B, N, heads, D), quantized probabilities or None).
 
-    ``exact`` None: :data:`EXACT`.
+    ``exact`` None: :data:`EXACT`. ``operand_params`` / ``operand_mask``: Q / K / V quantizers applied
+    in the kernel (:func:`operand_fold`); q, k, v are then the unquantized operands.
     """
     kmod = _kernel()
     b, h, n, d = q.shape
@@ -222,7 +281,8 @@ def launch(
         sbias = bias_t.stride(0) if bias_t.shape[0] > 1 else 0
     qparams = qparams.contiguous()
     grid = (b * h, kmod.cdiv(n, block_m))
-    args = (q, k, v, pk, pv, bias_t, fac_t, qparams, out, probs, h, n, npre)
+    op_t = qparams if operand_params is None else operand_params.contiguous()  # not read when the mask is 0
+    args = (q, k, v, pk, pv, bias_t, fac_t, qparams, op_t, out, probs, h, n, npre)
     args += (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     args += (v.stride(0), v.stride(1), v.stride(2), *spk, *spv, sbias)
     sm_scale = float(scale) if exact else float(scale) * _LOG2E  # fast: scores in log2 units, exp2 in the kernel
@@ -240,6 +300,7 @@ def launch(
         "DT": _DTYPE_CODES[q.dtype],
         "IEEE": q.dtype == torch.float32,
         "EXACT": exact,
+        "QMASK": operand_mask if operand_params is not None else 0,
     }
     if q.is_cuda:
         with torch.cuda.device(q.device):
@@ -268,16 +329,20 @@ def _attention_op(
     num_warps: int,
     block_n: int,
     exact: bool,
+    operand_params: torch.Tensor | None,
+    operand_mask: int,
 ) -> torch.Tensor:
     out, _ = launch(
         q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, block_m, num_warps,
-        block_n=block_n, exact=exact,
+        block_n=block_n, exact=exact, operand_params=operand_params, operand_mask=operand_mask,
     )  # fmt: skip
     return out
 
 
 @_attention_op.register_fake
-def _(q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, bm, nw, bn, exact):
+def _(
+    q, k, v, prefix_keys, prefix_values, bias, factor, qparams, kind, additive, c0, c1, scale, bm, nw, bn, ex, op, om
+):
     b, h, n, d = q.shape
     return q.new_empty(b, n, h, d).transpose(1, 2)
 
@@ -321,10 +386,12 @@ def quantized_attention(
     num_warps: int = 0,
     block_n: int = 0,
     exact: bool | None = None,
+    operand_fold: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor | None:
     """Q_p(softmax(q kᵀ · scale [+ ln τ])) · v over [prefix; tokens] in one kernel, or None where it does not apply.
 
-    q, k, v: (B, heads, N, head_dim), already through their matmul quantizers. The output has
+    q, k, v: (B, heads, N, head_dim), already through their matmul quantizers, or raw with
+    ``operand_fold`` (:func:`operand_fold`: the kernel quantizes them in registers). The output has
     q's shape and dtype (stored as (B, N, heads, head_dim): transposing it back is a free view).
     ``exact`` None: :data:`EXACT` (the eager rounding; False: Inductor-like float32 registers).
     """
@@ -333,7 +400,9 @@ def quantized_attention(
     exact = EXACT[0] if exact is None else bool(exact)
     (pk, pv, bias, factor, qparams), c = prepare(q, scale, prob_quantizer, prefix, exact)
     args = (q, k.to(q.dtype), v.to(q.dtype), pk, pv, bias, factor, qparams)
+    op_params, op_mask = operand_fold if operand_fold is not None else (None, 0)
     consts = (c["kind"], c["additive"], c["c0"], c["c1"], c["scale"], block_m, num_warps, block_n, exact)
+    consts += (op_params, op_mask)
     if torch.compiler.is_compiling():
         return _attention_op(*args, *consts)
     try:
@@ -367,6 +436,7 @@ __all__ = [
     "enabled",
     "enabled_as",
     "launch",
+    "operand_fold",
     "prepare",
     "quantized_attention",
     "set_enabled",
