@@ -206,14 +206,17 @@ class Attention(nn.Module):
         ``tap_probs`` such as ``record()``, on the matmuls or their quantizers; an observing
         quantizer during calibration), under autograd, or for shapes / quantizers the kernel lacks.
         Q, K and V go through their quantizers as in the explicit path: inside the kernel when each is
-        per-tensor uniform (or absent), here otherwise.
+        per-tensor uniform (or absent) and nothing is being compiled, here otherwise.
         """
         pq = self.matmul_pv.a_quantizer
         if not fused_attention.attention_fusable(self) or not fused_attention.supports(q, prefix, pq):
             return None
         operands = (self.matmul_qk.a_quantizer, self.matmul_qk.b_quantizer, self.matmul_pv.b_quantizer)
-        fold = fused_attention.operand_fold(self, operands, q.device)
-        if fold is not None:  # per-tensor uniform (or no) Q / K / V quantizers: applied inside the kernel
+        # eager: per-tensor uniform (or no) Q / K / V quantizers inside the kernel save their own passes
+        # (naive W8A8 6,398 -> 7,457 img/s on an H100); compiled, Inductor fuses them into the qkv
+        # epilogue's pass and folding measured 3-4 % slower (BENCHMARKS.md §3), so they stay outside
+        fold = None if torch.compiler.is_compiling() else fused_attention.operand_fold(self, operands, q.device)
+        if fold is not None:
             return fused_attention.quantized_attention(q, k, v, self.scale, pq, prefix, operand_fold=fold)
         qq = self.matmul_qk.quantize_a(q)
         kq = self.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
