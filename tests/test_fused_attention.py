@@ -362,3 +362,37 @@ def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exac
     constants = dict(D=64, BLOCK_M=64, BLOCK_N=32, BLOCK_P=16, QKIND=qkind, ADDITIVE=additive, HAS_PREFIX=prefix)
     constants.update(HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0, EXACT=exact, QMASK=qmask)
     assert "cubin" in _compile_for_sm90(constants)
+
+
+def test_operand_fold_parameters_follow_the_quantizers():
+    """operand_fold: [scale, zero point, qmin, qmax] rows and mask; cached until a quantizer changes; None if unfit."""
+    from torch import nn
+
+    from regcache.quant import UniformQuantizer
+    from regcache.quant import fused_attention as fa
+
+    owner = nn.Module()
+    qa = UniformQuantizer(8, symmetric=False).calibrate_(torch.linspace(-1.0, 3.0, 50))
+    kb = UniformQuantizer(6, symmetric=True).calibrate_(torch.linspace(-2.0, 2.0, 50))
+    for q in (qa, kb):
+        q.set_mode("quant")
+    params, mask = fa.operand_fold(owner, (qa, kb, None), torch.device("cpu"))
+    assert mask == 0b011  # Q and K quantized, V absent
+    # by hand: asymmetric 8 bits on [-1, 3]: step 4/255, zero point round(1 / step) = 64; symmetric 6 bits, ±2: 2/31
+    expected = [4 / 255, 64.0, 0.0, 255.0, 2 / 31, 0.0, -32.0, 31.0]  # signed codes -32..31
+    assert params[:2].flatten().tolist() == pytest.approx(expected, rel=1e-6)
+    assert fa.operand_fold(owner, (qa, kb, None), torch.device("cpu"))[0] is params  # cached
+    with torch.no_grad():
+        qa.scale.mul_(2)  # recalibrated in place: rebuilt
+    again, _ = fa.operand_fold(owner, (qa, kb, None), torch.device("cpu"))
+    assert again is not params and again[0, 0].item() == pytest.approx(2 * 4 / 255, rel=1e-6)
+    kb.set_mode("float")  # a float-mode quantizer is a pass-through: its bit clears
+    assert fa.operand_fold(owner, (qa, kb, None), torch.device("cpu"))[1] == 0b001
+    per_channel = UniformQuantizer(8, granularity="channel", axis=1)
+    per_channel.set_scale(torch.ones(4))
+    per_channel.set_mode("quant")
+    assert fa.operand_fold(owner, (qa, None, per_channel), torch.device("cpu")) is None  # quantized outside
+    hooked = UniformQuantizer(8).calibrate_(torch.randn(20))
+    hooked.set_mode("quant")
+    hooked.register_forward_hook(lambda *a: None)
+    assert fa.operand_fold(owner, (hooked, None, None), torch.device("cpu")) is None

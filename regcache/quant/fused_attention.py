@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 import warnings
@@ -97,10 +98,15 @@ def set_enabled(flag: bool) -> None:
     _FAILED[0] = False
 
 
+# whether Triton is installed, known without importing it: supports() runs inside torch.compile
+# traces, where a cached importing function draws a dynamo warning on every compile
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 @functools.cache
 def _kernel() -> Any:
-    """The kernel module, or None when Triton is unavailable."""
-    try:  # a static import: torch.compile traces this, and importlib.import_module would break its graph
+    """The kernel module, or None when Triton is unavailable (called from launch, outside dynamo's tracing)."""
+    try:
         from regcache.quant import _triton_attention as k
     except (ImportError, AttributeError):  # pragma: no cover - depends on the install
         return None
@@ -209,7 +215,7 @@ def _same_fold_key(a: list, b: list) -> bool:
 
 def supports(q: torch.Tensor, prefix: AttentionPrefix | None, prob_quantizer: Quantizer | None) -> bool:
     """Whether :func:`quantized_attention` runs these (B, heads, N, head_dim) queries, prefix and quantizer."""
-    if not (q.is_cuda or (_INTERPRET and q.device.type == "cpu")) or _kernel() is None:
+    if not (q.is_cuda or (_INTERPRET and q.device.type == "cpu")) or not _HAS_TRITON:
         return False
     if q.dtype not in _DTYPE_CODES or q.ndim != 4 or q.shape[-1] not in HEAD_DIMS:
         return False
