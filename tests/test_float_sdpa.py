@@ -40,8 +40,7 @@ def test_sdpa_matches_the_explicit_float_attention(monkeypatch, prefix):
         attn.prefix = AttentionPrefix(keys.expand(2, -1, -1, -1), values.expand(2, -1, -1, -1), lm)
     elif prefix == "no tau":
         attn.prefix = AttentionPrefix(keys, values)
-    calls = []
-    monkeypatch.setattr(base.F, "scaled_dot_product_attention", _counting(base.F.scaled_dot_product_attention, calls))
+    calls = _spy_sdpa(monkeypatch)
     with torch.no_grad():
         fast = attn(x)
         assert len(calls) == 1
@@ -50,20 +49,11 @@ def test_sdpa_matches_the_explicit_float_attention(monkeypatch, prefix):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
 
 
-def _counting(fn, calls):
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        return fn(*args, **kwargs)
-
-    return wrapped
-
-
 def test_quantizers_and_hooks_keep_the_explicit_path(monkeypatch):
     """A quantizer in quant or observe mode, or a hook on the probabilities, needs the explicit softmax."""
     attn = _attention()
     x = torch.randn(2, 7, 24)
-    calls = []
-    monkeypatch.setattr(base.F, "scaled_dot_product_attention", _counting(base.F.scaled_dot_product_attention, calls))
+    calls = _spy_sdpa(monkeypatch)
     q = UniformQuantizer(8, symmetric=False)
     attn.matmul_pv.a_quantizer = q
     with torch.no_grad():
@@ -83,8 +73,8 @@ def test_quantizers_and_hooks_keep_the_explicit_path(monkeypatch):
     assert len(calls) == 1 and len(seen) == 1
 
 
-def _spy_masks(monkeypatch) -> list:
-    """Record the attn_mask of every SDPA call made by the encoder module."""
+def _spy_sdpa(monkeypatch) -> list:
+    """Record the attn_mask of every SDPA call made by the encoder module (one entry per call)."""
     masks, sdpa = [], base.F.scaled_dot_product_attention
 
     def spy(*args, **kwargs):
@@ -116,7 +106,7 @@ def test_integer_multiplicity_repeats_keys_without_a_mask(monkeypatch, taus):
     values = torch.randn(1, 3, 2, 8, generator=g, dtype=torch.float64)
     lm = torch.log(torch.tensor(taus, dtype=torch.float64)).view(1, 1, 1, 2)
     attn.prefix = AttentionPrefix(keys, values, lm, taus)
-    masks = _spy_masks(monkeypatch)
+    masks = _spy_sdpa(monkeypatch)
     with torch.no_grad():
         fast = attn(x)
         assert masks == [None]
@@ -137,7 +127,7 @@ def test_float32_repeated_keys_match_the_explicit_path(monkeypatch):
     g = torch.Generator().manual_seed(2)
     keys, values = torch.randn(1, 3, 2, 8, generator=g) * 3, torch.randn(1, 3, 2, 8, generator=g)
     attn.prefix = AttentionPrefix(keys, values, torch.full((1, 1, 1, 1), math.log(3.0)), (3, 3))
-    masks = _spy_masks(monkeypatch)
+    masks = _spy_sdpa(monkeypatch)
     with torch.no_grad():
         fast = attn(x)
         slow = _explicit(attn, x, monkeypatch)
@@ -162,7 +152,7 @@ def test_the_mask_stays_where_entries_cannot_be_repeated(monkeypatch, case):
     else:
         tau = base._MAX_EXTRA_REPEATED_KEYS + 2
         attn.prefix = AttentionPrefix(keys, values, torch.full((1, 1, 1, 1), math.log(tau)), (tau,))
-    masks = _spy_masks(monkeypatch)
+    masks = _spy_sdpa(monkeypatch)
     with torch.no_grad():
         fast = attn(x)
         slow = _explicit(attn, x, monkeypatch)
@@ -230,7 +220,7 @@ def test_installed_float_prefixes_take_the_right_sdpa_path(monkeypatch):
 
     encoder, cache = _tiny_cache()
     x = images("openclip", 2)
-    masks = _spy_masks(monkeypatch)
+    masks = _spy_sdpa(monkeypatch)
     with torch.no_grad():
         install_prefix(encoder, cache, 3)
         fast = encoder(x)
