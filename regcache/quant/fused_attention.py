@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from regcache.quant.log_quantizers import LogSqrt2Quantizer
+from regcache.quant.modules import _same_key
 from regcache.quant.quantizers import Quantizer, UniformQuantizer
 from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
 
@@ -166,51 +167,33 @@ def operand_fold(
 
     None when one of them is neither absent / in float mode nor a plain per-tensor uniform quantizer
     in quant mode: the caller then quantizes the operands itself. Folding saves the separate
-    elementwise pass that writes the quantized Q, K and V. The parameter tensor is built on the
-    device (no host sync) and, outside ``torch.compile``, cached on ``owner`` until a quantizer's
-    mode or tensors change.
+    elementwise pass that writes the quantized Q, K and V. For eager use (under ``torch.compile``
+    Inductor fuses the quantizers itself, and the cache reads tensor versions): the parameter tensor
+    is built on the device (no host sync) and cached on ``owner`` until a quantizer's mode or
+    tensors change.
     """
-    key, mask = [], 0
-    for bit, quantizer in zip((1, 2, 4), quantizers, strict=True):
-        if quantizer is None or quantizer.mode == "float":
-            continue
-        if not (isinstance(quantizer, UniformQuantizer) and type(quantizer)._fusable) or quantizer.mode != "quant":
-            return None
-        if _has_hooks(quantizer) or quantizer.granularity != "tensor" or quantizer.scale.numel() != 1:
-            return None
-        if quantizer.scale.dtype != torch.float32 or quantizer.zero_point.dtype != torch.float32:
-            return None
-        mask |= bit
-    compiling = torch.compiler.is_compiling()
-    if not compiling:  # tensor versions: not traceable, and a traced graph rebuilds the tensor anyway
-        for bit, quantizer in zip((1, 2, 4), quantizers, strict=True):
-            if mask & bit:
-                key.append((bit, quantizer.scale, quantizer.scale._version, quantizer.zero_point))
-                key[-1] += (quantizer.zero_point._version, quantizer.qmin, quantizer.qmax)
-        cached = getattr(owner, "_operand_fold_cache", None)
-        if cached is not None and _same_fold_key(cached[0], key):
-            return cached[1], mask
-    rows = []
-    for bit, quantizer in zip((1, 2, 4), quantizers, strict=True):
-        if not mask & bit:
-            rows.append(torch.zeros(4, device=device))
-            continue
-        lo = torch.full((), float(quantizer.qmin), device=device)
-        hi = torch.full((), float(quantizer.qmax), device=device)
-        rows.append(torch.stack([quantizer.scale.reshape(()), quantizer.zero_point.reshape(()), lo, hi]).to(device))
-    params = torch.stack(rows)
-    if not compiling:
-        owner._operand_fold_cache = (key, params)
-    return params, mask
-
-
-def _same_fold_key(a: list, b: list) -> bool:
-    if len(a) != len(b):
-        return False
-    return all(
-        all(x is y or (not isinstance(x, torch.Tensor) and x == y) for x, y in zip(ka, kb, strict=True))
-        for ka, kb in zip(a, b, strict=True)
+    folded = []  # (row, quantizer) of the operands the kernel quantizes
+    for row, quantizer in enumerate(quantizers):
+        kind = prob_quantizer_spec(quantizer, torch.float32)  # the kernel's test of a plain uniform quantizer
+        if kind is None or kind[0] > 1 or (kind[0] == 1 and quantizer.granularity != "tensor"):
+            return None  # unsupported, log-√2 / twin, or one step per head: quantized outside
+        if kind[0] == 1:
+            folded.append((row, quantizer))
+    mask = sum(1 << row for row, _ in folded)
+    key = tuple(
+        v
+        for row, q in folded
+        for v in (row, q.scale, q.scale._version, q.zero_point, q.zero_point._version, q.qmin, q.qmax)
     )
+    cached = getattr(owner, "_operand_fold_cache", None)
+    if cached is not None and _same_key(cached[0], key):
+        return cached[1], mask
+    params = torch.zeros(3, 4, device=device)
+    for row, q in folded:
+        params[row, :2] = torch.stack([q.scale.reshape(()), q.zero_point.reshape(())])
+        params[row, 2], params[row, 3] = float(q.qmin), float(q.qmax)  # fills: no host-to-device copy
+    owner._operand_fold_cache = (key, params)
+    return params, mask
 
 
 def supports(q: torch.Tensor, prefix: AttentionPrefix | None, prob_quantizer: Quantizer | None) -> bool:
