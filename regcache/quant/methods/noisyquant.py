@@ -317,12 +317,14 @@ class _CodeProducts:
         if bits > 9:
             raise ValueError(f"bf16x2 / bf16 need codes exact in bfloat16 (bits <= 9), got {bits}: use bf16x3")
         b_hi, b_lo = _split_bf16(_output_factor(weight))
-        if products == 1:  # bf16: B is B_hi, exactly; R B_hi one product, u B_hi in float64 as below
-            b_lo = torch.zeros_like(b_hi)
         self.copies = products
-        self.b64 = b_hi.double() + b_lo.double()
+        if products == 2:
+            self.b64 = b_hi.double() + b_lo.double()
+            self.rhs = torch.cat([b_hi, b_lo])  # [R | R] @ rhs
+        else:  # bf16: B is B_hi exactly, R B_hi one product, u B_hi in float64 as below
+            self.b64 = b_hi.double()
+            self.rhs = b_hi
         self.b32 = self.b64.float()  # exact: hi + lo spans at most 24 significant bits
-        self.rhs = torch.cat([b_hi, b_lo]) if products == 2 else b_hi  # [R | R] @ rhs, or R @ B_hi
         self.c_out = weight.shape[0]
 
     def times_b(self, u: torch.Tensor) -> torch.Tensor:
