@@ -252,6 +252,16 @@ def main() -> None:
         "search_cached_extrapolated": n_done < n_cached,
         "search_cached_per_config_s": per_cached,
         "search_cached_steady_per_config_s": steady,
+        # seconds each tenth of the grid took (the first includes the compiles): where a slow start hides
+        "search_cached_deciles_s": [
+            (
+                stamps[min(len(stamps), (i + 1) * len(stamps) // 10) - 1]
+                - (stamps[i * len(stamps) // 10 - 1] if i else t0)
+            )
+            for i in range(10)
+        ]
+        if len(stamps) >= 10
+        else [],
         "search_cached_peak_gib": peak_gib,
         "search_cached_dynamo_graphs": graphs,
         "eager_cached_configs": n_loop,
@@ -287,6 +297,10 @@ def main() -> None:
             + (f"; EXTRAPOLATED: {n_done} configs ran in {t_measured:.1f} s (--budget-s)" if n_done < n_cached else ""),
         ),
         ("cached search, steady state (2nd half of the grid)", f"{steady * 1e3:.1f} ms/config"),
+        (
+            "cached search, seconds per tenth of the grid",
+            " ".join(f"{d:.1f}" for d in results["search_cached_deciles_s"]),
+        ),
         ("dynamo graphs compiled by the cached search", str(graphs)),
         (f"cached search, eager ({n_loop} configs)", f"{t_eager:.2f} s = {per_eager * 1e3:.1f} ms/config"),
         (f"naive loop ({n_loop} configs)", f"{t_loop:.2f} s = {per_loop * 1e3:.1f} ms/config"),

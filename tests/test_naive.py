@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, images, make_model, reloaded
+from conftest import FAMILIES, images, make_model, rel_err, reloaded
 from torch.nn import functional as F
 
 from regcache.encoders import adapt
@@ -48,16 +48,18 @@ def test_manifest_covers_every_block_linear_and_both_matmuls(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_naive_w8a8_close_to_float_and_error_grows_at_low_bits(family):
     x = images(family, n=6, seed=7)
-    cosines = {}
+    cosines, errors = {}, {}
     for bits in (8, 6, 4):
         encoder, _ = quantized(family, bits, bits)
         with torch.no_grad():
-            q_out = encoder(x)
+            q_out = encoder(x).double()
             with quant_mode(encoder, "float"):
-                f_out = encoder(x)
+                f_out = encoder(x).double()
         cosines[bits] = F.cosine_similarity(q_out, f_out, dim=-1).mean().item()
+        errors[bits] = rel_err(q_out, f_out)
     assert cosines[8] > 0.99
-    assert cosines[8] > cosines[6] > cosines[4]
+    # the ordering on the relative error: tiny SigLIP's cosines differ only in the 8th digit
+    assert errors[8] < errors[6] < errors[4]
 
 
 def test_quantized_forward_uses_quantized_weights_and_inputs():

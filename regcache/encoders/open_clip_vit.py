@@ -7,6 +7,7 @@ from torch import nn
 
 from regcache.encoders.base import Attention, Block, Mlp, VisionEncoder
 from regcache.encoders.registry import register_adapter
+from regcache.quant.modules import PatchConv2d
 
 
 def _linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
@@ -72,7 +73,7 @@ class OpenClipVisionEncoder(VisionEncoder):
         proj = visual.proj
         embed_dim = proj.shape[1] if proj is not None else visual.transformer.width
         super().__init__(blocks, num_prefix_tokens=1, embed_dim=embed_dim, source=type(visual).__name__)
-        self.conv1 = visual.conv1
+        self.conv1 = PatchConv2d.from_conv(visual.conv1) if type(visual.conv1) is nn.Conv2d else visual.conv1
         self.class_embedding = visual.class_embedding
         self.positional_embedding = visual.positional_embedding
         self.patch_dropout = visual.patch_dropout

@@ -7,6 +7,7 @@ from torch import nn
 
 from regcache.encoders.base import Attention, Block, Mlp, VisionEncoder
 from regcache.encoders.registry import register_adapter
+from regcache.quant.modules import PatchConv2d
 
 
 def _convert_block(block: nn.Module) -> Block:
@@ -56,6 +57,9 @@ class TimmVisionEncoder(VisionEncoder):
             source=type(trunk).__name__,
         )
         trunk.blocks = _MovedBlocks()  # the blocks now live (once) in self.blocks
+        stem = getattr(trunk.patch_embed, "proj", None)
+        if type(stem) is nn.Conv2d:
+            trunk.patch_embed.proj = PatchConv2d.from_conv(stem)
         self.trunk = trunk
         self.proj_head = proj_head if proj_head is not None else nn.Identity()
 
