@@ -348,7 +348,7 @@ def _compile_for_sm90(constants: dict) -> list[str]:
      (2, False, True, True, 1, False, True, 0), (3, True, True, False, 1, False, True, 0),
      (3, False, False, False, 0, True, True, 5), (1, False, True, True, 1, False, False, 7),
      (2, False, True, True, 1, True, False, 2), (3, True, False, False, 1, False, False, 0),
-     (3, False, True, True, 0, False, False, 7)],
+     (3, False, True, True, 0, False, False, 7), (1, False, True, True, 1, False, False, 1)],
 )  # fmt: skip
 def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exact, qmask):
     """Each quantizer kind / prefix / dtype / numerics / folded-operand variant builds down to a cubin.
@@ -396,3 +396,12 @@ def test_operand_fold_parameters_follow_the_quantizers():
     hooked.set_mode("quant")
     hooked.register_forward_hook(lambda *a: None)
     assert fa.operand_fold(owner, (hooked, None, None), torch.device("cpu")) is None
+    # rows: only the listed operands are considered (the caller quantizes the rest): Q alone folds beside
+    # a per-channel V, and under torch.compile the parameters are built in the graph, not cached
+    only_q, mask = fa.operand_fold(owner, (qa, None, per_channel), torch.device("cpu"), rows=(0,))
+    assert mask == 0b001 and only_q[1:].abs().sum() == 0
+    assert only_q[0].tolist() == pytest.approx([4 / 255 * 2, 64.0, 0.0, 255.0], rel=1e-6)
+    fresh = nn.Module()
+    traced = torch.compile(lambda: fa.operand_fold(fresh, (qa, kb, None), torch.device("cpu"), rows=(0,)))()
+    assert traced[1] == 0b001 and torch.equal(traced[0], only_q)
+    assert not hasattr(fresh, "_operand_fold_cache")

@@ -205,23 +205,24 @@ class Attention(nn.Module):
         Explicit whenever something reads the probabilities or the matmul operands (hooks on
         ``tap_probs`` such as ``record()``, on the matmuls or their quantizers; an observing
         quantizer during calibration), under autograd, or for shapes / quantizers the kernel lacks.
-        Q, K and V go through their quantizers as in the explicit path: inside the kernel when each is
-        per-tensor uniform (or absent) and nothing is being compiled, here otherwise.
+        Q, K and V go through their quantizers as in the explicit path: inside the kernel where
+        :func:`~regcache.quant.fused_attention.operand_fold` allows (all three eager, Q compiled), here otherwise.
         """
         pq = self.matmul_pv.a_quantizer
         if not fused_attention.attention_fusable(self) or not fused_attention.supports(q, prefix, pq):
             return None
         operands = (self.matmul_qk.a_quantizer, self.matmul_qk.b_quantizer, self.matmul_pv.b_quantizer)
-        # eager: per-tensor uniform (or no) Q / K / V quantizers inside the kernel save their own passes
-        # (naive W8A8 6,398 -> 7,457 img/s on an H100); compiled, Inductor fuses them into the qkv
-        # epilogue's pass and folding measured 3-4 % slower (BENCHMARKS.md §3), so they stay outside
-        fold = None if torch.compiler.is_compiling() else fused_attention.operand_fold(self, operands, q.device)
-        if fold is not None:
-            return fused_attention.quantized_attention(q, k, v, self.scale, pq, prefix, operand_fold=fold)
-        qq = self.matmul_qk.quantize_a(q)
-        kq = self.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
-        vq = self.matmul_pv.quantize_b(v)
-        return fused_attention.quantized_attention(qq, kq, vq, self.scale, pq, prefix)
+        # Per-tensor uniform (or no) operand quantizers run inside the kernel, saving the pass that writes the
+        # quantized operand. Eager: Q, K and V (naive W8A8 6,398 -> 7,457 img/s on an H100). Compiled: Q only;
+        # the kernel re-reads every K / V tile once per query block, so quantizing those in registers repeats
+        # work that Inductor's one pass does once (folding all three measured 3-4 % slower, BENCHMARKS.md §3)
+        rows = (0,) if torch.compiler.is_compiling() else (0, 1, 2)
+        fold = fused_attention.operand_fold(self, operands, q.device, rows)
+        inside = rows if fold is not None else ()
+        qq = q if 0 in inside else self.matmul_qk.quantize_a(q)
+        kq = k if 1 in inside else self.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
+        vq = v if 2 in inside else self.matmul_pv.quantize_b(v)
+        return fused_attention.quantized_attention(qq, kq, vq, self.scale, pq, prefix, operand_fold=fold)
 
     def _forward_with_prefix(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix

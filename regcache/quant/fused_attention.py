@@ -162,37 +162,45 @@ def operand_fold(
     owner: torch.nn.Module,
     quantizers: tuple[Quantizer | None, Quantizer | None, Quantizer | None],
     device: torch.device,
+    rows: tuple[int, ...] = (0, 1, 2),
 ) -> tuple[torch.Tensor, int] | None:
     """Q / K / V quantizers the kernel applies in registers: ((3, 4) float32 [scale, zero point, qmin, qmax], bit mask).
 
+    Only the operands in ``rows`` (0 Q, 1 K, 2 V) are considered; the caller quantizes the others.
     None when one of them is neither absent / in float mode nor a plain per-tensor uniform quantizer
     in quant mode: the caller then quantizes the operands itself. Folding saves the separate
-    elementwise pass that writes the quantized Q, K and V. For eager use (under ``torch.compile``
-    Inductor fuses the quantizers itself, and the cache reads tensor versions): the parameter tensor
-    is built on the device (no host sync) and cached on ``owner`` until a quantizer's mode or
-    tensors change.
+    elementwise pass that writes the quantized operand. Eager: the parameter tensor is built on the
+    device (no host sync) and cached on ``owner`` until a quantizer's mode or tensors change; under
+    ``torch.compile`` it is built in the graph (tensor versions cannot be read while tracing).
     """
     folded = []  # (row, quantizer) of the operands the kernel quantizes
-    for row, quantizer in enumerate(quantizers):
+    for row in rows:
+        quantizer = quantizers[row]
         kind = prob_quantizer_spec(quantizer, torch.float32)  # the kernel's test of a plain uniform quantizer
         if kind is None or kind[0] > 1 or (kind[0] == 1 and quantizer.granularity != "tensor"):
             return None  # unsupported, log-√2 / twin, or one step per head: quantized outside
         if kind[0] == 1:
             folded.append((row, quantizer))
     mask = sum(1 << row for row, _ in folded)
-    key = tuple(
-        v
-        for row, q in folded
-        for v in (row, q.scale, q.scale._version, q.zero_point, q.zero_point._version, q.qmin, q.qmax)
+    compiling = torch.compiler.is_compiling()
+    key = (
+        tuple(
+            v
+            for row, q in folded
+            for v in (row, q.scale, q.scale._version, q.zero_point, q.zero_point._version, q.qmin, q.qmax)
+        )
+        if not compiling
+        else ()
     )
-    cached = getattr(owner, "_operand_fold_cache", None)
+    cached = None if compiling else getattr(owner, "_operand_fold_cache", None)
     if cached is not None and _same_key(cached[0], key):
         return cached[1], mask
     params = torch.zeros(3, 4, device=device)
     for row, q in folded:
         params[row, :2] = torch.stack([q.scale.reshape(()), q.zero_point.reshape(())])
         params[row, 2], params[row, 3] = float(q.qmin), float(q.qmax)  # fills: no host-to-device copy
-    owner._operand_fold_cache = (key, params)
+    if not compiling:
+        owner._operand_fold_cache = (key, params)
     return params, mask
 
 
