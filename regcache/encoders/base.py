@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regcache.quant import fused_attention
-from regcache.quant.modules import MatMul
+from regcache.quant.modules import MatMul, QuantLinear
 
 # float attention (nothing quantized or hooked) runs through SDPA; REGCACHE_FLOAT_SDPA=0 keeps it explicit (A/B)
 _FLOAT_SDPA = os.environ.get("REGCACHE_FLOAT_SDPA", "1") != "0"
@@ -143,22 +143,41 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        out = self.attend(*self.project_qkv(x))
+        out, proj_input_done = self._attend(*self.project_qkv(x), self._proj_input_quantizer())
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        if proj_input_done:  # the kernel's epilogue already applied proj's input quantizer
+            return self.proj.forward_prequantized(out)
         return self.proj(self.out_norm(out))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Per-head attention output (B, heads, N, head_dim) of projected q, k, v (with the prefix if set)."""
+        return self._attend(q, k, v, None)[0]
+
+    def _proj_input_quantizer(self) -> nn.Module | None:
+        """proj's input quantizer where the fused kernel may apply it to its output instead (nothing in between)."""
+        proj = self.proj
+        if not isinstance(self.out_norm, nn.Identity) or not isinstance(proj, QuantLinear):
+            return None
+        if type(proj).forward is not QuantLinear.forward:  # e.g. NoisyQuant's: adds its noise before the quantizer
+            return None
+        if proj.input_quantizer is None or fused_attention.has_hooks(proj):
+            return None  # a hook on proj must see its input before quantization: proj runs whole
+        return proj.input_quantizer
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_quantizer: nn.Module | None
+    ) -> tuple[torch.Tensor, bool]:
+        """:meth:`attend`, and whether ``out_quantizer`` was applied to the output (by the fused kernel)."""
         prefix = self.prefix
         if _FLOAT_SDPA and self._plain_float():
-            return self._sdpa(q, k, v, prefix)
-        out = self._fused_attention(q, k, v, prefix) if fused_attention.enabled() else None
+            return self._sdpa(q, k, v, prefix), False
+        out = self._fused_attention(q, k, v, prefix, out_quantizer) if fused_attention.enabled() else None
         if out is not None:
             return out
         if prefix is not None:
-            return self._forward_with_prefix(q, k, v, prefix)
+            return self._forward_with_prefix(q, k, v, prefix), False
         probs = self.tap_probs((self.matmul_qk(q, k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
-        return self.matmul_pv(probs, v)
+        return self.matmul_pv(probs, v), False
 
     def _plain_float(self) -> bool:
         """Whether nothing quantizes or reads this attention's probabilities and operands (float mode, no hooks)."""
@@ -198,31 +217,40 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
 
     def _fused_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix | None
-    ) -> torch.Tensor | None:
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix: AttentionPrefix | None,
+        out_quantizer: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, bool] | None:
         """The attention as one Triton kernel (on by default on CUDA), or None where it must stay explicit.
 
         Explicit whenever something reads the probabilities or the matmul operands (hooks on
         ``tap_probs`` such as ``record()``, on the matmuls or their quantizers; an observing
         quantizer during calibration), under autograd, or for shapes / quantizers the kernel lacks.
         Q, K and V go through their quantizers as in the explicit path: inside the kernel where
-        :func:`~regcache.quant.fused_attention.operand_fold` allows (all three eager, Q compiled), here otherwise.
+        :func:`~regcache.quant.fused_attention.operand_fold` allows (all three eager, Q compiled), here
+        otherwise. ``out_quantizer`` (proj's input quantizer) is applied to the output in the kernel
+        where it folds too; the bool says whether it was.
         """
         pq = self.matmul_pv.a_quantizer
         if not fused_attention.attention_fusable(self) or not fused_attention.supports(q, prefix, pq):
             return None
-        operands = (self.matmul_qk.a_quantizer, self.matmul_qk.b_quantizer, self.matmul_pv.b_quantizer)
-        # Per-tensor uniform (or no) operand quantizers run inside the kernel, saving the pass that writes the
-        # quantized operand. Eager: Q, K and V (naive W8A8 6,398 -> 7,457 img/s on an H100). Compiled: Q only;
-        # the kernel re-reads every K / V tile once per query block, so quantizing those in registers repeats
-        # work that Inductor's one pass does once (folding all three measured 3-4 % slower, BENCHMARKS.md §3)
-        rows = (0,) if torch.compiler.is_compiling() else (0, 1, 2)
+        operands = (self.matmul_qk.a_quantizer, self.matmul_qk.b_quantizer, self.matmul_pv.b_quantizer, out_quantizer)
+        # Per-tensor uniform (or no) quantizers run inside the kernel, saving the pass that writes each quantized
+        # tensor. Eager: Q, K, V and the output (naive W8A8 6,398 -> 7,457 img/s on an H100 for Q, K, V).
+        # Compiled: Q and the output only; the kernel re-reads every K / V tile once per query block, so
+        # quantizing those in registers repeats work that Inductor's one pass does once (folding Q, K and V
+        # measured 3-4 % slower than none, BENCHMARKS.md §3)
+        rows = (0, 3) if torch.compiler.is_compiling() else (0, 1, 2, 3)
         fold = fused_attention.operand_fold(self, operands, q.device, rows)
         inside = rows if fold is not None else ()
         qq = q if 0 in inside else self.matmul_qk.quantize_a(q)
         kq = k if 1 in inside else self.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
         vq = v if 2 in inside else self.matmul_pv.quantize_b(v)
-        return fused_attention.quantized_attention(qq, kq, vq, self.scale, pq, prefix, operand_fold=fold)
+        out = fused_attention.quantized_attention(qq, kq, vq, self.scale, pq, prefix, operand_fold=fold)
+        return None if out is None else (out, fold is not None and bool(fold[1] & 8))
 
     def _forward_with_prefix(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix

@@ -293,7 +293,8 @@ def quantized_attention_kernel(
     Strides are in elements; a prefix / bias batch stride of 0 shares one register set by the batch.
     ``p_ptr`` (with STORE_P) receives the quantized probabilities, (B, H, N, NPRE + N) contiguous.
     QMASK bits 1 / 2 / 4: Q / K / V go through their per-tensor uniform fake quantizers in registers
-    (``op_ptr``: (3, 4) float32 rows [scale, zero point, qmin, qmax]); the prefix stays full precision.
+    (``op_ptr``: (4, 4) float32 rows [scale, zero point, qmin, qmax]); the prefix stays full precision.
+    Bit 8: the output goes through row 3's quantizer (the output projection's input quantizer).
     """
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -384,12 +385,12 @@ def quantized_attention_kernel(
             ptrs = p_ptr + pbase + rows[:, None] * nk + NPRE + cols[None, :]
             tl.store(ptrs, pq, mask=row_ok[:, None] & (cols < N)[None, :])
         acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, vs, vz, vlo, vhi, D, DT, IEEE, EXACT, (QMASK & 4) != 0)
-    acc = _rd(acc, DT)
-    tl.store(
-        out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dcol[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    out = _rd(acc, DT).to(out_ptr.dtype.element_ty)
+    if QMASK & 8:  # the output projection's input quantizer, on the output as the eager path rounds it
+        out = _operand_quant(
+            out, tl.load(op_ptr + 12), tl.load(op_ptr + 13), tl.load(op_ptr + 14), tl.load(op_ptr + 15), DT, EXACT
+        )
+    tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dcol[None, :], out, mask=row_ok[:, None])
 
 
 cdiv = triton.cdiv

@@ -114,7 +114,8 @@ def _kernel() -> Any:
     return k
 
 
-def _has_hooks(module: torch.nn.Module | None) -> bool:
+def has_hooks(module: torch.nn.Module | None) -> bool:
+    """Whether forward (pre-)hooks are registered on ``module`` itself (hooks read what the kernel skips)."""
     return module is not None and bool(
         module._forward_hooks or module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None)
     )
@@ -124,7 +125,7 @@ def prob_quantizer_spec(quantizer: Quantizer | None, dtype: torch.dtype) -> tupl
     """``(kind, additive, c0, c1)`` of the probability quantizer as the kernel takes it, or None if unsupported."""
     if quantizer is None or quantizer.mode == "float":
         return 0, False, 0.0, 0.0
-    if quantizer.mode != "quant" or _has_hooks(quantizer):
+    if quantizer.mode != "quant" or has_hooks(quantizer):
         return None
     if isinstance(quantizer, UniformQuantizer) and type(quantizer)._fusable:
         if quantizer.scale.dtype != torch.float32 or quantizer.zero_point.dtype != torch.float32:
@@ -160,13 +161,14 @@ def _prob_params(quantizer: Quantizer | None, kind: int, dtype: torch.dtype, dev
 
 def operand_fold(
     owner: torch.nn.Module,
-    quantizers: tuple[Quantizer | None, Quantizer | None, Quantizer | None],
+    quantizers: tuple[Quantizer | None, ...],
     device: torch.device,
     rows: tuple[int, ...] = (0, 1, 2),
 ) -> tuple[torch.Tensor, int] | None:
-    """Q / K / V quantizers the kernel applies in registers: ((3, 4) float32 [scale, zero point, qmin, qmax], bit mask).
+    """Quantizers the kernel applies in registers: ((4, 4) float32 [scale, zero point, qmin, qmax], bit mask).
 
-    Only the operands in ``rows`` (0 Q, 1 K, 2 V) are considered; the caller quantizes the others.
+    ``quantizers``: Q, K, V and optionally a fourth, the output projection's input quantizer (applied to
+    the kernel's output). Only the operands in ``rows`` are considered; the caller quantizes the others.
     None when one of them is neither absent / in float mode nor a plain per-tensor uniform quantizer
     in quant mode: the caller then quantizes the operands itself. Folding saves the separate
     elementwise pass that writes the quantized operand. Eager: the parameter tensor is built on the
@@ -175,7 +177,7 @@ def operand_fold(
     """
     folded = []  # (row, quantizer) of the operands the kernel quantizes
     for row in rows:
-        quantizer = quantizers[row]
+        quantizer = quantizers[row] if row < len(quantizers) else None
         kind = prob_quantizer_spec(quantizer, torch.float32)  # the kernel's test of a plain uniform quantizer
         if kind is None or kind[0] > 1 or (kind[0] == 1 and quantizer.granularity != "tensor"):
             return None  # unsupported, log-√2 / twin, or one step per head: quantized outside
@@ -195,7 +197,7 @@ def operand_fold(
     cached = None if compiling else getattr(owner, "_operand_fold_cache", None)
     if cached is not None and _same_key(cached[0], key):
         return cached[1], mask
-    params = torch.zeros(3, 4, device=device)
+    params = torch.zeros(4, 4, device=device)
     for row, q in folded:
         params[row, :2] = torch.stack([q.scale.reshape(()), q.zero_point.reshape(())])
         params[row, 2], params[row, 3] = float(q.qmin), float(q.qmax)  # fills: no host-to-device copy
@@ -248,8 +250,8 @@ def launch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel: (output (B, heads, N, D) laid out as (B, N, heads, D), quantized probabilities or None).
 
-    ``exact`` None: :data:`EXACT`. ``operand_params`` / ``operand_mask``: Q / K / V quantizers applied
-    in the kernel (:func:`operand_fold`); q, k, v are then the unquantized operands.
+    ``exact`` None: :data:`EXACT`. ``operand_params`` / ``operand_mask``: Q / K / V (and output) quantizers
+    applied in the kernel (:func:`operand_fold`); q, k, v are then the unquantized operands.
     """
     kmod = _kernel()
     b, h, n, d = q.shape
@@ -417,7 +419,7 @@ def attention_observed(attn: torch.nn.Module) -> bool:
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return True
     modules = (attn.tap_probs, attn.matmul_qk, attn.matmul_pv, *attn.matmul_quantizers())
-    return any(_has_hooks(m) for m in modules)
+    return any(has_hooks(m) for m in modules)
 
 
 def attention_fusable(attn: torch.nn.Module) -> bool:
@@ -432,6 +434,7 @@ __all__ = [
     "attention_observed",
     "enabled",
     "enabled_as",
+    "has_hooks",
     "launch",
     "operand_fold",
     "prepare",

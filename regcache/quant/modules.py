@@ -99,8 +99,11 @@ class QuantLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = quantized_weight(self, self.weight_quantizer, self.weight)
-        return F.linear(_apply(self.input_quantizer, x), w, self.bias)
+        return self.forward_prequantized(_apply(self.input_quantizer, x))
+
+    def forward_prequantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward for an input already through ``input_quantizer`` (a kernel applied it in its epilogue)."""
+        return F.linear(x, quantized_weight(self, self.weight_quantizer, self.weight), self.bias)
 
 
 def patchify_conv2d(
