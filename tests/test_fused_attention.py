@@ -421,7 +421,7 @@ def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exac
 
 
 def test_operand_fold_parameters_follow_the_quantizers():
-    """operand_fold: [scale, zero point, qmin, qmax] rows and mask; cached until a quantizer changes; None if unfit."""
+    """operand_fold: [scale, zero point, qmin, qmax] rows and mask; cached until a quantizer changes; unfit rows out."""
     from torch import nn
 
     from regcache.quant import UniformQuantizer
@@ -447,14 +447,16 @@ def test_operand_fold_parameters_follow_the_quantizers():
     per_channel = UniformQuantizer(8, granularity="channel", axis=1)
     per_channel.set_scale(torch.ones(4))
     per_channel.set_mode("quant")
-    assert fa.operand_fold(owner, (qa, None, per_channel), torch.device("cpu")) is None  # quantized outside
+    # each row on its own: a per-channel V is left to the caller beside a folded Q; a hooked one too
+    assert fa.operand_fold(owner, (qa, None, per_channel), torch.device("cpu"))[1] == 0b001
     hooked = UniformQuantizer(8).calibrate_(torch.randn(20))
     hooked.set_mode("quant")
     hooked.register_forward_hook(lambda *a: None)
-    assert fa.operand_fold(owner, (hooked, None, None), torch.device("cpu")) is None
-    # rows: only the listed operands are considered (the caller quantizes the rest): Q alone folds beside
-    # a per-channel V, and under torch.compile the parameters are built in the graph, not cached
-    only_q, mask = fa.operand_fold(owner, (qa, None, per_channel), torch.device("cpu"), rows=(0,))
+    assert fa.operand_fold(owner, (hooked, None, per_channel), torch.device("cpu")) is None  # nothing folds
+    # a fourth quantizer (proj's input) is row 3; rows limits what is considered (the caller applies the
+    # rest); under torch.compile the parameters are built in the graph, not cached
+    assert fa.operand_fold(owner, (qa, kb, None, qa), torch.device("cpu"))[1] == 0b1001
+    only_q, mask = fa.operand_fold(owner, (qa, None, per_channel, kb), torch.device("cpu"), rows=(0,))
     assert mask == 0b001 and only_q[1:].abs().sum() == 0
     assert only_q[0].tolist() == pytest.approx([4 / 255 * 2, 64.0, 0.0, 255.0], rel=1e-6)
     fresh = nn.Module()

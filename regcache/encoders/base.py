@@ -245,12 +245,12 @@ class Attention(nn.Module):
         # measured 3-4 % slower than none, BENCHMARKS.md §3)
         rows = (0, 3) if torch.compiler.is_compiling() else (0, 1, 2, 3)
         fold = fused_attention.operand_fold(self, operands, q.device, rows)
-        inside = rows if fold is not None else ()
-        qq = q if 0 in inside else self.matmul_qk.quantize_a(q)
-        kq = k if 1 in inside else self.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
-        vq = v if 2 in inside else self.matmul_pv.quantize_b(v)
+        inside = 0 if fold is None else fold[1]  # bit 1 << row: that quantizer runs in the kernel
+        qq = q if inside & 1 else self.matmul_qk.quantize_a(q)
+        kq = k if inside & 2 else self.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
+        vq = v if inside & 4 else self.matmul_pv.quantize_b(v)
         out = fused_attention.quantized_attention(qq, kq, vq, self.scale, pq, prefix, operand_fold=fold)
-        return None if out is None else (out, fold is not None and bool(fold[1] & 8))
+        return None if out is None else (out, bool(inside & 8))
 
     def _forward_with_prefix(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: AttentionPrefix

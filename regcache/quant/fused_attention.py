@@ -163,15 +163,15 @@ def operand_fold(
     owner: torch.nn.Module,
     quantizers: tuple[Quantizer | None, ...],
     device: torch.device,
-    rows: tuple[int, ...] = (0, 1, 2),
+    rows: tuple[int, ...] = (0, 1, 2, 3),
 ) -> tuple[torch.Tensor, int] | None:
     """Quantizers the kernel applies in registers: ((4, 4) float32 [scale, zero point, qmin, qmax], bit mask).
 
     ``quantizers``: Q, K, V and optionally a fourth, the output projection's input quantizer (applied to
-    the kernel's output). Only the operands in ``rows`` are considered; the caller quantizes the others.
-    None when one of them is neither absent / in float mode nor a plain per-tensor uniform quantizer
-    in quant mode: the caller then quantizes the operands itself. Folding saves the separate
-    elementwise pass that writes the quantized operand. Eager: the parameter tensor is built on the
+    the kernel's output). Bit ``1 << row`` is set for each row in ``rows`` whose quantizer is a plain
+    per-tensor uniform one in quant mode; the caller applies every other quantizer itself (absent or
+    float-mode ones are the identity). None when no bit is set. Folding saves the separate
+    elementwise pass that writes the quantized tensor. Eager: the parameter tensor is built on the
     device (no host sync) and cached on ``owner`` until a quantizer's mode or tensors change; under
     ``torch.compile`` it is built in the graph (tensor versions cannot be read while tracing).
     """
@@ -179,10 +179,11 @@ def operand_fold(
     for row in rows:
         quantizer = quantizers[row] if row < len(quantizers) else None
         kind = prob_quantizer_spec(quantizer, torch.float32)  # the kernel's test of a plain uniform quantizer
-        if kind is None or kind[0] > 1 or (kind[0] == 1 and quantizer.granularity != "tensor"):
-            return None  # unsupported, log-√2 / twin, or one step per head: quantized outside
-        if kind[0] == 1:
+        # absent / float mode: nothing to apply; log-√2, twin, one step per head, hooked: applied outside
+        if kind is not None and kind[0] == 1 and quantizer.granularity == "tensor":
             folded.append((row, quantizer))
+    if not folded:
+        return None
     mask = sum(1 << row for row, _ in folded)
     compiling = torch.compiler.is_compiling()
     key = (
