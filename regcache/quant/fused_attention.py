@@ -186,18 +186,15 @@ def operand_fold(
         return None
     mask = sum(1 << row for row, _ in folded)
     compiling = torch.compiler.is_compiling()
-    key = (
-        tuple(
+    if not compiling:
+        key = tuple(
             v
             for row, q in folded
             for v in (row, q.scale, q.scale._version, q.zero_point, q.zero_point._version, q.qmin, q.qmax)
         )
-        if not compiling
-        else ()
-    )
-    cached = None if compiling else getattr(owner, "_operand_fold_cache", None)
-    if cached is not None and _same_key(cached[0], key):
-        return cached[1], mask
+        cached = getattr(owner, "_operand_fold_cache", None)
+        if cached is not None and _same_key(cached[0], key):
+            return cached[1], mask
     params = torch.zeros(4, 4, device=device)
     for row, q in folded:
         params[row, :2] = torch.stack([q.scale.reshape(()), q.zero_point.reshape(())])
