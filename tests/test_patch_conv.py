@@ -50,7 +50,19 @@ def test_other_convs_keep_the_convolution(kwargs):
     )
 
 
-def test_quant_conv_uses_the_patch_path_with_quantized_operands():
+@pytest.fixture
+def matmul_on_cpu(monkeypatch):
+    """PatchConv2d's matmul path on CPU too (it is CUDA-only by default); yields a list of its calls."""
+    from regcache.quant import modules
+
+    calls = []
+    real = modules.patchify_conv2d
+    monkeypatch.setattr(modules, "patchify_conv2d", lambda *a: calls.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(PatchConv2d, "matmul_devices", ("cpu", "cuda"))
+    return calls
+
+
+def test_quant_conv_uses_the_patch_path_with_quantized_operands(matmul_on_cpu):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 4, stride=4)
     q = QuantConv2d.from_conv(conv)
@@ -62,13 +74,23 @@ def test_quant_conv_uses_the_patch_path_with_quantized_operands():
     with torch.no_grad():
         ref = F.conv2d(q.input_quantizer(x), q.weight_quantizer(conv.weight), conv.bias, stride=4)
         torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+    assert len(matmul_on_cpu) == 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_stem_is_a_patch_conv(family):
+def test_every_family_stem_is_a_patch_conv(family, matmul_on_cpu):
     encoder = adapt(make_model(family))
     stem = encoder.conv1 if hasattr(encoder, "conv1") else encoder.trunk.patch_embed.proj
     assert type(stem) is PatchConv2d
     x = images(family, n=2)
     with torch.no_grad():  # the stem's output through the patch matmul equals the convolution's
         torch.testing.assert_close(stem(x), F.conv2d(x, stem.weight, stem.bias, stem.stride), rtol=1e-5, atol=1e-6)
+    assert matmul_on_cpu == [x.shape]
+
+
+def test_cpu_keeps_the_convolution_by_default():
+    torch.manual_seed(0)
+    conv = PatchConv2d(3, 8, 4, stride=4)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # bit for bit the convolution: CPU numbers stay those of the original model
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, stride=4))
