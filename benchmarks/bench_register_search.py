@@ -20,6 +20,7 @@ a table last.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -226,6 +227,8 @@ def main() -> None:
     calibration_flops = tail_flops(encoder, cached_search.points, cached_search, num_tokens, n_cal)
     achieved = tail_flops(encoder, cached_search.points[:n_done], cached_search, num_tokens, n_ref) / t_measured / 1e12
 
+    # clock at the start and after each tenth of the grid (none for fewer than 10 configurations)
+    tenths = [t0] + [stamps[(i + 1) * len(stamps) // 10 - 1] for i in range(10)] if len(stamps) >= 10 else []
     results = {
         "device": device_name,
         "model": model_name,
@@ -253,15 +256,7 @@ def main() -> None:
         "search_cached_per_config_s": per_cached,
         "search_cached_steady_per_config_s": steady,
         # seconds each tenth of the grid took (the first includes the compiles): where a slow start hides
-        "search_cached_deciles_s": [
-            (
-                stamps[min(len(stamps), (i + 1) * len(stamps) // 10) - 1]
-                - (stamps[i * len(stamps) // 10 - 1] if i else t0)
-            )
-            for i in range(10)
-        ]
-        if len(stamps) >= 10
-        else [],
+        "search_cached_deciles_s": [b - a for a, b in itertools.pairwise(tenths)],
         "search_cached_peak_gib": peak_gib,
         "search_cached_dynamo_graphs": graphs,
         "eager_cached_configs": n_loop,

@@ -40,7 +40,7 @@ def test_patchify_equals_conv2d(size, patch, bias):
         {"kernel_size": 4, "stride": 2},
     ],
 )
-def test_other_convs_keep_the_convolution(kwargs):
+def test_other_convs_keep_the_convolution(kwargs, matmul_on_cpu):
     torch.manual_seed(0)
     conv = PatchConv2d(3, 6, **kwargs)
     x = torch.randn(2, 3, 16, 16)
@@ -48,6 +48,7 @@ def test_other_convs_keep_the_convolution(kwargs):
     torch.testing.assert_close(
         conv(x), F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     )
+    assert len(matmul_on_cpu) == 1  # the forward asked for the patch path and fell back to the convolution
 
 
 @pytest.fixture
