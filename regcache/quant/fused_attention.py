@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 HEAD_DIMS = (16, 32, 64, 128)
 # default (query rows, keys) per tile: the fastest on an H100 at ViT-B/16 shapes (bench_attention --tune)
 TILE = [64, 16]
+# (query rows, most keys) of the one-tile kernel: up to that many keys (next power of two) a block of
+# rows keeps all its token scores in registers and computes and exponentiates them once instead of twice
+ONE_TILE = [32, 256]
 # exact: the eager path's rounding op for op; fast (default): float32 registers, reciprocals, exp2, as
 # Inductor computes; 1.7x faster on an H100 (BENCHMARKS.md §1)
 EXACT = [os.environ.get("REGCACHE_FUSED_ATTENTION_EXACT", "0") == "1"]
@@ -256,6 +259,8 @@ def launch(
     exact = EXACT[0] if exact is None else bool(exact)
     npre = 0 if prefix_keys is None else prefix_keys.shape[-2]
     small = max(16, kmod.next_power_of_2(n))
+    if not block_n and small <= ONE_TILE[1]:
+        block_m, block_n = block_m or min(ONE_TILE[0], small), small
     block_m = block_m or min(TILE[0], small)
     block_n = block_n or min(TILE[1], small)
     num_warps = num_warps or 4
@@ -298,6 +303,7 @@ def launch(
         "IEEE": q.dtype == torch.float32,
         "EXACT": exact,
         "QMASK": operand_mask if operand_params is not None else 0,
+        "ONE_TILE": block_n >= n,
     }
     if q.is_cuda:
         with torch.cuda.device(q.device):
