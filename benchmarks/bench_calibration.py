@@ -41,7 +41,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--noisyquant-precision", default="auto", choices=["auto", "fp32", "bf16x3", "bf16x2", "bf16"])
     ap.add_argument("--check-blocks", type=int, default=0, help="NoisyQuant: compare N blocks with the fp32 search")
+    ap.add_argument(
+        "--matmul-precision",
+        default="highest",
+        choices=["highest", "high"],
+        help="torch.set_float32_matmul_precision for the model's float32 forwards: highest (full float32, "
+        "plain-Python calibrate_'s default) or high (TF32: what the Lightning module / CLI sets by default)",
+    )
     args = ap.parse_args()
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = VISION_MODELS[args.model][1]
     rows = []
@@ -70,6 +78,7 @@ def main() -> None:
                     "method": method,
                     "bits": f"W{bits}A{bits}",
                     "images": n,
+                    "matmul_precision": args.matmul_precision,
                     "seconds": seconds,
                     "peak_gib": peak_memory_gib(),
                 }
@@ -81,7 +90,7 @@ def main() -> None:
                 del float_copy
             print(rows[-1], flush=True)
             del encoder, batches
-    columns = ["model", "method", "bits", "images", "seconds", "peak_gib"]
+    columns = ["model", "method", "bits", "images", "matmul_precision", "seconds", "peak_gib"]
     if any("same_as_fp32" in r for r in rows):
         columns.append("same_as_fp32")
     write_results(f"calibration_{args.model}", rows, columns)

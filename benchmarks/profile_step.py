@@ -241,7 +241,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--noisyquant-precision", default="auto", help="noisyquant-steps: search_precision")
+    ap.add_argument("--matmul-precision", default="highest", choices=["highest", "high"], help="float32 matmuls")
     args = ap.parse_args()
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"profile {args.workload} on {device_name()}, torch {torch.__version__}", flush=True)
     WORKLOADS[args.workload](args, device)

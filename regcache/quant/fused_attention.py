@@ -58,8 +58,9 @@ HEAD_DIMS = (16, 32, 64, 128)
 # default (query rows, keys) per tile: the fastest on an H100 at ViT-B/16 shapes (bench_attention --tune)
 TILE = [64, 16]
 # (query rows, most keys) of the one-tile kernel: up to that many keys (next power of two) a block of
-# rows keeps all its token scores in registers and computes and exponentiates them once instead of twice
-ONE_TILE = [32, 256]
+# rows keeps all its token scores in registers and computes and exponentiates them once instead of
+# twice; REGCACHE_FUSED_ATTENTION_ONE_TILE=0 (or most keys 0) keeps the two-pass kernel everywhere
+ONE_TILE = [32, 0 if os.environ.get("REGCACHE_FUSED_ATTENTION_ONE_TILE", "1") == "0" else 256]
 # exact: the eager path's rounding op for op; fast (default): float32 registers, reciprocals, exp2, as
 # Inductor computes; 1.7x faster on an H100 (BENCHMARKS.md §1)
 EXACT = [os.environ.get("REGCACHE_FUSED_ATTENTION_EXACT", "0") == "1"]
