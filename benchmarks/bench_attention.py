@@ -102,19 +102,9 @@ def flip_fraction(attn: Attention, q, k, v) -> float:
     return (pf != pe).float().mean().item()
 
 
-def triton_next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (Triton's tile rule)."""
-    return 1 << max(0, n - 1).bit_length()
-
-
 def tune(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, warmup: int, repeats: int) -> None:
-    """Print the fused kernel's time for each numerics x BLOCK_M x BLOCK_N x num_warps (errors reported, not fatal).
-
-    Two-pass tiles first, then the one-tile kernel (every token key in one tile) at a few row counts.
-    """
-    whole = max(16, triton_next_power_of_2(q.shape[-2]))
-    grid = list(itertools.product((True, False), (32, 64, 128), (16, 32, 64), (4, 8)))
-    grid += list(itertools.product((True, False), (16, 32, 64), (whole,), (2, 4, 8)))
+    """Print the fused kernel's time for each numerics x BLOCK_M x BLOCK_N x num_warps (errors reported, not fatal)."""
+    grid = itertools.product((True, False), (32, 64, 128), (16, 32, 64), (4, 8))
     for exact, block_m, block_n, warps in grid:
         (pk, pv, bias, fac, qp), c = fa.prepare(q, attn.scale, attn.matmul_pv.a_quantizer, attn.prefix, exact)
         name = f"tune exact={int(exact)} BLOCK_M={block_m} BLOCK_N={block_n} num_warps={warps}"
@@ -238,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                     tuned.add(pname)
     columns = list(rows[0])
     extra = {"heads": heads, "tokens": tokens, "head_dim": head_dim, "dtype": "bfloat16", "interpreter": tiny}
-    extra.update(exact=fa.EXACT[0], tile=list(fa.TILE), one_tile=list(fa.ONE_TILE))
+    extra.update(exact=fa.EXACT[0], tile=list(fa.TILE))
     write_results("bench_attention", rows, columns, extra)
 
 

@@ -42,6 +42,12 @@ def main() -> None:
     ap.add_argument("--noisyquant-precision", default="auto", choices=["auto", "fp32", "bf16x3", "bf16x2", "bf16"])
     ap.add_argument("--check-blocks", type=int, default=0, help="NoisyQuant: compare N blocks with the fp32 search")
     ap.add_argument(
+        "--noisyquant-chunk-elements",
+        type=int,
+        default=None,
+        help="NoisyQuant: search_chunk_elements (default: config's); candidates per matmul = this / (T·max(W.shape))",
+    )
+    ap.add_argument(
         "--matmul-precision",
         default="highest",
         choices=["highest", "high"],
@@ -67,7 +73,11 @@ def main() -> None:
             reset_peak_memory()
             sync()
             start = time.perf_counter()
-            extra = {"search_precision": args.noisyquant_precision} if method == "noisyquant" else {}
+            extra = {}
+            if method == "noisyquant":
+                extra["search_precision"] = args.noisyquant_precision
+                if args.noisyquant_chunk_elements:
+                    extra["search_chunk_elements"] = args.noisyquant_chunk_elements
             quantize_(encoder, METHODS[method](w_bits=bits, a_bits=bits, **extra))
             calibrate_(encoder, batches, progress=False)
             sync()

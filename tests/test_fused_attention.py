@@ -33,7 +33,6 @@ from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
 
 DEVICE, B, H, N, D = {device!r}, {batch}, {heads}, {tokens}, {head_dim}
 fa.TILE[:] = {tile}  # several key tiles per row: the two-pass softmax is exercised
-fa.ONE_TILE[:] = {one_tile}  # [rows, 0]: never one tile; [rows, keys >= N]: the one-pass kernel
 EXACT = fa.EXACT[0] = {exact}  # eager rounding op for op, or the fast float32 kernel
 import regcache.encoders.base as base
 base._FLOAT_SDPA = False  # the unquantized case runs the kernel (float mode), not SDPA
@@ -190,32 +189,25 @@ def _run_interpreted(script: str) -> str:
     return res.stdout
 
 
-@pytest.mark.parametrize("one_tile", [[32, 0], [16, 64]], ids=["two-pass", "one-tile"])
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
-def test_fused_attention_matches_explicit_under_triton_interpreter(exact, one_tile):
+def test_fused_attention_matches_explicit_under_triton_interpreter(exact):
     """Every probability quantizer x prefix x dtype, on CPU through the interpreter, against the explicit path.
 
     Exact kernel against Attention.attend op for op; fast kernel against the explicit path computed
-    in float32 on the same inputs. Two passes over 32-key tiles (45 keys: a partial last tile), or
-    the one-tile kernel (all 45 keys in one 64-key tile, 19 of them masked).
+    in float32 on the same inputs. Two passes over 32-key tiles (45 keys: a partial last tile).
     """
     pytest.importorskip("triton")
-    script = _NUMERICS.format(
-        device="cpu", batch=2, heads=2, tokens=45, head_dim=64, tile=[32, 32], exact=exact, one_tile=one_tile
-    )
+    script = _NUMERICS.format(device="cpu", batch=2, heads=2, tokens=45, head_dim=64, tile=[32, 32], exact=exact)
     rows = json.loads(_run_interpreted(textwrap.dedent(script))[3:])
     assert len(rows) == 2 * 7 * 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("one_tile", [[32, 0], [32, 256]], ids=["two-pass", "one-tile"])
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
-def test_fused_attention_matches_explicit_cuda(exact, one_tile):
+def test_fused_attention_matches_explicit_cuda(exact):
     """The same bounds on the GPU, at ViT-B/16 shapes (197 tokens, head dim 64)."""
     pytest.importorskip("triton")
-    script = _NUMERICS.format(
-        device="cuda", batch=4, heads=12, tokens=197, head_dim=64, tile=[64, 16], exact=exact, one_tile=one_tile
-    )
+    script = _NUMERICS.format(device="cuda", batch=4, heads=12, tokens=197, head_dim=64, tile=[64, 16], exact=exact)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
@@ -406,26 +398,25 @@ def _compile_for_sm90(constants: dict) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "qkind, additive, prefix, bias, dt, store, exact, qmask, one_tile",
-    [(0, False, False, False, 1, False, True, 0, False), (1, False, True, True, 1, True, True, 7, False),
-     (2, False, True, True, 1, False, True, 0, False), (3, True, True, False, 1, False, True, 0, False),
-     (3, False, False, False, 0, True, True, 5, False), (1, False, True, True, 1, False, False, 7, False),
-     (2, False, True, True, 1, True, False, 2, False), (3, True, False, False, 1, False, False, 0, False),
-     (3, False, True, True, 0, False, False, 7, False), (1, False, True, True, 1, False, False, 9, False),
-     (2, False, False, False, 1, False, True, 15, False), (1, False, True, True, 1, False, False, 8, True),
-     (2, False, True, True, 1, True, True, 6, True), (3, True, False, False, 0, False, False, 0, True)],
+    "qkind, additive, prefix, bias, dt, store, exact, qmask",
+    [(0, False, False, False, 1, False, True, 0), (1, False, True, True, 1, True, True, 7),
+     (2, False, True, True, 1, False, True, 0), (3, True, True, False, 1, False, True, 0),
+     (3, False, False, False, 0, True, True, 5), (1, False, True, True, 1, False, False, 7),
+     (2, False, True, True, 1, True, False, 2), (3, True, False, False, 1, False, False, 0),
+     (3, False, True, True, 0, False, False, 7), (1, False, True, True, 1, False, False, 9),
+     (2, False, False, False, 1, False, True, 15)],
 )  # fmt: skip
-def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exact, qmask, one_tile):
-    """Each quantizer kind / prefix / dtype / numerics / folded-operand / tiling variant builds down to a cubin.
+def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exact, qmask):
+    """Each quantizer kind / prefix / dtype / numerics / folded-operand variant builds down to a cubin.
 
-    Triton's type checks included. The token tiles (32 keys, or one 256-key tile for 32 rows) and the
-    prefix tile (16) differ in shape, as in the default launch.
+    Triton's type checks included.
+
+    The token tiles (32 keys) and the prefix tile (16) differ in shape, as in the default launch.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter replaces the kernel's device helpers")
-    tile = dict(BLOCK_M=32, BLOCK_N=256) if one_tile else dict(BLOCK_M=64, BLOCK_N=32)
-    constants = dict(D=64, **tile, BLOCK_P=16, QKIND=qkind, ADDITIVE=additive, HAS_PREFIX=prefix)
-    constants.update(HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0, EXACT=exact, QMASK=qmask, ONE_TILE=one_tile)
+    constants = dict(D=64, BLOCK_M=64, BLOCK_N=32, BLOCK_P=16, QKIND=qkind, ADDITIVE=additive, HAS_PREFIX=prefix)
+    constants.update(HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0, EXACT=exact, QMASK=qmask)
     assert "cubin" in _compile_for_sm90(constants)
 
 
@@ -472,3 +463,17 @@ def test_operand_fold_parameters_follow_the_quantizers():
     traced = torch.compile(lambda: fa.operand_fold(fresh, (qa, kb, None), torch.device("cpu"), rows=(0,)))()
     assert traced[1] == 0b001 and torch.equal(traced[0], only_q)
     assert not hasattr(fresh, "_operand_fold_cache")
+
+
+def test_tile_from_environment(monkeypatch):
+    """REGCACHE_FUSED_ATTENTION_TILE overrides the default tile; malformed values name the expected form."""
+    from regcache.quant import fused_attention as fa
+
+    monkeypatch.delenv("REGCACHE_FUSED_ATTENTION_TILE", raising=False)
+    assert fa._tile_from_env((64, 16)) == [64, 16]
+    monkeypatch.setenv("REGCACHE_FUSED_ATTENTION_TILE", " 128,32 ")
+    assert fa._tile_from_env((64, 16)) == [128, 32]
+    for bad in ("128", "128,24", "8,16", "a,b", "64,16,4"):
+        monkeypatch.setenv("REGCACHE_FUSED_ATTENTION_TILE", bad)
+        with pytest.raises(ValueError, match="two powers of two"):
+            fa._tile_from_env((64, 16))

@@ -279,7 +279,6 @@ def quantized_attention_kernel(
     IEEE: tl.constexpr,
     EXACT: tl.constexpr,
     QMASK: tl.constexpr,
-    ONE_TILE: tl.constexpr,
 ):
     """out[b, h, rows] = Q_p(softmax(q kᵀ · scale + bias)) · v over [prefix; tokens] (last dim stride 1).
 
@@ -296,8 +295,6 @@ def quantized_attention_kernel(
     QMASK bits 1 / 2 / 4: Q / K / V go through their per-tensor uniform fake quantizers in registers
     (``op_ptr``: (4, 4) float32 rows [scale, zero point, qmin, qmax]); the prefix stays full precision.
     Bit 8: the output goes through row 3's quantizer (the output projection's input quantizer).
-    ONE_TILE (N <= BLOCK_N): the tokens' scores are one tile kept in registers, so they are computed
-    and exponentiated once (one pass instead of two; the kernel is bound by that per-score work).
     """
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -337,24 +334,14 @@ def quantized_attention_kernel(
                 sp = sp + bias[None, :] * log_unit
         m = tl.max(sp, axis=1)
         lsum = tl.sum(_softexp(sp - m[:, None], EXACT), axis=1)
-    if ONE_TILE:  # every token key in one tile: scores and their exponentials computed once
-        cols = tl.arange(0, BLOCK_N)
+    for start in range(0, N, BLOCK_N):
+        kidx = start + tl.arange(0, BLOCK_N)
         s = _tile_scores(
-            q, k_ptr, kbase, sk_n, cols, N, sm_scale, ks, kz, klo, khi, D, DT, IEEE, EXACT, (QMASK & 2) != 0
+            q, k_ptr, kbase, sk_n, kidx, N, sm_scale, ks, kz, klo, khi, D, DT, IEEE, EXACT, (QMASK & 2) != 0
         )
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        e = _softexp(s - m_new[:, None], EXACT)
-        lsum = lsum * _softexp(m - m_new, EXACT) + tl.sum(e, axis=1)
+        lsum = lsum * _softexp(m - m_new, EXACT) + tl.sum(_softexp(s - m_new[:, None], EXACT), axis=1)
         m = m_new
-    else:
-        for start in range(0, N, BLOCK_N):
-            kidx = start + tl.arange(0, BLOCK_N)
-            s = _tile_scores(
-                q, k_ptr, kbase, sk_n, kidx, N, sm_scale, ks, kz, klo, khi, D, DT, IEEE, EXACT, (QMASK & 2) != 0
-            )
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            lsum = lsum * _softexp(m - m_new, EXACT) + tl.sum(_softexp(s - m_new[:, None], EXACT), axis=1)
-            m = m_new
     inv = 1.0 / lsum
 
     # pass 2: probabilities, their fake quantizer, P·V
@@ -384,8 +371,12 @@ def quantized_attention_kernel(
                 p_ptr + pbase + rows[:, None] * nk + pre[None, :], ppq, mask=row_ok[:, None] & (pre < NPRE)[None, :]
             )
         acc += _pv(ppq, pv_ptr, pvbase, spv_n, pre, NPRE, vs, vz, vlo, vhi, D, DT, IEEE, EXACT, False)
-    if ONE_TILE:
-        p = e * inv[:, None]
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        s = _tile_scores(
+            q, k_ptr, kbase, sk_n, cols, N, sm_scale, ks, kz, klo, khi, D, DT, IEEE, EXACT, (QMASK & 2) != 0
+        )
+        p = _softexp(s - m[:, None], EXACT) * inv[:, None]
         if EXACT:
             p = _rd(p, DT)
         pq = _rn(_fake_quant(p, p0, p1, r0, r1, c0, c1, QKIND, ADDITIVE, DT, EXACT), DT)
@@ -394,21 +385,6 @@ def quantized_attention_kernel(
             ptrs = p_ptr + pbase + rows[:, None] * nk + NPRE + cols[None, :]
             tl.store(ptrs, pq, mask=row_ok[:, None] & (cols < N)[None, :])
         acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, vs, vz, vlo, vhi, D, DT, IEEE, EXACT, (QMASK & 4) != 0)
-    else:
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            s = _tile_scores(
-                q, k_ptr, kbase, sk_n, cols, N, sm_scale, ks, kz, klo, khi, D, DT, IEEE, EXACT, (QMASK & 2) != 0
-            )
-            p = _softexp(s - m[:, None], EXACT) * inv[:, None]
-            if EXACT:
-                p = _rd(p, DT)
-            pq = _rn(_fake_quant(p, p0, p1, r0, r1, c0, c1, QKIND, ADDITIVE, DT, EXACT), DT)
-            pq = tl.where((cols < N)[None, :], pq, 0.0)
-            if STORE_P:
-                ptrs = p_ptr + pbase + rows[:, None] * nk + NPRE + cols[None, :]
-                tl.store(ptrs, pq, mask=row_ok[:, None] & (cols < N)[None, :])
-            acc += _pv(pq, v_ptr, vbase, sv_n, cols, N, vs, vz, vlo, vhi, D, DT, IEEE, EXACT, (QMASK & 4) != 0)
     out = _rd(acc, DT).to(out_ptr.dtype.element_ty)
     if QMASK & 8:  # the output projection's input quantizer, on the output as the eager path rounds it
         out = _operand_quant(

@@ -55,12 +55,27 @@ if TYPE_CHECKING:
     from regcache.encoders.base import AttentionPrefix
 
 HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _tile_from_env(default: tuple[int, int]) -> list[int]:
+    """(query rows, keys) per tile from ``REGCACHE_FUSED_ATTENTION_TILE="rows,keys"``, else ``default``."""
+    raw = os.environ.get("REGCACHE_FUSED_ATTENTION_TILE", "").strip()
+    if not raw:
+        return list(default)
+    try:
+        tile = [int(v) for v in raw.split(",")]
+    except ValueError:
+        tile = []
+    if len(tile) != 2 or any(v < 16 or v & (v - 1) for v in tile):
+        raise ValueError(
+            f"REGCACHE_FUSED_ATTENTION_TILE={raw!r}: expected 'rows,keys', two powers of two >= 16 (e.g. '64,16'); "
+            "benchmarks/bench_attention.py --tune times the candidates on your card"
+        )
+    return tile
+
+
 # default (query rows, keys) per tile: the fastest on an H100 at ViT-B/16 shapes (bench_attention --tune)
-TILE = [64, 16]
-# (query rows, most keys) of the one-tile kernel: up to that many keys (next power of two) a block of
-# rows keeps all its token scores in registers and computes and exponentiates them once instead of
-# twice; REGCACHE_FUSED_ATTENTION_ONE_TILE=0 (or most keys 0) keeps the two-pass kernel everywhere
-ONE_TILE = [32, 0 if os.environ.get("REGCACHE_FUSED_ATTENTION_ONE_TILE", "1") == "0" else 256]
+TILE = _tile_from_env((64, 16))
 # exact: the eager path's rounding op for op; fast (default): float32 registers, reciprocals, exp2, as
 # Inductor computes; 1.7x faster on an H100 (BENCHMARKS.md §1)
 EXACT = [os.environ.get("REGCACHE_FUSED_ATTENTION_EXACT", "0") == "1"]
@@ -260,8 +275,6 @@ def launch(
     exact = EXACT[0] if exact is None else bool(exact)
     npre = 0 if prefix_keys is None else prefix_keys.shape[-2]
     small = max(16, kmod.next_power_of_2(n))
-    if not block_n and small <= ONE_TILE[1]:
-        block_m, block_n = block_m or min(ONE_TILE[0], small), small
     block_m = block_m or min(TILE[0], small)
     block_n = block_n or min(TILE[1], small)
     num_warps = num_warps or 4
@@ -304,7 +317,6 @@ def launch(
         "IEEE": q.dtype == torch.float32,
         "EXACT": exact,
         "QMASK": operand_mask if operand_params is not None else 0,
-        "ONE_TILE": block_n >= n,
     }
     if q.is_cuda:
         with torch.cuda.device(q.device):
