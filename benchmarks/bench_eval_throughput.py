@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import VISION_MODELS, peak_memory_gib, reset_peak_memory, time_fn, vision_encoder, write_results
+from common import VISION_MODELS, peak_memory_gib, reset_peak_memory, sync, time_fn, vision_encoder, write_results
 
 from regcache.encoders import AttentionPrefix
 from regcache.quant import METHODS, Quantizer, calibrate_, quantize_
@@ -73,6 +74,37 @@ def set_regcache(encoder, on: bool) -> None:
     remove_deletion(encoder)
     if on:
         install_random_regcache(encoder, encoder.num_blocks // 2)
+
+
+def bits_label(method: str, bits: int) -> str:
+    """The rows' bit-width label: 'float' or 'W8A8'."""
+    return "float" if method == "float" else f"W{bits}A{bits}"
+
+
+def paired_overhead(encoder, fn, images: torch.Tensor, pairs: int, calls: int = 3) -> float:
+    """RegCache's latency overhead in %: median over interleaved pairs of (time with / time without) - 1.
+
+    Both states run back to back in each pair (order alternating), so clock and thermal drift over
+    the run cancels in each ratio, unlike two medians taken a minute apart.
+    """
+    ratios = []
+    with torch.inference_mode():
+        for on in (False, True):  # both states warm (compiled: both graphs built) before timing
+            set_regcache(encoder, on)
+            fn(images)
+            fn(images)
+        for i in range(pairs):
+            elapsed = {}
+            for on in (False, True) if i % 2 == 0 else (True, False):
+                set_regcache(encoder, on)
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn(images)
+                sync()
+                elapsed[on] = time.perf_counter() - t0
+            ratios.append(elapsed[True] / elapsed[False])
+    return 100 * (statistics.median(ratios) - 1)
 
 
 def cast_model(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -128,6 +160,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="same as --compile none")
     ap.add_argument("--budget-s", type=float, default=200.0, help="stop adding compiled rows past this (seconds)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--pairs", type=int, default=15, help="interleaved with / without RegCache pairs (overhead)")
     ap.add_argument("--calib-images", type=int, default=16)
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU")
     args = ap.parse_args()
@@ -145,7 +178,7 @@ def main() -> None:
     calib = [torch.randn(args.calib_images, 3, size, size, generator=g).to(device)]
 
     variants = [("float", 16)] + [(m, b) for m in args.methods for b in args.bits]
-    models, rows, baseline, calib_s = {}, [], {}, {}
+    models, rows, baseline, calib_s, paired = {}, [], {}, {}, {}
 
     def measure(method, bits, rc, mode, fn):
         reset_peak_memory()
@@ -187,6 +220,8 @@ def main() -> None:
         for rc in (False, True):
             set_regcache(models[(method, bits)], rc)
             measure(method, bits, rc, "eager", models[(method, bits)])
+        enc = models[(method, bits)]
+        paired[(method, bits_label(method, bits), "eager")] = paired_overhead(enc, enc, images, args.pairs)
 
     # ---- compiled, in priority order, within the time budget
     if compile_kind != "none":
@@ -216,6 +251,10 @@ def main() -> None:
                 torch._dynamo.reset()
                 fn = regional(encoder) if compile_kind == "blocks" else torch.compile(encoder)
                 measure(method, bits, rc, f"compiled ({compile_kind})", fn)
+                if rc:  # both states measured: the paired overhead, on the same compiled function
+                    mode = f"compiled ({compile_kind})"
+                    key = (method, bits_label(method, bits), mode)
+                    paired[key] = paired_overhead(encoder, fn, images, args.pairs)
                 last_cost = time.perf_counter() - t0
             models.pop((method, bits), None)  # free it
             torch._dynamo.reset()
@@ -226,6 +265,9 @@ def main() -> None:
         plain = latency.get((row["method"], row["bits"], row["mode"], "-"))
         if row.get("regcache") == "prefix + deletion" and plain and row.get("latency_ms"):
             row["regcache_overhead_pct"] = 100 * (row["latency_ms"] / plain - 1)
+        key = (row["method"], row["bits"], row["mode"])
+        if row.get("regcache") == "prefix + deletion" and key in paired:
+            row["regcache_overhead_paired_pct"] = paired[key]
     order = {"float": -1, **{m: i for i, m in enumerate(ALL_METHODS)}}
     rows.sort(key=lambda r: (order.get(r["method"], 99), r["bits"] != "W8A8", r["bits"], r["mode"] != "eager"))
     write_results(
@@ -239,6 +281,7 @@ def main() -> None:
             "images_per_s",
             "ratio_to_float",
             "regcache_overhead_pct",
+            "regcache_overhead_paired_pct",
             "latency_ms",
             "peak_gib",
             "first_call_s",
