@@ -420,3 +420,15 @@ def test_fused_search_kernels_under_triton_interpreter():
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tests)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok")
+
+
+def test_search_chunk_default_depends_on_the_device():
+    """search_chunk_elements None: 2^28 elements per search matmul on CUDA, 2^26 elsewhere; a set value wins."""
+    from regcache.quant.methods.noisyquant import NoisyQuantConfig
+
+    config = NoisyQuantConfig()
+    assert config.search_chunk_elements is None
+    assert config._chunk_elements(torch.device("cuda")) == 1 << 28
+    assert config._chunk_elements(torch.device("cpu")) == 1 << 26
+    config.search_chunk_elements = 12345
+    assert config._chunk_elements(torch.device("cuda")) == config._chunk_elements(torch.device("cpu")) == 12345

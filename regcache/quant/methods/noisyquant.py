@@ -17,16 +17,17 @@ After the official kriskrisliu/NoisyQuant code (``fast_quant.py``, ``validate.py
   inputs produced by the already noisy-quantized layers before it.
 
 The candidate evaluation is batched (many candidates per matmul, memory bounded by
-``search_chunk_elements``; the output MSE goes through WᵀW when C_out > C_in). ``search_precision``
-picks how: ``fp32``, ``bf16x3`` (E_hi B_hi + E_lo B_hi + E_hi B_lo), ``bf16x2`` (integer codes R
-times B_hi + B_lo, minus the candidate-affine u B computed once; see :class:`_CodeProducts`) or
-``bf16`` (R times B_hi only: half bf16x2's tensor-core work, the objective of the weight factor B
-rounded to bfloat16, an opt-in speed / fidelity trade-off, BENCHMARKS.md §2); ``auto`` is bf16x2 on
-CUDA and fp32 elsewhere. On CUDA the per-chunk operands are built by Triton kernels. ``search_tokens``
-evaluates the objective on a seeded uniform sample of that many input tokens per linear; the
-reference uses every token (``search_tokens=None``, ~25x more work for ViT-B/16 at 1024 images).
-This sampling is a speed departure from the reference, not a quirk fix. The clip search's absmax
-always comes from all tokens.
+``search_chunk_elements``, default 2^28 elements on CUDA and 2^26 elsewhere; the output MSE goes
+through WᵀW when C_out > C_in). ``search_precision`` picks how: ``fp32``, ``bf16x3`` (E_hi B_hi +
+E_lo B_hi + E_hi B_lo), ``bf16x2`` (integer codes R times B_hi + B_lo, minus the candidate-affine u
+B computed once; see :class:`_CodeProducts`) or ``bf16`` (R times B_hi only: half bf16x2's
+tensor-core work, the objective of the weight factor B rounded to bfloat16, an opt-in speed /
+fidelity trade-off, BENCHMARKS.md §2); ``auto`` is bf16x2 on CUDA and fp32 elsewhere. On CUDA the
+per-chunk operands are built by Triton kernels. ``search_tokens`` evaluates the objective on a
+seeded uniform sample of that many input tokens per linear; the reference uses every token
+(``search_tokens=None``, ~25x more work for ViT-B/16 at 1024 images). This sampling is a speed
+departure from the reference, not a quirk fix. The clip search's absmax always comes from all
+tokens.
 
 Departures from the official code, each behind a flag that :meth:`NoisyQuantConfig.reference` sets:
 
@@ -525,7 +526,7 @@ class NoisyQuantConfig(QuantConfig):
     mean_candidates: int = 400
     amplitude_candidates: int = 2000
     search_tokens: int | None = 8192
-    search_chunk_elements: int = 1 << 26
+    search_chunk_elements: int | None = None
     search_precision: str = "auto"
     num_calibration_images: int = 1024
     class_balanced_calibration: bool = True
@@ -594,6 +595,13 @@ class NoisyQuantConfig(QuantConfig):
             return "bf16x2" if self.a_bits <= 9 else "bf16x3"
         return self.search_precision
 
+    def _chunk_elements(self, device: torch.device) -> int:
+        """``search_chunk_elements``, with None = 2^28 on CUDA (fewer, larger matmuls: the search is then
+        GPU-bound, 8 % faster than 2^26 on an H100 for +1.1 GiB, BENCHMARKS.md §2) and 2^26 elsewhere."""
+        if self.search_chunk_elements is not None:
+            return self.search_chunk_elements
+        return 1 << 28 if device.type == "cuda" else 1 << 26
+
     def _capture(
         self, block: nn.Module, linear: NoisyQuantLinear, streams: list[torch.Tensor], rng: torch.Generator
     ) -> TokenSample:
@@ -621,7 +629,7 @@ class NoisyQuantConfig(QuantConfig):
             self.a_bits,
             sample.absmax,
             self.clip_candidates,
-            self.search_chunk_elements,
+            self._chunk_elements(w.device),
             self._precision(w.device),
         )
         linear.input_quantizer.set_scale(scale)
@@ -647,7 +655,7 @@ class NoisyQuantConfig(QuantConfig):
             self.amplitude_candidates,
             self.search_mean,
             self.search_amplitude,
-            self.search_chunk_elements,
+            self._chunk_elements(w.device),
             self._precision(w.device),
         ).to(linear.weight.dtype)
 
