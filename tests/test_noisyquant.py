@@ -432,3 +432,40 @@ def test_search_chunk_default_depends_on_the_device():
     assert config._chunk_elements(torch.device("cpu")) == 1 << 26
     config.search_chunk_elements = 12345
     assert config._chunk_elements(torch.device("cuda")) == config._chunk_elements(torch.device("cpu")) == 12345
+
+
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["plain", "prefix"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_staged_blocks_calibrate_exactly_as_the_hooked_forwards(family, with_prefix):
+    """Each block part run once (staged) gives the very clips, noises and outputs of re-running the block per linear."""
+    from regcache.quant.methods import noisyquant as nq
+
+    x = images(family, n=4, seed=7)
+    runs = []
+    for staged in (True, False):
+        encoder, _ = calibrated(family, bits=6, prefix=with_prefix, staged_blocks=staged)
+        assert all(nq._stageable(b) for b in encoder.blocks)  # the staged path really ran where asked
+        linears = [m for m in encoder.modules() if isinstance(m, NoisyQuantLinear)]
+        with torch.no_grad():
+            runs.append(([(m.input_quantizer.scale, m.noise) for m in linears], encoder(x)))
+    (staged_params, staged_out), (hooked_params, hooked_out) = runs
+    assert len(staged_params) == 4 * len(encoder.blocks)
+    for (s_scale, s_noise), (h_scale, h_noise) in zip(staged_params, hooked_params, strict=True):
+        assert torch.equal(s_scale, h_scale) and torch.equal(s_noise, h_noise)
+    assert torch.equal(staged_out, hooked_out)
+
+
+def test_blocks_with_hooks_or_extra_linears_are_not_staged():
+    """A hook on the block or a NoisyQuant linear outside qkv / proj / fc1 / fc2 keeps the hooked path."""
+    from torch import nn
+
+    from regcache.quant.methods import noisyquant as nq
+
+    encoder, _ = calibrated("clip", bits=8)
+    block = encoder.blocks[0]
+    assert nq._stageable(block)
+    handle = block.register_forward_hook(lambda m, i, o: None)
+    assert not nq._stageable(block)
+    handle.remove()
+    block.mlp.norm = nq.NoisyQuantLinear.from_linear(nn.Linear(block.mlp.fc1.out_features, block.mlp.fc1.out_features))
+    assert not nq._stageable(block)
