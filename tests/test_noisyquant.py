@@ -434,16 +434,22 @@ def test_search_chunk_default_depends_on_the_device():
     assert config._chunk_elements(torch.device("cuda")) == config._chunk_elements(torch.device("cpu")) == 12345
 
 
-@pytest.mark.parametrize("with_prefix", [False, True], ids=["plain", "prefix"])
+@pytest.mark.parametrize("regcache", [False, True], ids=["plain", "prefix+deletion"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_staged_blocks_calibrate_exactly_as_the_hooked_forwards(family, with_prefix):
+def test_staged_blocks_calibrate_exactly_as_the_hooked_forwards(family, regcache):
     """Each block part run once (staged) gives the very clips, noises and outputs of re-running the block per linear."""
     from regcache.quant.methods import noisyquant as nq
+    from regcache.registers.deletion import install_deletion
 
     x = images(family, n=4, seed=7)
     runs = []
     for staged in (True, False):
-        encoder, _ = calibrated(family, bits=6, prefix=with_prefix, staged_blocks=staged)
+        encoder = adapt(make_model(family))
+        if regcache:  # a register prefix on every block, and token deletion at block 1's input
+            install_random_prefix(encoder)
+            install_deletion(encoder, 1, 2)
+        quantize_(encoder, NoisyQuantConfig(w_bits=6, a_bits=6, staged_blocks=staged, **FAST))
+        calibrate_(encoder, calib_batches(family), progress=False)
         assert all(nq._stageable(b) for b in encoder.blocks)  # the staged path really ran where asked
         linears = [m for m in encoder.modules() if isinstance(m, NoisyQuantLinear)]
         with torch.no_grad():
