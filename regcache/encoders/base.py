@@ -249,7 +249,7 @@ class Attention(nn.Module):
         qq = q if inside & 1 else self.matmul_qk.quantize_a(q)
         kq = k if inside & 2 else self.matmul_qk.quantize_b(k.transpose(-2, -1)).transpose(-2, -1)
         vq = v if inside & 4 else self.matmul_pv.quantize_b(v)
-        out = fused_attention.quantized_attention(qq, kq, vq, self.scale, pq, prefix, operand_fold=fold)
+        out = fused_attention.quantized_attention(qq, kq, vq, self.scale, pq, prefix, operand_fold=fold, checked=True)
         return None if out is None else (out, bool(inside & 8))
 
     def _forward_with_prefix(

@@ -403,6 +403,7 @@ def quantized_attention(
     block_n: int = 0,
     exact: bool | None = None,
     operand_fold: tuple[torch.Tensor, int] | None = None,
+    checked: bool = False,
 ) -> torch.Tensor | None:
     """Q_p(softmax(q kᵀ · scale [+ ln τ])) · v over [prefix; tokens] in one kernel, or None where it does not apply.
 
@@ -410,8 +411,9 @@ def quantized_attention(
     ``operand_fold`` (:func:`operand_fold`: the kernel quantizes them in registers). The output has
     q's shape and dtype (stored as (B, N, heads, head_dim): transposing it back is a free view).
     ``exact`` None: :data:`EXACT` (the eager rounding; False: Inductor-like float32 registers).
+    ``checked``: the caller has just run :func:`supports` on these queries, prefix and quantizer.
     """
-    if not supports(q, prefix, prob_quantizer):
+    if not checked and not supports(q, prefix, prob_quantizer):
         return None
     exact = EXACT[0] if exact is None else bool(exact)
     (pk, pv, bias, factor, qparams), c = prepare(q, scale, prob_quantizer, prefix, exact)

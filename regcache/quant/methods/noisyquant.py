@@ -504,12 +504,13 @@ def _stageable(block: nn.Module) -> bool:
     return all(id(m) in stages for m in block.modules() if isinstance(m, NoisyQuantLinear))
 
 
-def _inputs_of(linear: nn.Module, module: nn.Module, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """What ``linear`` receives when ``module`` runs on each chunk (the forward stops there)."""
-    seen: list[torch.Tensor] = []
+def _feed_inputs(
+    linear: nn.Module, module: nn.Module, chunks: list[torch.Tensor], consume: Callable[[torch.Tensor], Any]
+) -> None:
+    """Run ``module`` on each chunk up to ``linear`` (the forward stops there), handing ``consume`` its input."""
 
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        seen.append(args[0])
+        consume(args[0])
         raise _StopForward
 
     handle = linear.register_forward_pre_hook(hook)
@@ -519,6 +520,12 @@ def _inputs_of(linear: nn.Module, module: nn.Module, chunks: list[torch.Tensor])
                 module(chunk)
     finally:
         handle.remove()
+
+
+def _inputs_of(linear: nn.Module, module: nn.Module, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What ``linear`` receives when ``module`` runs on each chunk."""
+    seen: list[torch.Tensor] = []
+    _feed_inputs(linear, module, chunks, seen.append)
     return seen
 
 
@@ -686,18 +693,7 @@ class NoisyQuantConfig(QuantConfig):
     ) -> TokenSample:
         """The linear's inputs over all streams; each block forward stops at the linear (nothing after it is needed)."""
         sample = TokenSample(self.search_tokens, rng)
-
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            sample.add(args[0])
-            raise _StopForward
-
-        handle = linear.register_forward_pre_hook(hook)
-        try:
-            for chunk in streams:
-                with contextlib.suppress(_StopForward):
-                    block(chunk)
-        finally:
-            handle.remove()
+        _feed_inputs(linear, block, streams, sample.add)
         return sample
 
     def _set_clip(self, linear: NoisyQuantLinear, sample: TokenSample) -> None:
