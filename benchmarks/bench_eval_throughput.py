@@ -194,7 +194,7 @@ def main() -> None:
             {
                 "model": args.model,
                 "method": method,
-                "bits": "float" if method == "float" else f"W{bits}A{bits}",
+                "bits": bits_label(method, bits),
                 "regcache": "prefix + deletion" if rc else "-",
                 "mode": mode,
                 "images_per_s": ips,
@@ -228,19 +228,20 @@ def main() -> None:
         first_bits = [(m, args.bits[0]) for m in args.methods]
         other_bits = [(m, b) for m in args.methods for b in args.bits[1:]]
         last_cost = 0.0
+        mode = f"compiled ({compile_kind})"
         for method, bits in [("float", 16), *first_bits, *other_bits]:
             encoder = models.get((method, bits))
             if encoder is None:
                 continue
             for rc in (False, True):
-                label = f"{method} {'float' if method == 'float' else f'W{bits}A{bits}'} rc={rc}"
+                label = f"{method} {bits_label(method, bits)} rc={rc}"
                 if time.perf_counter() - start + last_cost > args.budget_s:
                     print(f"-- skipped compiled {label}: time budget {args.budget_s:.0f} s", flush=True)
                     rows.append(
                         {
                             "model": args.model,
                             "method": method,
-                            "bits": "float" if method == "float" else f"W{bits}A{bits}",
+                            "bits": bits_label(method, bits),
                             "regcache": "prefix + deletion" if rc else "-",
                             "mode": "compiled: skipped (budget)",
                         }
@@ -250,11 +251,9 @@ def main() -> None:
                 set_regcache(encoder, rc)
                 torch._dynamo.reset()
                 fn = regional(encoder) if compile_kind == "blocks" else torch.compile(encoder)
-                measure(method, bits, rc, f"compiled ({compile_kind})", fn)
+                measure(method, bits, rc, mode, fn)
                 if rc:  # both states measured: the paired overhead, on the same compiled function
-                    mode = f"compiled ({compile_kind})"
-                    key = (method, bits_label(method, bits), mode)
-                    paired[key] = paired_overhead(encoder, fn, images, args.pairs)
+                    paired[(method, bits_label(method, bits), mode)] = paired_overhead(encoder, fn, images, args.pairs)
                 last_cost = time.perf_counter() - t0
             models.pop((method, bits), None)  # free it
             torch._dynamo.reset()

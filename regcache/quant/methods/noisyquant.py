@@ -492,11 +492,12 @@ def _stageable(block: nn.Module) -> bool:
     """Whether ``block`` is the canonical Block(Attention, Mlp), unhooked, with NoisyQuant linears only at
     qkv / proj / fc1 / fc2 (then :func:`_calibrate_block_staged` computes exactly what the hooked forwards do)."""
     from regcache.encoders.base import Attention, Block, Mlp
+    from regcache.quant import fused_attention
 
     if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not Mlp:
         return False
     attn, mlp = block.attn, block.mlp
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp)):
+    if any(fused_attention.has_hooks(m) for m in (block, attn, mlp)):
         return False  # the staged path calls the parts, not these modules' forwards: their hooks would not fire
     if not isinstance(attn.out_norm, nn.Identity) or attn._proj_input_quantizer() is not None:
         return False  # proj must be applied last, to exactly the input its pre-hook sees
