@@ -9,10 +9,10 @@ set -euo pipefail
 src=${1:?CLIP_benchmark-layout source root (e.g. the ImageNet one-per-class sample)}
 counts=${2:-"1 2"}
 copies=${3:-10}
-data=/tmp/regcache-bench
+data=${DATA:-/tmp/regcache-bench}  # DATA=...: shards elsewhere (e.g. kept in the checkout between calls)
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-: > "$out/multi_gpu.jsonl"
+[ -n "${APPEND:-}" ] || : > "$out/multi_gpu.jsonl"  # APPEND=1: add to earlier rows (1 GPU in one call, N in the next)
 if [ "$src" != builtin ] && [ -z "${SKIP_SHARDS:-}" ]; then  # SKIP_SHARDS=1: reuse $data
   python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies "$copies" --shard-size 500
   python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies 1 --out-split train
@@ -28,7 +28,7 @@ for file in ${CONFIGS:-multi_gpu multi_gpu_search}; do
     if [ "${LAUNCHER:-lightning}" = torchrun ] && [ "$n" -gt 1 ]; then
       launch=(env OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} python3 -m torch.distributed.run --standalone --nproc_per_node="$n")
     fi
-    "${launch[@]}" -m regcache.cli validate --config "$file" --model.run_dir=$run \
+    "${launch[@]}" -m regcache.cli validate --config "$file" --model.run_dir=$run $([ "$src" != builtin ] && echo --data.root="$data") \
       --trainer.devices=$n $([ "$n" -gt 1 ] && echo --trainer.strategy=ddp) > "$out/$config-$n.log" 2>&1 \
       || { tail -30 "$out/$config-$n.log"; exit 1; }
     end=$(date +%s.%N)
