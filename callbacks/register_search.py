@@ -37,6 +37,8 @@ from regcache.registers import (
 )
 from regcache.utils import write_json
 
+SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -70,6 +72,9 @@ class RegisterSearch(pl.Callback):
             scores agree with eager to float tolerance, not bit for bit).
         fused_attention: run the quantized attention as one Triton kernel during the grid (None: the
             process setting, on by default where the kernel applies, CUDA; scores to float tolerance).
+        search_dtype: the dtype the grid runs in (``float32``, ``bfloat16``, ``float16``; None: the
+            model's). ``bfloat16`` runs the grid on a bf16 copy of the float model: on GPUs several
+            times faster than float32 (BENCHMARKS.md §5), with scores carrying bf16 rounding.
         save_every_s: at most this many seconds between writes of the resumable search state
             (what a preemption can lose; 0 writes after every configuration).
         force: recompute even if a saved result exists.
@@ -94,9 +99,12 @@ class RegisterSearch(pl.Callback):
         eval_batch_size: int | None = None,
         compile_tail: bool = False,
         fused_attention: bool | None = None,
+        search_dtype: str | None = None,
         save_every_s: float = 10.0,
         force: bool = False,
     ) -> None:
+        if search_dtype is not None and search_dtype not in SEARCH_DTYPES:
+            raise ValueError(f"search_dtype must be one of {sorted(SEARCH_DTYPES)} or null, got {search_dtype!r}")
         self.objective_name = objective
         self.l_q = l_q
         self.sweep_bits = sweep_bits
@@ -114,6 +122,7 @@ class RegisterSearch(pl.Callback):
         self.eval_batch_size = eval_batch_size
         self.compile_tail = compile_tail
         self.fused_attention = fused_attention
+        self.search_dtype = search_dtype
         self.save_every_s = save_every_s
         self.force = force
         self.done = False
@@ -227,6 +236,7 @@ class RegisterSearch(pl.Callback):
                     eval_batch_size=self.eval_batch_size,
                     compile_tail=self.compile_tail,
                     fused_attention=self.fused_attention,
+                    dtype=SEARCH_DTYPES.get(self.search_dtype),
                     save_every_s=self.save_every_s,
                     state_path=out / f"search_state.rank{rank}of{world}.json",
                     progress=trainer.progress_bar_callback is not None,

@@ -161,12 +161,13 @@ def test_compose_defaults(tmp_path):
         compose(tmp_path / "c.yaml")
 
 
-def _regcache_config(tmp_path: Path, shards: Path, run: str) -> Path:
+def _regcache_config(tmp_path: Path, shards: Path, run: str, **search_args) -> Path:
     config = yaml.safe_load(_config(tmp_path, shards, "naive", w_bits=6, a_bits=6).read_text())
     config["model"]["run_dir"] = str(tmp_path / run)
     search = {"objective": "acc_ref", "search_images": 6, "sweep_images": 6, "num_candidates": 2}
     search |= {"taus": [1, 3], "delete_ks": [0, 1], "modes": ["both", "prefix", "delete"]}
     search |= {"save_every_s": 0}  # state written after every configuration: the crash below is after row 3
+    search |= search_args
     config["trainer"]["callbacks"] = [{"class_path": "callbacks.register_search.RegisterSearch", "init_args": search}]
     path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -210,6 +211,18 @@ def test_register_search_through_the_cli_resumes_after_interruption(tmp_path, sh
     # a finished search is reused as is
     again = _run(config)
     assert again["regcache"]["search_seconds"] == resumed["regcache"]["search_seconds"]
+
+
+def test_register_search_dtype_through_the_cli(tmp_path, shards):
+    from callbacks.register_search import RegisterSearch
+
+    with pytest.raises(ValueError, match=r"search_dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
+        RegisterSearch(search_dtype="bf16")
+    out = _run(_regcache_config(tmp_path, shards, "bf16", search_dtype="bfloat16", modes=["both"]))
+    result = json.loads(Path(out["regcache"]["result"]).read_text())
+    assert result["spec"]["dtype"] == "bfloat16" and len(result["table"]) == 1 + 2 * 2 * 2  # base + registers × τ × k̃
+    best = result["best"]
+    assert (out["regcache"]["tau"], out["regcache"]["k_delete"]) == (best["tau"], best["delete_k"])
 
 
 @pytest.mark.parametrize(("method", "depth"), [("float", 0), ("naive", 2)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 
@@ -242,3 +243,24 @@ def test_search_sets_fused_attention_for_its_run_only(flag, expect):
     search.run("cached", callback=lambda row: seen.append(fa.enabled()))
     assert seen and set(seen) == {expect}
     assert fa.enabled() == before
+
+
+def test_search_dtype_runs_the_grid_on_a_cast_copy():
+    """dtype=bf16 scores what a search on a bf16 copy of the model scores (same caches); the model is untouched."""
+    base = _search(taus=(2,), delete_ks=(0, 2), modes=("both",))
+    before = {k: v.clone() for k, v in base.encoder.state_dict().items()}
+    cast = _search(taus=(2,), delete_ks=(0, 2), modes=("both",), dtype=torch.bfloat16, caches=base.caches)
+    manual_encoder = copy.deepcopy(base.encoder).to(torch.bfloat16)
+    manual = RegisterSearch(
+        manual_encoder, NaiveConfig(6, 6), base.calibration, base.reference, EmbeddingCosine(), 2,
+        caches=base.caches, taus=(2,), delete_ks=(0, 2), modes=("both",), progress=False,
+    )  # fmt: skip
+    got, want = cast.run("cached").scores(), manual.run("cached").scores()
+    assert got == want and len(got) == len(cast.points) > 2
+    assert got != base.run("cached").scores()  # bf16 rounding shows: the cast really happened
+    assert cast.spec["dtype"] == "bfloat16" and "dtype" not in base.spec
+    assert cast.spec["model_fingerprint"] == base.spec["model_fingerprint"]
+    for k, v in base.encoder.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="dtype must be"):
+        _search(dtype=torch.int8)

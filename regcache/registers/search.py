@@ -184,6 +184,10 @@ class RegisterSearch:
     ``save_every_s``: at most this long between writes of the resumable state; ``fused_attention``:
     run the attention of quantized forwards as one Triton kernel (:mod:`regcache.quant.fused_attention`,
     scores to float tolerance; None: on for a compiled tail on CUDA, where it was measured faster).
+    ``dtype``: run the grid (float embeddings, quantized copy, calibration, streams) on a copy of the
+    encoder cast to this dtype (None: the encoder's own); register caches still come from the given
+    encoder. ``torch.bfloat16`` on GPUs is the fast setting (BENCHMARKS.md §5); scores then carry
+    bf16 rounding.
     """
 
     def __init__(
@@ -214,9 +218,12 @@ class RegisterSearch:
         compile_tail: bool = False,
         save_every_s: float = 10.0,
         fused_attention: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if getattr(encoder, "quant_config", None) is not None:
             raise ValueError("pass the float encoder: the search quantizes its own copy")
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
         if recalibrate not in ("per_config", "once"):
             raise ValueError(f"recalibrate must be 'per_config' or 'once', got {recalibrate!r}")
         self.encoder = encoder
@@ -236,6 +243,9 @@ class RegisterSearch:
         self.eval_batch_size = eval_batch_size
         self.compile_tail = compile_tail
         self.save_every_s = save_every_s
+        source = encoder  # the caller's float model: register caches and the fingerprint come from it
+        if dtype is not None and dtype != device_dtype(encoder)[1]:
+            self.encoder = encoder = copy.deepcopy(encoder).to(dtype)  # the grid's own copy in that dtype
         self.device, self.dtype = device_dtype(encoder)
         if fused_attention is None:  # the process setting (on by default; the kernel applies on CUDA only)
             fused_attention = fused_attention_enabled()
@@ -248,7 +258,7 @@ class RegisterSearch:
                 raise ValueError("give candidates (to derive register caches) or caches")
             with torch.no_grad():
                 caches = {
-                    s: derive_cache(encoder, candidates, s, derivation, **(derivation_options or {}))
+                    s: derive_cache(source, candidates, s, derivation, **(derivation_options or {}))
                     for s in self.l_starts
                 }
         missing = set(self.l_starts) - set(caches)
@@ -262,7 +272,7 @@ class RegisterSearch:
         self.spec = {
             "method": config.to_dict(),
             "objective": objective.name,
-            "model_fingerprint": float_fingerprint(encoder),
+            "model_fingerprint": float_fingerprint(source),
             "l_q": l_q,
             "l_starts": self.l_starts,
             "prefix_only_at": prefix_only_at,
@@ -272,6 +282,8 @@ class RegisterSearch:
             "reference_images": sum(x.shape[0] for x in self.reference),
             "points": [p.key for p in self.points],
         }
+        if dtype is not None:  # scores differ between dtypes: a resumed state must come from the same one
+            self.spec["dtype"] = str(self.dtype).removeprefix("torch.")
 
     # ---- state ------------------------------------------------------------------------------------
     def _load_state(self) -> dict[str, dict[str, Any]]:
