@@ -37,6 +37,7 @@ from regcache.registers import (
     EmbeddingCosine,
     RegisterSearch,
     SearchResult,
+    ZeroShotTop1,
     curate_candidates,
     regcache_flops,
     sensitivity_sweep,
@@ -122,6 +123,12 @@ def main() -> None:
         default=None,
         help="torch.compile the search's tail (default: on GPU, off with --tiny)",
     )
+    p.add_argument(
+        "--objective",
+        choices=["cosine", "acc_ref"],
+        default="cosine",
+        help="acc_ref: zero-shot top-1 with a random 1,000-class head and host-side labels, as the CLI builds it",
+    )
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/bench_register_search.json)")
     args = p.parse_args()
@@ -150,6 +157,12 @@ def main() -> None:
     pool = random_batches(n_pool, bs, size, device, seed=3)
     config, objective = NaiveConfig(8, 8), EmbeddingCosine()
     num_tokens = encoder.embed(ref[0][:1].to(dtype)).shape[1]
+    if args.objective == "acc_ref":
+        with torch.no_grad():
+            dim = encoder(ref[0][:1].to(dtype)).shape[-1]
+        g = torch.Generator().manual_seed(4)
+        head = torch.nn.functional.normalize(torch.randn(dim, 1000, generator=g), dim=0).to(device)
+        objective = ZeroShotTop1(labels=torch.randint(0, 1000, (n_ref,), generator=g), classifier=head)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{model_name} on {device_name}: {encoder.num_blocks} blocks, {num_tokens} tokens, l_q={l_q}", flush=True)
     peak_tflops = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else dtype)

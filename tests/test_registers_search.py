@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ from regcache.encoders import adapt
 from regcache.quant import NaiveConfig
 from regcache.registers import (
     EmbeddingCosine,
+    Predictions,
     RegisterSearch,
     ZeroShotTop1,
     curate_candidates,
@@ -264,3 +265,36 @@ def test_search_dtype_runs_the_grid_on_a_cast_copy():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="dtype must be"):
         _search(dtype=torch.int8)
+
+
+def test_objective_to_moves_tensor_fields_only():
+    labels, classifier = torch.tensor([0, 1, 1]), torch.randn(8, 2)
+    moved = ZeroShotTop1(labels=labels, classifier=classifier).to("meta")
+    assert moved.labels.is_meta and moved.classifier.is_meta and moved.labels.shape == labels.shape
+    assert not labels.is_meta  # the original is left as it was
+
+    def predict(e):
+        return e.argmax(-1)
+
+    kept = Predictions(labels=labels, predict=predict).to("meta")
+    assert kept.predict is predict and kept.labels.is_meta
+    cosine = EmbeddingCosine()
+    assert cosine.to("meta") is cosine  # nothing to move
+
+
+def test_search_moves_its_objective_to_the_search_device_once():
+    @dataclass
+    class Recording(EmbeddingCosine):
+        moves: list = field(default_factory=list)
+
+        def to(self, device):
+            self.moves.append(torch.device(device))
+            return super().to(device)
+
+    encoder, calib, ref, candidates = _setup()
+    objective = Recording()
+    search = RegisterSearch(
+        encoder, NaiveConfig(6, 6), calib, ref, objective, 2, candidates, taus=(1,), delete_ks=(0,), progress=False
+    )
+    search.run("cached")
+    assert objective.moves == [torch.device("cpu")]

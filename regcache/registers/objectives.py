@@ -13,6 +13,7 @@ mapping embeddings to predicted labels).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -42,6 +43,18 @@ class Objective:
         if type(self).__call__ is Objective.__call__:
             raise NotImplementedError(f"{type(self).__name__} defines neither score nor __call__")
         return self(embeddings, float_embeddings)
+
+    def to(self, device: torch.device | str) -> Objective:
+        """This objective with its tensor fields (labels, classifier) on ``device``.
+
+        The register search moves its objective once: labels left on the host would be copied to the
+        device on every score, a blocking copy that drains the GPU queue between configurations.
+        """
+        if not dataclasses.is_dataclass(self):
+            return self
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        moved = {k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        return dataclasses.replace(self, **moved) if moved else self
 
     def drop(self, score: float, reference: float) -> float:
         """How much worse ``score`` is than ``reference`` (positive = worse)."""

@@ -30,7 +30,9 @@ calibration streams and one tail forward of the reference streams):
 
 - ``eval_batch_size``: the reference images (streams) are re-split into near-equal chunks of at
   most this many images (``None``: as given). Both strategies use the same chunks.
-- The objective's reduction stays on the device (``Objective.score``); the score of configuration
+- The objective's reduction stays on the device (``Objective.score``; its labels are moved there
+  once, ``Objective.to``: a host tensor would be copied per score, a blocking copy that drains the
+  GPU queue between configurations); the score of configuration
   i is read (host sync) only after configuration i+1's work is queued, so Python overhead
   overlaps device work.
 - ``compile_tail=True`` (opt-in) runs the tail blocks of configurations that carry a prefix
@@ -230,7 +232,6 @@ class RegisterSearch:
         self.config = config
         self.calibration = _images(calibration)
         self.reference = _images(reference)
-        self.objective = objective
         self.l_q = l_q
         self.l_starts = list(l_starts) if l_starts is not None else [l_q]
         self.prefix_only_at = prefix_only_at
@@ -247,6 +248,7 @@ class RegisterSearch:
         if dtype is not None and dtype != device_dtype(encoder)[1]:
             self.encoder = encoder = copy.deepcopy(encoder).to(dtype)  # the grid's own copy in that dtype
         self.device, self.dtype = device_dtype(encoder)
+        self.objective = objective.to(self.device)  # scores then read no host tensors (no sync per configuration)
         if fused_attention is None:  # the process setting (on by default; the kernel applies on CUDA only)
             fused_attention = fused_attention_enabled()
         self.fused_attention = fused_attention
