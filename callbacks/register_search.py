@@ -188,7 +188,8 @@ class RegisterSearch(pl.Callback):
             l_start = max(0, l_q - offset)
             caches[l_start] = derive_cache(encoder, candidates, l_start, self.derivation)
             caches[l_start].save(out / f"cache_lstart{l_start}.safetensors")
-        return {"l_q": l_q, "caches": caches, "sweep": sweep_summary}
+        # on the host for the broadcast: GPU tensors would unpickle onto rank 0's device on every rank
+        return {"l_q": l_q, "caches": {s: c.to("cpu") for s, c in caches.items()}, "sweep": sweep_summary}
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or pl_module.quant_config is None:
@@ -217,7 +218,8 @@ class RegisterSearch(pl.Callback):
                         else None
                     )
                     artifacts = trainer.strategy.broadcast(artifacts, src=0)
-                l_q, caches = artifacts["l_q"], artifacts["caches"]
+                l_q = artifacts["l_q"]
+                caches = {s: c.to(pl_module.device) for s, c in artifacts["caches"].items()}
                 rank, world = trainer.global_rank, trainer.world_size
                 search = GridSearch(
                     encoder,

@@ -140,3 +140,13 @@ def test_cache_save_load_and_refusal(tmp_path):
     other = adapt(make_model("openclip", seed=1))
     with pytest.raises(ValueError, match="fingerprint"):
         RegisterCache.load(path, other)
+
+
+def test_cache_to_moves_keys_and_values_and_keeps_metadata():
+    encoder = adapt(make_model("openclip"))
+    cache = derive_cache(encoder, _candidates(encoder), 1, model_name="tiny-openclip")
+    moved = cache.to("meta")
+    assert moved.metadata() == cache.metadata()
+    for layer in cache.layers:
+        assert moved.keys[layer].is_meta and moved.values[layer].is_meta
+        assert moved.keys[layer].shape == cache.keys[layer].shape and not cache.keys[layer].is_meta

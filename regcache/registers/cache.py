@@ -21,6 +21,7 @@ Derivations (``DERIVATIONS``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,14 @@ class RegisterCache:
             self.fingerprint,
             prov,
             self.options,
+        )
+
+    def to(self, device: torch.device | str) -> RegisterCache:
+        """This cache with its keys and values on ``device`` (metadata shared)."""
+        return dataclasses.replace(
+            self,
+            keys={l: k.to(device) for l, k in self.keys.items()},
+            values={l: v.to(device) for l, v in self.values.items()},
         )
 
     def prefix(self, layer: int, tau: int, device=None, dtype=None) -> AttentionPrefix:
