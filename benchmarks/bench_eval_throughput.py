@@ -213,8 +213,9 @@ def main() -> None:
         try:
             models[(method, bits)] = build(args.model, method, bits, device, dtype, calib)
         except Exception as exc:  # keep measuring the others; the failure is reported
-            print(f"!! {method} W{bits}A{bits}: build/calibration failed: {exc!r}", flush=True)
-            rows.append({"model": args.model, "method": method, "bits": f"W{bits}A{bits}", "mode": f"failed: {exc}"})
+            label = bits_label(method, bits)
+            print(f"!! {method} {label}: build/calibration failed: {exc!r}", flush=True)
+            rows.append({"model": args.model, "method": method, "bits": label, "mode": f"failed: {exc}"})
             continue
         calib_s[(method, bits)] = time.perf_counter() - t0
         for rc in (False, True):
