@@ -54,8 +54,17 @@ for r in rows:
 phases = sorted({p for r in rows for p in r["timings_s"]})
 print()
 print("rank 0's seconds per phase (metrics.json timings_s; a.b is a part of a):")
+print("rows with more than one GPU add the speed-up over the same config's 1-GPU run in brackets")
 print("| phase | " + " | ".join(f"{r['config']} {r['launcher']} {r['gpus']}" for r in rows) + " |")
 print("|---|" + "---|" * len(rows))
+
+
+def cell(r, p):
+    t = r["timings_s"].get(p, 0)
+    base = next(b for b in rows if b["config"] == r["config"] and b["gpus"] == 1)["timings_s"].get(p, 0)
+    return f"{t:.1f} ({base / t:.2f}x)" if r["gpus"] > 1 and t > 0 and base > 0 else f"{t:.1f}"
+
+
 for p in phases:
-    print(f"| {p} | " + " | ".join(f"{r['timings_s'].get(p, 0):.1f}" for r in rows) + " |")
+    print(f"| {p} | " + " | ".join(cell(r, p) for r in rows) + " |")
 PY

@@ -246,6 +246,7 @@ class RegisterSearch(pl.Callback):
                 search.points = search.points[rank::world]
                 with pl_module.timed("register_search.grid"):
                     partial = search.run()
+                with pl_module.timed("register_search.gather"):  # this rank waiting for the slowest one
                     rows = _gather_rows(partial.rows)
                 result = SearchResult(partial.spec, rows, objective.greater_is_better, partial.stats)
                 best = result.best

@@ -223,6 +223,7 @@ def test_register_search_dtype_through_the_cli(tmp_path, shards):
     assert result["spec"]["dtype"] == "bfloat16" and len(result["table"]) == 1 + 2 * 2 * 2  # base + registers × τ × k̃
     best = result["best"]
     assert (out["regcache"]["tau"], out["regcache"]["k_delete"]) == (best["tau"], best["delete_k"])
+    assert {"register_search.grid", "register_search.gather"} <= set(out["timings_s"])
 
 
 @pytest.mark.parametrize(("method", "depth"), [("float", 0), ("naive", 2)])
