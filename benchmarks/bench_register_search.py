@@ -127,7 +127,7 @@ def main() -> None:
         "--objective",
         choices=["cosine", "acc_ref"],
         default="cosine",
-        help="acc_ref: zero-shot top-1 with a random 1,000-class head and host-side labels, as the CLI builds it",
+        help="acc_ref: zero-shot top-1 (random 1,000-class head, random labels), the CLI's default objective",
     )
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/bench_register_search.json)")
