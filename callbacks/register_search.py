@@ -35,9 +35,8 @@ from regcache.registers import (
 from regcache.registers import (
     RegisterSearch as GridSearch,
 )
+from regcache.registers.search import SEARCH_DTYPES
 from regcache.utils import write_json
-
-SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -169,6 +169,10 @@ class SearchResult:
         return write_json(path, self.to_dict())
 
 
+# the dtypes a search can run in (by name, as configs give them)
+SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _images(batches: Iterable[Any]) -> list[torch.Tensor]:
     return [batch_images(b) for b in batches]
 
@@ -224,8 +228,8 @@ class RegisterSearch:
     ) -> None:
         if getattr(encoder, "quant_config", None) is not None:
             raise ValueError("pass the float encoder: the search quantizes its own copy")
-        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+        if dtype is not None and dtype not in SEARCH_DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(map(str, SEARCH_DTYPES.values()))}, got {dtype!r}")
         if recalibrate not in ("per_config", "once"):
             raise ValueError(f"recalibrate must be 'per_config' or 'once', got {recalibrate!r}")
         self.encoder = encoder
