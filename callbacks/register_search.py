@@ -68,7 +68,9 @@ class RegisterSearch(pl.Callback):
         eval_batch_size: reference images per search forward (None: the reference loader's batches;
             the whole reference set at once is fastest where memory allows).
         compile_tail: ``torch.compile`` the search's tail forward (one compilation for the grid;
-            scores agree with eager to float tolerance, not bit for bit).
+            scores agree with eager to float tolerance, not bit for bit). None: on where the model
+            is on a GPU (1.8x per configuration on an H200, compile included), off on CPU, where
+            compiling costs more than it saves.
         fused_attention: run the quantized attention as one Triton kernel during the grid (None: the
             process setting, on by default where the kernel applies, CUDA; scores to float tolerance).
         search_dtype: the dtype the grid runs in (``float32``, ``bfloat16``, ``float16``; None: the
@@ -96,7 +98,7 @@ class RegisterSearch(pl.Callback):
         prefix_only_at_lq: bool = False,
         recalibrate: str = "per_config",
         eval_batch_size: int | None = None,
-        compile_tail: bool = False,
+        compile_tail: bool | None = None,
         fused_attention: bool | None = None,
         search_dtype: str | None = None,
         save_every_s: float = 10.0,
@@ -190,6 +192,10 @@ class RegisterSearch(pl.Callback):
         # on the host for the broadcast: GPU tensors would unpickle onto rank 0's device on every rank
         return {"l_q": l_q, "caches": {s: c.to("cpu") for s, c in caches.items()}, "sweep": sweep_summary}
 
+    def _compile_tail(self, pl_module: pl.LightningModule) -> bool:
+        """compile_tail as given, or (None) whether the model is on a GPU."""
+        return self.compile_tail if self.compile_tail is not None else pl_module.device.type == "cuda"
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or pl_module.quant_config is None:
             return
@@ -235,7 +241,7 @@ class RegisterSearch(pl.Callback):
                     prefix_only_at=l_q if self.prefix_only_at_lq else None,
                     recalibrate=self.recalibrate,
                     eval_batch_size=self.eval_batch_size,
-                    compile_tail=self.compile_tail,
+                    compile_tail=self._compile_tail(pl_module),
                     fused_attention=self.fused_attention,
                     dtype=SEARCH_DTYPES.get(self.search_dtype),
                     save_every_s=self.save_every_s,

@@ -213,6 +213,18 @@ def test_register_search_through_the_cli_resumes_after_interruption(tmp_path, sh
     assert again["regcache"]["search_seconds"] == resumed["regcache"]["search_seconds"]
 
 
+def test_register_search_compiles_its_tail_by_default_on_gpus_only():
+    from types import SimpleNamespace
+
+    from callbacks.register_search import RegisterSearch
+
+    on = lambda kind: SimpleNamespace(device=torch.device(kind))  # noqa: E731
+    assert RegisterSearch()._compile_tail(on("cpu")) is False
+    assert RegisterSearch()._compile_tail(on("cuda")) is True
+    assert RegisterSearch(compile_tail=False)._compile_tail(on("cuda")) is False
+    assert RegisterSearch(compile_tail=True)._compile_tail(on("cpu")) is True
+
+
 def test_register_search_dtype_through_the_cli(tmp_path, shards):
     from callbacks.register_search import RegisterSearch
 
