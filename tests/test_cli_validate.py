@@ -152,6 +152,27 @@ def test_two_process_run_equals_one_process(tmp_path, shards):
     assert outs[2]["num_samples"] == outs[1]["num_samples"]
 
 
+def test_two_process_register_search_equals_one_process(tmp_path, shards):
+    """Configurations split over 2 ranks (rank 0's caches sent on the host) score and choose as 1 process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    outs, tables = {}, {}
+    for devices in (1, 2):
+        config = _regcache_config(tmp_path, shards, f"search{devices}", modes=["both"])
+        cmd = [sys.executable, "-m", "regcache.cli", "validate", "--config", str(config)]
+        cmd += [f"--trainer.devices={devices}"] + (["--trainer.strategy=ddp"] if devices == 2 else [])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[devices] = json.loads((tmp_path / f"search{devices}" / "metrics.json").read_text())
+        result = json.loads(Path(outs[devices]["regcache"]["result"]).read_text())
+        tables[devices] = {r["key"]: r["score"] for r in result["table"]}
+    assert len(tables[1]) == 1 + 2 * 2 * 2 and tables[2] == pytest.approx(tables[1], abs=1e-9)
+    drop = ("search_seconds", "result")
+    assert {k: v for k, v in outs[2]["regcache"].items() if k not in drop} == {
+        k: v for k, v in outs[1]["regcache"].items() if k not in drop
+    }
+    assert outs[2]["metrics"] == pytest.approx(outs[1]["metrics"], abs=1e-6)
+
+
 def test_compose_defaults(tmp_path):
     (tmp_path / "a.yaml").write_text("model:\n  method: naive\n  w_bits: 8\ntrainer:\n  devices: 1\n")
     (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\nmodel:\n  w_bits: 6\n")
