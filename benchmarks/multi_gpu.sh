@@ -13,6 +13,14 @@ data=${DATA:-/tmp/regcache-bench}  # DATA=...: shards elsewhere (e.g. kept in th
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 [ -n "${APPEND:-}" ] || : > "$out/multi_gpu.jsonl"  # APPEND=1: add to earlier rows (1 GPU in one call, N in the next)
+# Python's bytecode cache on, and filled before anything is timed, as on a cluster whose site-packages hold
+# compiled bytecode; a host that sets PYTHONDONTWRITEBYTECODE compiles every import from source in every
+# process (~3x the start-up: BENCHMARKS.md §5). PYCACHE=off keeps the environment as it is.
+if [ "${PYCACHE:-on}" != off ]; then
+  unset PYTHONDONTWRITEBYTECODE
+  export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/regcache-pycache}
+  python3 -c "import regcache.cli, regcache.lightning_cli, callbacks.register_search, datamodules.suite"
+fi
 if [ "$src" != builtin ] && [ -z "${SKIP_SHARDS:-}" ]; then  # SKIP_SHARDS=1: reuse $data
   python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies "$copies" --shard-size 500
   python3 benchmarks/make_synthetic_shards.py "$src" "$data/imagenet_synth" --copies 1 --out-split train

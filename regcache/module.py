@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,21 @@ from regcache.registers import plain_float
 from regcache.utils import write_json
 
 log = logging.getLogger(__name__)
+
+
+def bytecode_cache_hint(import_seconds: float, slow_s: float = 8.0) -> str | None:
+    """Advice when start-up imports were slow because Python's bytecode cache is off (else None)."""
+    if not sys.dont_write_bytecode or import_seconds < slow_s:
+        return None
+    # Without cached bytecode each process compiles torch, open_clip (timm, torchvision, transformers) and
+    # Lightning from source: `import regcache.cli` took 15.9-17.8 s that way on a 2-core machine, 5.8-6.5 s
+    # with a bytecode cache (and 17.6-20.4 s on an H100 host whose bytecode was not cached).
+    return (
+        f"start-up imports took {import_seconds:.0f} s with Python's bytecode cache off (PYTHONDONTWRITEBYTECODE "
+        "is set), so every process compiles torch, open_clip and Lightning from source; "
+        "`unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=$HOME/.cache/pycache` (any writable folder) "
+        "lets later runs and ranks reuse the compiled bytecode"
+    )
 
 
 def launched_by_lightning(trainer: pl.Trainer) -> bool:
@@ -79,6 +95,7 @@ class QuantizedEncoder(pl.LightningModule):
         self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
         built = time.perf_counter()
         self.add_time("startup.imports", built - IMPORTED_AT)
+        self._import_s = built - IMPORTED_AT
         self.loaded = load_model(model, pretrained, image_size=image_size)
         self._built_at = time.perf_counter()
         self.add_time("startup.model_build", self._built_at - built)
@@ -123,6 +140,9 @@ class QuantizedEncoder(pl.LightningModule):
         self.add_time("startup", now - IMPORTED_AT)
         self.add_time("startup.launch", now - self._built_at)
         torch.set_float32_matmul_precision(self.hparams.matmul_precision)
+        hint = bytecode_cache_hint(self._import_s)
+        if hint is not None and self.trainer.is_global_zero:
+            log.warning(hint)
         if self.trainer.world_size > 1 and self.trainer.is_global_zero and launched_by_lightning(self.trainer):
             log.warning(
                 "ranks 1..%d were started by Lightning after this process had imported everything and built "

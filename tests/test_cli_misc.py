@@ -58,3 +58,16 @@ def test_submit_dry_run_maps_nodes_and_gpus(capsys):
 def test_unknown_command(capsys):
     assert cli_main(["nope"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_bytecode_cache_hint_only_when_imports_were_slow_and_bytecode_is_not_cached(monkeypatch):
+    import sys
+
+    from regcache.module import bytecode_cache_hint
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    assert bytecode_cache_hint(3.0) is None
+    hint = bytecode_cache_hint(17.4)
+    assert hint.startswith("start-up imports took 17 s") and "PYTHONPYCACHEPREFIX" in hint
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    assert bytecode_cache_hint(17.4) is None
