@@ -44,6 +44,14 @@ def classifier_cache_key(model_id: str, classnames: Sequence[str], templates: Se
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def _to_device(tokens: Tensor, device: torch.device | str) -> Tensor:
+    """Token ids on ``device``; to a GPU through pinned memory without blocking, so tokenizing the next batch
+    (Python, on the CPU) overlaps this batch's text tower instead of waiting for the GPU to drain."""
+    if torch.device(device).type == "cuda":
+        return tokens.pin_memory().to(device, non_blocking=True)
+    return tokens.to(device)
+
+
 @torch.no_grad()
 def _compute(model, tokenizer, classnames, templates, device, batch_size, rank: int = 0, world: int = 1) -> Tensor:
     """The classifier; under ``world`` > 1 each rank encodes every world-th text batch and all gather.
@@ -57,7 +65,8 @@ def _compute(model, tokenizer, classnames, templates, device, batch_size, rank: 
     for i, s in enumerate(starts):
         if i % world == rank:
             tokens = tokenizer(texts[s : s + batch_size])
-            tokens = tokens.to(device) if isinstance(tokens, Tensor) else tokens
+            if isinstance(tokens, Tensor):
+                tokens = _to_device(tokens, device)
             mine[i] = F.normalize(model.encode_text(tokens).float(), dim=-1)
     if world > 1:
         parts: list[dict[int, Tensor] | None] = [None] * world
