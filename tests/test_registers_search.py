@@ -298,3 +298,23 @@ def test_search_moves_its_objective_to_the_search_device_once():
     )
     search.run("cached")
     assert objective.moves == [torch.device("cpu")]
+
+
+def test_compiled_tail_that_fails_to_compile_falls_back_to_eager(monkeypatch, caplog):
+    """compile_tail is on by default on GPUs: a backend failure must not end the search (same scores as eager)."""
+
+    def failing_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("backend cannot compile this block")
+
+        return run
+
+    kw = {"taus": (2,), "delete_ks": (0, 2), "modes": ("both",)}
+    eager = _search(**kw).run("cached")
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    with caplog.at_level("WARNING", logger="regcache.registers.search"):
+        fallback = _search(compile_tail=True, **kw).run("cached")
+    assert fallback.scores() == eager.scores() and len(eager.scores()) > 2
+    assert fallback.stats["compiled_tail_runs"] == 0
+    assert "backend cannot compile this block" in fallback.stats["compile_fallback"]
+    assert "running it eagerly" in caplog.text

@@ -59,6 +59,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -84,6 +85,8 @@ from regcache.registers.objectives import Objective
 from regcache.registers.prefix import install_batched_prefix, prefix_layers, remove_prefix
 from regcache.registers.recalibration import Recalibrator
 from regcache.utils import write_json
+
+log = logging.getLogger(__name__)
 
 MODES = ("base", "prefix", "delete", "both")
 Strategy = Literal["cached", "naive_loop"]
@@ -424,7 +427,20 @@ class RegisterSearch:
 
     @torch.no_grad()
     def _evaluate_tail(self, s: int, compiled: bool = False) -> torch.Tensor | float:
-        run = self._run_tail_compiled if compiled else self._tail
+        if compiled:
+            try:
+                score = self._tail_score(self._run_tail_compiled, s)
+                self.stats["compiled_tail_runs"] += 1
+                return score
+            except Exception as exc:
+                # compile_tail is a speed-up, on by default on GPUs: a tail it cannot compile runs eagerly
+                # (a genuine error in the model then surfaces from the eager run below)
+                log.warning("compile_tail: compiling the search's tail failed, running it eagerly: %r", exc)
+                self._compiled_block = None
+                self.stats["compile_fallback"] = repr(exc)
+        return self._tail_score(self._tail, s)
+
+    def _tail_score(self, run: Callable[[torch.Tensor, int], torch.Tensor], s: int) -> torch.Tensor | float:
         outs = [run(h.to(self.device, non_blocking=True), s) for h in self.streams[s]]
         return self._score(torch.cat(outs) if len(outs) > 1 else outs[0])
 
@@ -448,7 +464,6 @@ class RegisterSearch:
         if strategy == "cached" and streams_valid:
             self.stats["tail_runs"] += 1
             compiled = self._compiled_block is not None and point.mode in ("prefix", "both")
-            self.stats["compiled_tail_runs"] += compiled
             return self._evaluate_tail(self._start(point), compiled)
         self.stats["full_runs"] += 1
         return self._evaluate_full()
