@@ -38,7 +38,8 @@ def bytecode_cache_hint(import_seconds: float, slow_s: float = 8.0) -> str | Non
     # with a bytecode cache (and 17.6-20.4 s on an H100 host whose bytecode was not cached).
     return (
         f"start-up imports took {import_seconds:.0f} s with Python's bytecode cache off (PYTHONDONTWRITEBYTECODE "
-        "is set), so every process compiles torch, open_clip and Lightning from source; "
+        "is set): where the installed packages carry no compiled bytecode, every process compiles torch, "
+        "open_clip and Lightning from source; "
         "`unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=$HOME/.cache/pycache` (any writable folder) "
         "lets later runs and ranks reuse the compiled bytecode"
     )
