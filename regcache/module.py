@@ -96,7 +96,6 @@ class QuantizedEncoder(pl.LightningModule):
         self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
         built = time.perf_counter()
         self.add_time("startup.imports", built - IMPORTED_AT)
-        self._import_s = built - IMPORTED_AT
         self.loaded = load_model(model, pretrained, image_size=image_size)
         self._built_at = time.perf_counter()
         self.add_time("startup.model_build", self._built_at - built)
@@ -141,7 +140,7 @@ class QuantizedEncoder(pl.LightningModule):
         self.add_time("startup", now - IMPORTED_AT)
         self.add_time("startup.launch", now - self._built_at)
         torch.set_float32_matmul_precision(self.hparams.matmul_precision)
-        hint = bytecode_cache_hint(self._import_s)
+        hint = bytecode_cache_hint(self.results["timings_s"]["startup.imports"])
         if hint is not None and self.trainer.is_global_zero:
             log.warning(hint)
         if self.trainer.world_size > 1 and self.trainer.is_global_zero and launched_by_lightning(self.trainer):

@@ -235,7 +235,6 @@ class RegisterSearch:
             raise ValueError(f"dtype must be one of {', '.join(map(str, SEARCH_DTYPES.values()))}, got {dtype!r}")
         if recalibrate not in ("per_config", "once"):
             raise ValueError(f"recalibrate must be 'per_config' or 'once', got {recalibrate!r}")
-        self.encoder = encoder
         self.config = config
         self.calibration = _images(calibration)
         self.reference = _images(reference)
@@ -253,7 +252,8 @@ class RegisterSearch:
         self.save_every_s = save_every_s
         source = encoder  # the caller's float model: register caches and the fingerprint come from it
         if dtype is not None and dtype != device_dtype(encoder)[1]:
-            self.encoder = encoder = copy.deepcopy(encoder).to(dtype)  # the grid's own copy in that dtype
+            encoder = copy.deepcopy(encoder).to(dtype)  # the grid's own copy in that dtype
+        self.encoder = encoder
         self.device, self.dtype = device_dtype(encoder)
         self.objective = objective.to(self.device)  # scores then read no host tensors (no sync per configuration)
         if fused_attention is None:  # the process setting (on by default; the kernel applies on CUDA only)
