@@ -199,7 +199,7 @@ def main() -> None:
     state = Path(tempfile.mkdtemp()) / "search_state.json"
     cached_search = make_search(args.max_configs, compile_tail, state_path=state)
     n_cached = len(cached_search.points)
-    stamps: list[float] = []
+    stamps: list[float] = []  # when each row was recorded: the tenths of the grid below
 
     def on_row(_row) -> None:
         stamps.append(time.perf_counter())
@@ -223,8 +223,7 @@ def main() -> None:
     n_done = len(cached.rows)
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     # steady state: the second half of what ran (compilation, if any, happened at its start)
-    half = len(stamps) // 2
-    steady = (stamps[-1] - stamps[half]) / max(1, len(stamps) - 1 - half) if len(stamps) > 2 else t_measured / n_done
+    steady = cached_search.stats.get("steady_s_per_config", t_measured / n_done)
     t_cached = t_measured + (n_cached - n_done) * steady  # = t_measured when the whole grid ran
     n_side = min(loop_configs, n_cached)
     eager_search = make_search(n_side, False)
@@ -305,6 +304,10 @@ def main() -> None:
             + (f"; EXTRAPOLATED: {n_done} configs ran in {t_measured:.1f} s (--budget-s)" if n_done < n_cached else ""),
         ),
         ("cached search, steady state (2nd half of the grid)", f"{steady * 1e3:.1f} ms/config"),
+        (
+            "cached search, setup / first compiled configuration",
+            " / ".join(f"{cached.stats.get(k, float('nan')):.2f} s" for k in ("prepare_s", "compile_s")),
+        ),
         (
             "cached search, seconds per tenth of the grid",
             " ".join(f"{d:.1f}" for d in results["search_cached_deciles_s"]),

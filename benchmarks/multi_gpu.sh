@@ -52,13 +52,14 @@ done
 python3 - "$out/multi_gpu.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print("| run | launcher | GPUs | wall s | speed-up | metrics equal to 1 GPU | chosen register |")
-print("|---|---|---|---|---|---|---|")
+print("| run | launcher | GPUs | wall s | speed-up | metrics equal to 1 GPU | chosen register | search steady ms/config |")
+print("|---|---|---|---|---|---|---|---|")
 for r in rows:
     base = next(b for b in rows if b["config"] == r["config"] and b["gpus"] == 1)
     equal = all(abs(r["metrics"][k] - v) < 1e-6 for k, v in base["metrics"].items()) and r["num_samples"] == base["num_samples"]
     rc = r["regcache"] and {k: r["regcache"][k] for k in ("l_q", "tau", "k_delete", "register")}
-    print(f"| {r['config']} | {r['launcher']} | {r['gpus']} | {r['seconds']:.1f} | {base['seconds'] / r['seconds']:.2f} | {equal} | {rc} |")
+    steady = (r["regcache"] or {}).get("steady_ms_per_config")  # rank 0's, per configuration it ran
+    print(f"| {r['config']} | {r['launcher']} | {r['gpus']} | {r['seconds']:.1f} | {base['seconds'] / r['seconds']:.2f} | {equal} | {rc} | {steady} |")
 phases = sorted({p for r in rows for p in r["timings_s"]})
 print()
 print("rank 0's seconds per phase (metrics.json timings_s; a.b is a part of a):")

@@ -209,6 +209,7 @@ class RegisterSearch(pl.Callback):
             with pl_module.timed("register_search.objective"):
                 make = self._objective(trainer, pl_module, labels)
                 objective = make()
+            steady = None  # this rank's steady seconds per configuration (None: the grid did not run here)
             if result_path.is_file() and not self.force:  # a finished search: reuse its winner
                 data = json.loads(result_path.read_text())
                 best, l_q, seconds = data["best"], data["spec"]["l_q"], data.get("search_seconds")
@@ -251,6 +252,10 @@ class RegisterSearch(pl.Callback):
                 search.points = search.points[rank::world]
                 with pl_module.timed("register_search.grid"):
                     partial = search.run()
+                for part in ("prepare", "compile", "configurations"):  # where this rank's grid time went
+                    if f"{part}_s" in partial.stats:
+                        pl_module.add_time(f"register_search.grid.{part}", partial.stats[f"{part}_s"])
+                steady = partial.stats.get("steady_s_per_config")
                 with pl_module.timed("register_search.gather"):  # this rank waiting for the slowest one
                     rows = _gather_rows(partial.rows)
                 result = SearchResult(partial.spec, rows, objective.greater_is_better, partial.stats)
@@ -277,6 +282,7 @@ class RegisterSearch(pl.Callback):
             "objective": self.objective_name,
             "objective_score": best["score"],
             "search_seconds": seconds,
+            "steady_ms_per_config": None if steady is None else round(1e3 * steady, 2),
             "result": str(result_path),
         }
         self.done = True

@@ -257,6 +257,9 @@ def test_register_search_dtype_through_the_cli(tmp_path, shards):
     best = result["best"]
     assert (out["regcache"]["tau"], out["regcache"]["k_delete"]) == (best["tau"], best["delete_k"])
     assert {"register_search.grid", "register_search.gather"} <= set(out["timings_s"])
+    parts = [out["timings_s"][f"register_search.grid.{p}"] for p in ("prepare", "configurations")]
+    assert sum(parts) <= out["timings_s"]["register_search.grid"] + 0.01  # parts of the grid's time
+    assert out["regcache"]["steady_ms_per_config"] > 0
 
 
 @pytest.mark.parametrize(("method", "depth"), [("float", 0), ("naive", 2)])

@@ -178,6 +178,7 @@ def test_compiled_tail_compiles_one_block_graph_and_matches_eager(monkeypatch, p
     eager = _search(**kw).run("cached")
     n_prefixed = sum(r["mode"] in ("prefix", "both") for r in compiled.rows)
     assert compiled.stats["compiled_tail_runs"] == n_prefixed > 12
+    assert compiled.stats["compile_s"] > 0 and "compile_s" not in eager.stats  # the first compiled call, timed
     assert counters["stats"]["unique_graphs"] == graphs
     for key, score in compiled.scores().items():
         assert score == pytest.approx(eager.scores()[key], abs=1e-5), key
@@ -318,3 +319,15 @@ def test_compiled_tail_that_fails_to_compile_falls_back_to_eager(monkeypatch, ca
     assert fallback.stats["compiled_tail_runs"] == 0
     assert "backend cannot compile this block" in fallback.stats["compile_fallback"]
     assert "running it eagerly" in caplog.text
+
+
+def test_grid_timings_split_setup_configurations_and_steady_state():
+    """Hand-computed: setup 2 s; rows read at 3, 4, 6, 7, 8 s; the steady state is the second half (6 → 8 s)."""
+    from regcache.registers.search import _grid_timings
+
+    t = _grid_timings(10.0, 12.0, [13.0, 14.0, 16.0, 17.0, 18.0])
+    assert t == {"prepare_s": 2.0, "configurations_s": 6.0, "steady_s_per_config": 1.0}
+    assert _grid_timings(0.0, 1.5, []) == {"prepare_s": 1.5}  # everything resumed: no configuration ran
+    assert "steady_s_per_config" not in _grid_timings(0.0, 1.0, [2.0])  # one row: no second half to time
+    result = _search(taus=(1,), delete_ks=(0,)).run("cached")
+    assert result.stats["prepare_s"] > 0 and result.stats["configurations_s"] > 0

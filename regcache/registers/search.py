@@ -522,8 +522,12 @@ class RegisterSearch:
             "compiled_tail_runs": 0,
             "resumed": len(self.points) - len(todo),
         }
+        start = time.perf_counter()
         if todo:
             self._prepare(strategy)
+            _synchronize(self.device)
+        prepared = time.perf_counter()
+        done_at: list[float] = []  # when each configuration's score was read (its work had finished)
         bar = tqdm(total=len(self.points), initial=len(rows), desc="register search", disable=not self.progress)
         pending: list[tuple[SearchPoint, torch.Tensor | float]] = []
         last_save, unsaved = time.monotonic(), False
@@ -533,6 +537,7 @@ class RegisterSearch:
             while pending:
                 point, score = pending.pop(0)
                 rows[point.key] = self._row(point, float(score))
+                done_at.append(time.perf_counter())
                 unsaved = True
                 bar.update(1)
                 if callback is not None:
@@ -545,18 +550,44 @@ class RegisterSearch:
             limit = 4 * len(self.l_starts) + 8 if self._compiled_block is not None else 0
             with _dynamo_limit(limit), fused_attention_as(self.fused_attention):
                 for group in self._groups(todo, strategy):
+                    first_compile = self._compiled_block is not None and not self.stats["compiled_tail_runs"]
+                    began = time.perf_counter()
                     scores = self._run_batched(group) if len(group) > 1 else [self._run_point(group[0], strategy)]
+                    if first_compile and self.stats["compiled_tail_runs"]:  # dynamo + Inductor ran in this call
+                        self.stats["compile_s"] = round(time.perf_counter() - began, 3)
                     record()  # the previous group's scores: the device is already busy with this group
                     pending.extend(zip(group, scores, strict=True))
                 record()
         finally:
             bar.close()
+            self.stats.update(_grid_timings(start, prepared, done_at))
             if unsaved:
                 self._save_state(rows)
             if self.quantized is not None:
                 self._clear()
         ordered = [rows[p.key] for p in self.points]
         return SearchResult({**self.spec, "strategy": strategy}, ordered, self.objective.greater_is_better, self.stats)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so host clocks around it time the work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _grid_timings(start: float, prepared: float, done_at: list[float]) -> dict[str, float]:
+    """Where a run's time went: setup, the configurations, and the steady per-configuration cost.
+
+    ``steady_s_per_config`` comes from the second half of the configurations (compilation, if any,
+    happened in the first); it is what a longer grid adds per configuration.
+    """
+    out = {"prepare_s": round(prepared - start, 3)}
+    if done_at:
+        out["configurations_s"] = round(done_at[-1] - prepared, 3)
+        half = len(done_at) // 2
+        if len(done_at) - 1 - half > 0:
+            out["steady_s_per_config"] = round((done_at[-1] - done_at[half]) / (len(done_at) - 1 - half), 6)
+    return out
 
 
 def _block_body(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
