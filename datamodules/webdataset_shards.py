@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from regcache._lightning import pl
-from regcache.data.reader import IMAGE_EXTS, ShardDataset, SkipCounter, collate
+from regcache.data.reader import IMAGE_EXTS, CanonicalBatches, ShardDataset, SkipCounter, collate
 from regcache.data.sampling import IndexEntry, OverlapError, class_balanced_sample, scan_index
 from regcache.data.shards import DatasetInfo, is_remote, read_dataset_info, resolve_split_shards
 from regcache.data.splitting import dist_rank_world
@@ -254,8 +254,12 @@ class WebDatasetDataModule(pl.LightningDataModule):
 
     def dataloader(
         self, stage: str = "eval", batch_size: int | None = None
-    ) -> torch.utils.data.DataLoader | DecodePrefetcher:
-        """The loader of ``stage``; evaluation with ``decode_on_gpu`` on CUDA is wrapped in a DecodePrefetcher."""
+    ) -> torch.utils.data.DataLoader | DecodePrefetcher | CanonicalBatches:
+        """The loader of ``stage``; evaluation with ``decode_on_gpu`` on CUDA is wrapped in a DecodePrefetcher.
+
+        Calibration and reference batches come as :class:`CanonicalBatches`: full batches in
+        ``sample_id`` order, the same for any ``num_workers`` (a drawn subset; a whole split only full).
+        """
         bs = batch_size or (self.eval_batch_size if stage == "eval" else self.batch_size)
         loader = torch.utils.data.DataLoader(
             self.dataset(stage),
@@ -271,6 +275,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
                 from regcache.data.gpu_decode import DecodePrefetcher
 
                 return DecodePrefetcher(loader, self.tensor_preprocess(), device, self.prefetch_depth)
+        if stage != "eval":
+            return CanonicalBatches(loader, bs, ordered=self.selected.get(stage) is not None)
         return loader
 
     def prefetch_device(self) -> torch.device | None:

@@ -164,3 +164,38 @@ def test_lightning_validate_smoke(tmp_path, shared_data):
     )  # fmt: skip
     res = trainer.validate(Tiny(), datamodule=dm, verbose=False)
     assert res[0]["n"] == 2500
+
+
+def _calib_root(tmp_path: Path, shards: int = 3, per_shard: int = 7) -> Path:
+    root = tmp_path / "ds"
+    for j in range(shards):
+        samples = [
+            {"key": f"s{j * 100 + i:07d}", "members": {"jpg": _jpeg(10 * j + i), "cls": str(i % 2).encode()}}
+            for i in range(per_shard)
+        ]
+        _tar(root / "train" / f"{j}.tar", samples)
+        _tar(root / "test" / f"{j}.tar", [{"key": f"t{j:07d}", "members": {"jpg": _jpeg(j), "cls": b"0"}}])
+    return root
+
+
+@pytest.mark.parametrize("size", [12, None])
+def test_calibration_batches_are_full_and_do_not_depend_on_num_workers(tmp_path, size):
+    """Each worker batches its own shards: 12 images over 3 workers at batch size 5 would come as 3 partial
+    batches (4 + 4 + 4) in worker order. Calibration sees full batches (5, 5, 2) in sample_id order instead,
+    the same for 0 and 3 workers; a whole split (no calib_size) is re-batched to full batches only."""
+    root = _calib_root(tmp_path)
+
+    def batches(workers):
+        dm = WebDatasetDataModule(root, SMALL, calib_split="train", calib_size=size, batch_size=5, num_workers=workers)
+        return list(dm.calib_dataloader())
+
+    serial, parallel = batches(0), batches(3)
+    n = 12 if size else 21
+    assert [len(b["key"]) for b in parallel] == [5] * (n // 5) + [n % 5]
+    if size is None:
+        return
+    assert [len(b["key"]) for b in serial] == [5, 5, 2]
+    ids = torch.cat([b["sample_id"] for b in parallel]).tolist()
+    assert ids == sorted(ids) == torch.cat([b["sample_id"] for b in serial]).tolist()
+    for a, b in zip(serial, parallel, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])

@@ -37,6 +37,7 @@ from .splitting import Assignment, ShardPart, assign_work, current_consumer
 
 __all__ = [
     "IMAGE_EXTS",
+    "CanonicalBatches",
     "EncodedImages",
     "ShardDataset",
     "SkipCounter",
@@ -389,3 +390,47 @@ def collate(samples: list[dict]) -> dict:
     if samples and "captions" in samples[0]:
         batch["captions"] = [list(s["captions"]) for s in samples]
     return batch
+
+
+def uncollate(batch: dict) -> list[dict]:
+    """The samples of a :func:`collate` batch (inverse of it; images stay views of the batch tensor)."""
+    n = len(batch["key"])
+    per_sample = {"sample_id": batch["sample_id"].tolist(), "key": batch["key"]}
+    for name in ("image", "image_bytes", "captions"):
+        if name in batch:
+            per_sample[name] = batch[name]
+    if "label" in batch:
+        per_sample["label"] = batch["label"].tolist()
+    return [{name: values[i] for name, values in per_sample.items()} for i in range(n)]
+
+
+class CanonicalBatches:
+    """A drawn subset's batches, full and in ``sample_id`` order, whatever the DataLoader's worker count.
+
+    Each worker of a DataLoader over a :class:`ShardDataset` batches its own share of the shards, so
+    32 calibration images at batch size 128 over 6 workers arrive as six batches of 5-6, in an order
+    that depends on the worker count. Calibration then runs six small forwards (the register search's
+    per-configuration re-calibration took 1.7x as long as with one batch on an H200, BENCHMARKS.md §1) and any
+    method that depends on batch boundaries or order would change with ``num_workers``. This
+    collects the (small) subset, sorts it by ``sample_id`` (stable across runs, ranks and workers)
+    and re-batches it to ``batch_size``. A whole split (``ordered=False``: unbounded, not collected)
+    is only re-batched to full batches, in arrival order.
+    """
+
+    def __init__(self, loader: Iterable[dict], batch_size: int, ordered: bool = True) -> None:
+        self.loader, self.batch_size, self.ordered = loader, batch_size, ordered
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.ordered:
+            samples = sorted((s for b in self.loader for s in uncollate(b)), key=lambda s: s["sample_id"])
+            for i in range(0, len(samples), self.batch_size):
+                yield collate(samples[i : i + self.batch_size])
+            return
+        pending: list[dict] = []
+        for batch in self.loader:
+            pending += uncollate(batch)
+            while len(pending) >= self.batch_size:
+                yield collate(pending[: self.batch_size])
+                pending = pending[self.batch_size :]
+        if pending:
+            yield collate(pending)
