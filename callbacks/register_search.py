@@ -39,12 +39,15 @@ from regcache.registers.search import SEARCH_DTYPES
 from regcache.utils import write_json
 
 
-def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _gather_rows(
+    rows: list[dict[str, Any]], stats: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every rank's rows, and every rank's search stats (rank order): the table and where each rank's time went."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
+        return rows, [stats]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, rows)
-    return [r for part in gathered for r in part]
+    dist.all_gather_object(gathered, (rows, stats))
+    return [r for part, _ in gathered for r in part], [s for _, s in gathered]
 
 
 class RegisterSearch(pl.Callback):
@@ -250,15 +253,20 @@ class RegisterSearch(pl.Callback):
                     progress=trainer.progress_bar_callback is not None,
                 )
                 search.points = search.points[rank::world]
+                grid_start = time.perf_counter()
                 with pl_module.timed("register_search.grid"):
                     partial = search.run()
+                partial.stats["grid_s"] = round(time.perf_counter() - grid_start, 3)
                 for part in ("prepare", "compile", "configurations"):  # where this rank's grid time went
                     if f"{part}_s" in partial.stats:
                         pl_module.add_time(f"register_search.grid.{part}", partial.stats[f"{part}_s"])
                 steady = partial.stats.get("steady_s_per_config")
                 with pl_module.timed("register_search.gather"):  # this rank waiting for the slowest one
-                    rows = _gather_rows(partial.rows)
-                result = SearchResult(partial.spec, rows, objective.greater_is_better, partial.stats)
+                    rows, rank_stats = _gather_rows(partial.rows, partial.stats)
+                # the slowest rank sets the search's wall clock: its grid time, beside rank 0's
+                pl_module.add_time("register_search.grid.slowest_rank", max(st["grid_s"] for st in rank_stats))
+                stats = {**partial.stats, "ranks": rank_stats}  # rank 0's, then every rank's
+                result = SearchResult(partial.spec, rows, objective.greater_is_better, stats)
                 best = result.best
                 seconds = time.perf_counter() - start
                 if trainer.is_global_zero:

@@ -165,6 +165,10 @@ def test_two_process_register_search_equals_one_process(tmp_path, shards):
         outs[devices] = json.loads((tmp_path / f"search{devices}" / "metrics.json").read_text())
         result = json.loads(Path(outs[devices]["regcache"]["result"]).read_text())
         tables[devices] = {r["key"]: r["score"] for r in result["table"]}
+        ranks = result["stats"]["ranks"]  # each rank's own share of the grid, timed
+        assert len(ranks) == devices and sum(st["tail_runs"] for st in ranks) == len(result["table"])
+        slowest = outs[devices]["timings_s"]["register_search.grid.slowest_rank"]
+        assert slowest == pytest.approx(max(st["grid_s"] for st in ranks), abs=1e-3)
     assert len(tables[1]) == 1 + 2 * 2 * 2 and tables[2] == pytest.approx(tables[1], abs=1e-9)
     drop = ("search_seconds", "steady_ms_per_config", "result")  # timings and paths differ
     assert {k: v for k, v in outs[2]["regcache"].items() if k not in drop} == {
@@ -223,6 +227,7 @@ def test_register_search_through_the_cli_resumes_after_interruption(tmp_path, sh
     resumed = _run(config)
     resumed_result = json.loads(Path(resumed["regcache"]["result"]).read_text())
     assert resumed_result["stats"]["resumed"] == 3
+    assert [st["resumed"] for st in resumed_result["stats"]["ranks"]] == [3]  # every rank's stats (one here)
     scores = {r["key"]: r["score"] for r in resumed_result["table"]}
     assert scores == pytest.approx({r["key"]: r["score"] for r in table})
     drop = ("search_seconds", "steady_ms_per_config", "result")  # timings and paths differ
