@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -116,13 +116,13 @@ class ValidationSuite(pl.LightningDataModule):
         """Decode the evaluation images on the device for datasets with ``decode_on_gpu``."""
         return self._module(dataloader_idx).decode_batch(batch)
 
-    def calib_dataloader(self) -> torch.utils.data.DataLoader:
+    def calib_dataloader(self) -> Iterable[dict]:
         """Calibration images (rank-local, all of them)."""
         if self.calibration is None:
             raise RuntimeError("no calibration dataset: set data.calibration to a dataset with calib_split")
         return self.modules[self.calibration].calib_dataloader()
 
-    def reference_dataloader(self, split_by_rank: bool = True) -> torch.utils.data.DataLoader:
+    def reference_dataloader(self, split_by_rank: bool = True) -> Iterable[dict]:
         """Reference images for the register search (every rank sees all of them with ``split_by_rank=False``)."""
         if self.reference is None:
             raise RuntimeError("no reference dataset: set data.reference to a dataset with ref_split")
@@ -138,9 +138,9 @@ class ValidationSuite(pl.LightningDataModule):
         module = self.modules[self.reference]
         return module.classnames, module.templates
 
-    def bank_dataloader(self, idx: int) -> torch.utils.data.DataLoader:
+    def bank_dataloader(self, idx: int) -> Iterable[dict]:
         """Labelled k-NN bank of a dataset: its reference split."""
-        return self._module(idx).reference_dataloader()
+        return self._module(idx).dataloader("ref", ordered=False)  # order-free: streams, nothing collected
 
     def skipped_samples(self, device: torch.device | None = None) -> dict[str, int]:
         """Unreadable samples skipped during evaluation, per dataset, summed over ranks (collective)."""

@@ -253,12 +253,14 @@ class WebDatasetDataModule(pl.LightningDataModule):
         )
 
     def dataloader(
-        self, stage: str = "eval", batch_size: int | None = None
+        self, stage: str = "eval", batch_size: int | None = None, ordered: bool | None = None
     ) -> torch.utils.data.DataLoader | DecodePrefetcher | CanonicalBatches:
         """The loader of ``stage``; evaluation with ``decode_on_gpu`` on CUDA is wrapped in a DecodePrefetcher.
 
-        Calibration and reference batches come as :class:`CanonicalBatches`: full batches in
-        ``sample_id`` order, the same for any ``num_workers`` (a drawn subset; a whole split only full).
+        Calibration and reference batches come as :class:`CanonicalBatches`: full batches, and for
+        ``ordered`` (default: when the stage is a drawn subset) in ``sample_id`` order, the same for any
+        ``num_workers``; ordering collects the subset in memory, so consumers that do not depend on
+        order (the k-NN bank) pass ``ordered=False`` and stream.
         """
         bs = batch_size or (self.eval_batch_size if stage == "eval" else self.batch_size)
         loader = torch.utils.data.DataLoader(
@@ -276,7 +278,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
 
                 return DecodePrefetcher(loader, self.tensor_preprocess(), device, self.prefetch_depth)
         if stage != "eval":
-            return CanonicalBatches(loader, bs, ordered=self.selected.get(stage) is not None)
+            drawn = self.selected.get(stage) is not None
+            return CanonicalBatches(loader, bs, ordered=drawn if ordered is None else ordered and drawn)
         return loader
 
     def prefetch_device(self) -> torch.device | None:

@@ -194,6 +194,12 @@ def test_calibration_batches_are_full_and_do_not_depend_on_num_workers(tmp_path,
     assert [len(b["key"]) for b in parallel] == [5] * (n // 5) + [n % 5]
     if size is None:
         return
+    dm = WebDatasetDataModule(root, SMALL, calib_split="train", calib_size=size, batch_size=5, num_workers=3)
+    streamed = list(dm.dataloader("calib", ordered=False))  # order-free consumers: full batches, nothing collected
+    assert [len(b["key"]) for b in streamed] == [5, 5, 2]
+    assert sorted(torch.cat([b["sample_id"] for b in streamed]).tolist()) == sorted(
+        torch.cat([b["sample_id"] for b in parallel]).tolist()
+    )
     assert [len(b["key"]) for b in serial] == [5, 5, 2]
     ids = torch.cat([b["sample_id"] for b in parallel]).tolist()
     assert ids == sorted(ids) == torch.cat([b["sample_id"] for b in serial]).tolist()
