@@ -371,7 +371,7 @@ def test_bench_attention_tiny_runs(tmp_path):
     assert all(r["max_rel_diff"] <= 2.0**-6 for r in rows)
 
 
-def _compile_for_sm90(constants: dict) -> list[str]:
+def _compile_for_sm90(constants: dict) -> dict[str, str | bytes]:
     """Compile the attention kernel for sm_90 here (no GPU needed): catches what the interpreter lets pass."""
     import inspect
 
@@ -394,7 +394,7 @@ def _compile_for_sm90(constants: dict) -> list[str]:
     src = triton.compiler.ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constants.items()}
     )
-    return list(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm)
+    return dict(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm)  # stage -> code (ptx, cubin, ...)
 
 
 @pytest.mark.parametrize(
@@ -418,6 +418,27 @@ def test_kernel_compiles_for_sm90(qkind, additive, prefix, bias, dt, store, exac
     constants = dict(D=64, BLOCK_M=64, BLOCK_N=32, BLOCK_P=16, QKIND=qkind, ADDITIVE=additive, HAS_PREFIX=prefix)
     constants.update(HAS_BIAS=bias, STORE_P=store, DT=dt, IEEE=dt == 0, EXACT=exact, QMASK=qmask)
     assert "cubin" in _compile_for_sm90(constants)
+
+
+def test_float32_products_follow_torchs_tf32_setting():
+    """Float32 activations: full-float32 products (FMA on CUDA cores) unless torch allows TF32 for its own
+    matmuls, then TF32 tensor-core products in the kernel too; the compiled PTX says which."""
+    from regcache.quant.fused_attention import full_float32_products
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert full_float32_products(torch.float32) and not full_float32_products(torch.bfloat16)
+        torch.set_float32_matmul_precision("high")  # what QuantizedEncoder sets by default
+        assert not full_float32_products(torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter replaces the kernel's device helpers")
+    constants = dict(D=64, BLOCK_M=64, BLOCK_N=32, BLOCK_P=16, QKIND=1, ADDITIVE=False, HAS_PREFIX=True)
+    constants.update(HAS_BIAS=True, STORE_P=False, DT=0, EXACT=False, QMASK=0)
+    ptx = {ieee: _compile_for_sm90({**constants, "IEEE": ieee})["ptx"] for ieee in (True, False)}
+    assert ".tf32" in ptx[False] and ".tf32" not in ptx[True]
 
 
 def test_operand_fold_parameters_follow_the_quantizers():

@@ -17,7 +17,10 @@ Exact (``REGCACHE_FUSED_ATTENTION_EXACT=1``): the eager ops with their rounding,
 slower. Either way the softmax is computed differently (online row sums), so a probability on a
 quantization boundary can land on the neighbouring code: tests/test_fused_attention.py bounds the
 fraction of flipped codes and the output difference in steps, the fast kernel against the
-explicit path in float32, the exact one against the eager path.
+explicit path in float32, the exact one against the eager path. Float32 activations multiply in
+TF32 where torch's own matmuls do (``torch.backends.cuda.matmul.allow_tf32``, set by
+``torch.set_float32_matmul_precision("high")``, the CLI's default) and in full float32 otherwise:
+full-float32 ``tl.dot`` runs on CUDA cores, 18× the bf16 kernel's time on an H200 (BENCHMARKS.md §3).
 
 Probability quantizers handled in registers: none / ``float`` mode, :class:`UniformQuantizer`
 (per tensor or per head, the formula of ``plain_fake_quant``), :class:`LogSqrt2Quantizer` (RepQ-ViT)
@@ -314,7 +317,7 @@ def launch(
         "HAS_BIAS": bias is not None,
         "STORE_P": store_probs,
         "DT": _DTYPE_CODES[q.dtype],
-        "IEEE": q.dtype == torch.float32,
+        "IEEE": full_float32_products(q.dtype),
         "EXACT": exact,
         "QMASK": operand_mask if operand_params is not None else 0,
     }
@@ -324,6 +327,15 @@ def launch(
     else:  # the Triton interpreter
         kmod.quantized_attention_kernel[grid](*args, **meta)
     return out, (probs if store_probs else None)
+
+
+def full_float32_products(dtype: torch.dtype) -> bool:
+    """Whether the kernel's products are full float32 (IEEE): float32 activations, unless torch allows TF32.
+
+    The eager attention's matmuls follow ``torch.backends.cuda.matmul.allow_tf32``; the kernel does the
+    same, so a float32 model run at matmul precision "high" gets TF32 products in both paths.
+    """
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 @torch.library.custom_op("regcache::quantized_attention", mutates_args=())
