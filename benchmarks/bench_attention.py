@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also time BLOCK_M x BLOCK_N x num_warps on the first case without and with a prefix",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; tiny 1)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32", "float32-tf32"],
+        default="bfloat16",
+        help="activations; float32: full float32 products, float32-tf32: TF32 (matmul precision 'high', the CLI's)",
+    )
     args = p.parse_args(argv)
 
     tiny = args.tiny
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("needs CUDA (or --tiny)")
     heads, tokens, head_dim = (2, 20, 64) if tiny else (12, 197, 64)
     batches = args.batches or ([2] if tiny else [256, 1000])
-    dtype = torch.bfloat16
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = args.dtype == "float32-tf32"  # the explicit path and the kernel alike
     repeats = args.repeats or (1 if tiny else 10)
     warmup = 1 if tiny else 3
     compile_explicit = not (tiny or args.no_compile)
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                     tune(attn, q, k, v, warmup, repeats)
                     tuned.add(pname)
     columns = list(rows[0])
-    extra = {"heads": heads, "tokens": tokens, "head_dim": head_dim, "dtype": "bfloat16", "interpreter": tiny}
+    extra = {"heads": heads, "tokens": tokens, "head_dim": head_dim, "dtype": args.dtype, "interpreter": tiny}
     extra.update(exact=fa.EXACT[0], tile=list(fa.TILE))
     write_results("bench_attention", rows, columns, extra)
 
