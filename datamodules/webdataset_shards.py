@@ -73,6 +73,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
             the CPU in the workers.
         prefetch_depth: decoded evaluation batches the background thread may hold ready
             (``decode_on_gpu`` on CUDA only); 0 decodes each batch when it is used.
+        cpu_decode_share: with ``decode_on_gpu``, the fraction of evaluation images the workers
+            decode on the CPU (the same images in every run, ``regcache.data.cpu_decode_point``), a
+            second decoder beside nvJPEG when the model outruns it; the device still resizes and
+            normalizes every image. libjpeg-turbo and nvJPEG may differ by a level in some pixels.
     """
 
     def __init__(
@@ -100,9 +104,13 @@ class WebDatasetDataModule(pl.LightningDataModule):
         image_exts: tuple[str, ...] = IMAGE_EXTS,
         decode_on_gpu: bool = False,
         prefetch_depth: int = 2,
+        cpu_decode_share: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= cpu_decode_share <= 1.0:
+            raise ValueError(f"cpu_decode_share must be in [0, 1] (a fraction of the images), got {cpu_decode_share}")
         self.decode_on_gpu = decode_on_gpu
+        self.cpu_decode_share = cpu_decode_share
         self.prefetch_depth = prefetch_depth
         self.root = None if root is None else str(root)
         self.transform = transform
@@ -250,6 +258,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             image_exts=self.image_exts,
             counter=self.counters[stage],
             raw_images=self.decode_on_gpu and stage == "eval",
+            cpu_decode_share=self.cpu_decode_share if self.decode_on_gpu and stage == "eval" else 0.0,
         )
 
     def dataloader(

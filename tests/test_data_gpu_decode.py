@@ -367,3 +367,41 @@ def test_suite_prefetches_for_quantized_models_only_unless_told():
     fixed = ValidationSuite(str(DATA_DIR), datasets, decode_on_gpu=True, prefetch_depth=1)
     fixed.set_model_kind(quantized=False)
     assert depths(fixed) == {"imagenet1k_sample_small": 1, "cifar10_sample": 3}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cpu_decode_share_decodes_fixed_images_in_the_workers_and_equals_the_device_path(workers):
+    """Share 0.5: the workers decode exactly the images whose cpu_decode_point is below 0.5 (uint8 (3, H, W)),
+    the rest stay encoded; after the batch decode the images equal share 0's bit for bit (on the CPU both
+    paths are libjpeg-turbo), for any worker count."""
+    from regcache.data import cpu_decode_point
+
+    root = DATA_DIR / "imagenet1k_sample_small"
+    options = {"batch_size": 8, "num_workers": workers, "decode_on_gpu": True}
+    plain = WebDatasetDataModule(root, SMALL, **options)
+    hybrid = WebDatasetDataModule(root, SMALL, cpu_decode_share=0.5, **options)
+    on_cpu = []
+    for a, b in zip(plain.val_dataloader(), hybrid.val_dataloader(), strict=True):
+        for sample_id, item in zip(b["sample_id"].tolist(), b["image_bytes"], strict=True):
+            decoded = isinstance(item, torch.Tensor)
+            assert decoded == (cpu_decode_point(sample_id) < 0.5)
+            assert not decoded or (item.dtype == torch.uint8 and item.ndim == 3 and item.shape[0] == 3)
+            on_cpu.append(decoded)
+        a, b = plain.on_after_batch_transfer(a, 0), hybrid.on_after_batch_transfer(b, 0)
+        assert torch.equal(a["sample_id"], b["sample_id"]) and torch.equal(a["image"], b["image"])
+    assert 0 < sum(on_cpu) < len(on_cpu)
+    with pytest.raises(ValueError, match=r"cpu_decode_share must be in \[0, 1\]"):
+        WebDatasetDataModule(root, SMALL, cpu_decode_share=1.5)
+
+
+def test_cpu_decode_points_are_fixed_and_spread_evenly():
+    """The share of ids below a threshold is the threshold, within shards and across them (hand-chosen ids)."""
+    from regcache.data import cpu_decode_point, make_sample_id
+
+    ids = [make_sample_id(shard, f"s{i:07d}", i) for shard in range(5) for i in range(2000)]
+    points = [cpu_decode_point(i) for i in ids]
+    assert all(0.0 <= p < 1.0 for p in points) and points == [cpu_decode_point(i) for i in ids]
+    for share in (0.1, 0.3, 0.7):
+        assert abs(sum(p < share for p in points) / len(points) - share) < 0.02
+        first_shard = points[:2000]
+        assert abs(sum(p < share for p in first_shard) / 2000 - share) < 0.03

@@ -2,10 +2,12 @@
 
 from .reader import (
     IMAGE_EXTS,
+    CanonicalBatches,
     EncodedImages,
     ShardDataset,
     SkipCounter,
     collate,
+    cpu_decode_point,
     default_transform,
     iter_tar_samples,
     make_sample_id,
@@ -18,6 +20,7 @@ from .splitting import Assignment, ShardPart, assign_work, current_consumer, dis
 __all__ = [
     "IMAGE_EXTS",
     "Assignment",
+    "CanonicalBatches",
     "DatasetInfo",
     "EncodedImages",
     "IndexEntry",
@@ -30,6 +33,7 @@ __all__ = [
     "assign_work",
     "class_balanced_sample",
     "collate",
+    "cpu_decode_point",
     "current_consumer",
     "default_transform",
     "dist_rank_world",
