@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The single-GPU benchmarks in one go (each prints its table last and writes JSON to $OUT).
-#   bash benchmarks/gpu_suite.sh [calibration] [noisyquant] [search] [throughput] [pipeline]
+#   bash benchmarks/gpu_suite.sh [calibration] [noisyquant] [search] [throughput] [pipeline] [attention]
 # pipeline needs the ImageNet one-per-class sample at .bench/data/imagenet1k_sample (or PIPELINE_ARGS="--src DIR")
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-parts=${*:-"calibration noisyquant search throughput pipeline"}
+parts=${*:-"calibration noisyquant search throughput pipeline attention"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for part in $parts; do
   case $part in
@@ -15,6 +15,11 @@ for part in $parts; do
     search) timeout 290 python3 benchmarks/bench_register_search.py ;;
     pipeline) timeout 300 python3 benchmarks/bench_input_pipeline.py ${PIPELINE_ARGS:-} ;;
     throughput) timeout 280 python3 benchmarks/bench_eval_throughput.py ${THROUGHPUT_ARGS:-} ;;
+    attention)  # the fused kernel per activation dtype; float32 with full-float32 and with TF32 products
+      for dtype in bfloat16 float32 float32-tf32; do
+        OUT=${OUT:-benchmarks/results}/attention_$dtype timeout 100 python3 benchmarks/bench_attention.py --batches 1000 \
+          --quantizers "naive uniform8" --no-compile --dtype $dtype | tail -4
+      done ;;
   esac
   echo "== $part exit $?"
 done
