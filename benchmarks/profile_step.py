@@ -4,6 +4,8 @@
     python benchmarks/profile_step.py search --configs 6
     python benchmarks/profile_step.py calibration --method noisyquant
     python benchmarks/profile_step.py noisyquant-steps        # seconds per NoisyQuant step kind (timers, no profiler)
+    python benchmarks/profile_step.py cli-search --start 400 --configs 20 -- validate --config X.yaml ...
+                                  # the CLI's own register search, on its own data (see profile_cli_search)
 
 Prints the top operators by device time (self), then by CPU time, for the profiled steps only
 (warm-up excluded). ViT-B/16 shapes, random weights and images. For kernel-level detail run the
@@ -91,6 +93,57 @@ def profile_search(args, device: str) -> None:
     _search_split(search, todo)
     if torch.cuda.is_available():
         _sync_sites(search, todo[:2])
+
+
+def profile_cli_search(args, device: str) -> None:
+    """The register search as ``regcache validate`` runs it: its data, loaders, callback and dtype.
+
+    Configurations ``[start, start + configs)`` are timed with a sync around them, the next
+    ``configs`` run under the profiler, then the grid stops (validation still runs; pass
+    ``--trainer.limit_val_batches=2`` to keep it short). The benchmark's random on-device inputs can
+    hide costs of the real path: this is how six per-worker calibration batches were found
+    (2,648 kernel launches per configuration against 498, BENCHMARKS.md §1).
+    """
+    from regcache.cli import main as cli
+    from regcache.registers.search import RegisterSearch
+
+    start, n = args.start, args.configs
+    run_point, run = RegisterSearch._run_point, RegisterSearch.run
+    seen: dict[str, Any] = {"i": 0}
+
+    def timed_point(self, point, strategy):
+        i = seen["i"]
+        seen["i"] += 1
+        if i == start:
+            sync()
+            seen["t0"] = time.perf_counter()
+        if i == start + n:
+            sync()
+            synced = (time.perf_counter() - seen["t0"]) / n
+            print(f"cli-search: {1e3 * synced:.1f} ms per configuration (synced, {n} configurations)", flush=True)
+            seen["prof"] = profile(activities=_activities())
+            seen["prof"].__enter__()
+        out = run_point(self, point, strategy)
+        if i == start + 2 * n - 1:
+            sync()
+            seen["prof"].__exit__(None, None, None)
+            averages = seen["prof"].key_averages()
+            launches = sum(e.count for e in averages if "LaunchKernel" in e.key)
+            print(f"cli-search: {launches / n:.0f} kernel launches per configuration (profiled)", flush=True)
+            _report(seen["prof"], args.rows)
+        return out
+
+    def cut_run(self, *a, **kw):
+        shapes = [tuple(x.shape) for x in self.calibration]
+        print(f"cli-search: {len(self.points)} configurations, {self.dtype}, calibration batches {shapes}", flush=True)
+        self.points = self.points[: start + 2 * n]
+        return run(self, *a, **kw)
+
+    RegisterSearch._run_point, RegisterSearch.run = timed_point, cut_run
+    try:
+        cli(args.cli)
+    finally:
+        RegisterSearch._run_point, RegisterSearch.run = run_point, run
 
 
 def _sync_sites(search: Any, points: list[Any]) -> None:
@@ -223,6 +276,7 @@ WORKLOADS = {
     "search": profile_search,
     "calibration": profile_calibration,
     "noisyquant-steps": profile_noisyquant_steps,
+    "cli-search": profile_cli_search,
 }
 
 
@@ -242,7 +296,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--noisyquant-precision", default="auto", help="noisyquant-steps: search_precision")
     ap.add_argument("--matmul-precision", default="highest", choices=["highest", "high"], help="float32 matmuls")
-    args = ap.parse_args()
+    ap.add_argument("--start", type=int, default=400, help="cli-search: configurations run before timing")
+    argv = sys.argv[1:]
+    cli_args = argv[argv.index("--") + 1 :] if "--" in argv else []  # cli-search: the regcache command line
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.cli = cli_args
+    if args.workload == "cli-search" and not cli_args:
+        ap.error("cli-search needs the regcache command after --, e.g. -- validate --config my.yaml")
     torch.set_float32_matmul_precision(args.matmul_precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"profile {args.workload} on {device_name()}, torch {torch.__version__}", flush=True)

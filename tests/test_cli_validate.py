@@ -279,3 +279,20 @@ def test_validate_prefetches_decoded_batches_for_quantized_models_only(shards, t
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, limit_val_batches=1)
     trainer.validate(module, datamodule=suite, verbose=False)
     assert suite.modules["colors"].prefetch_depth == depth
+
+
+def test_profile_step_profiles_the_clis_own_register_search(tmp_path, shards):
+    """benchmarks/profile_step.py cli-search runs the CLI, times configurations 2-3 with a sync, profiles 4-5,
+    stops the grid there (6 of its 9 rows), and reports the calibration batches the search was given."""
+    config = _regcache_config(tmp_path, shards, "profiled", modes=["both"])
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "cli-search", "--start", "2"]
+    cmd += ["--configs", "2", "--rows", "5", "--", "validate", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "cli-search: 9 configurations" in out and "calibration batches [(" in out
+    assert "ms per configuration (synced, 2 configurations)" in out and "kernel launches per configuration" in out
+    assert "Self CPU" in out  # the profiler's table
+    result = json.loads((tmp_path / "profiled" / "regcache" / "search_result.json").read_text())
+    assert len(result["table"]) == 6
