@@ -183,7 +183,9 @@ def _images(batches: Iterable[Any]) -> list[torch.Tensor]:
 class RegisterSearch:
     """Grid search of RegCache configurations for a float encoder and a base PTQ method.
 
-    ``calibration`` / ``reference``: re-iterable image batches (tensors, tuples or dicts);
+    ``calibration`` / ``reference``: re-iterable image batches (tensors, tuples or dicts); each
+    calibration batch is one forward per configuration, so pass full batches (the datamodules'
+    ``CanonicalBatches``: six per-worker batches of 5 cost 1.7× one of 32, BENCHMARKS.md §1);
     ``objective`` scores the reference images' final embeddings (labels in reference order).
     Register caches come from ``caches`` ({l_start: cache}) or are derived from ``candidates``.
     ``prefix_only_at``: install the prefix only in that block (DINOv2 v4: l_q).
