@@ -272,12 +272,14 @@ class WebDatasetDataModule(pl.LightningDataModule):
         order (the k-NN bank) pass ``ordered=False`` and stream.
         """
         bs = batch_size or (self.eval_batch_size if stage == "eval" else self.batch_size)
+        # images the workers decoded (cpu_decode_share) go to the GPU from page-locked memory, without blocking
+        hybrid = stage == "eval" and self.decode_on_gpu and self.cpu_decode_share > 0 and torch.cuda.is_available()
         loader = torch.utils.data.DataLoader(
             self.dataset(stage),
             batch_size=bs,
             num_workers=self.num_workers,
             collate_fn=collate,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory or hybrid,
             multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
         )
         if stage == "eval" and self.decode_on_gpu and self.prefetch_depth > 0:

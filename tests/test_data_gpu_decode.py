@@ -405,3 +405,25 @@ def test_cpu_decode_points_are_fixed_and_spread_evenly():
         assert abs(sum(p < share for p in points) / len(points) - share) < 0.02
         first_shard = points[:2000]
         assert abs(sum(p < share for p in first_shard) / 2000 - share) < 0.03
+
+
+def test_encoded_images_pin_only_the_images_a_worker_decoded(monkeypatch):
+    """DataLoader(pin_memory=True) calls EncodedImages.pin_memory: decoded tensors are pinned (here a stand-in
+    that marks its copy, no GPU needed), encoded bytes pass unchanged, and a batch of bytes only is returned as is."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from regcache.data import EncodedImages
+
+    def fake_pin(self, *args):
+        copy = self.clone()
+        copy.pinned_here = True
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    decoded = torch.zeros(3, 4, 5, dtype=torch.uint8)
+    batch = {"image_bytes": EncodedImages([b"\xff\xd8jpeg", decoded])}
+    pinned = pin_memory(batch)["image_bytes"]  # the DataLoader's own pin step
+    assert pinned[0] == b"\xff\xd8jpeg" and getattr(pinned[1], "pinned_here", False)
+    assert torch.equal(pinned[1], decoded)
+    encoded_only = EncodedImages([b"a", b"b"])
+    assert encoded_only.pin_memory() is encoded_only

@@ -53,8 +53,8 @@ def decode_images(images: Iterable[bytes | torch.Tensor], device: torch.device |
         for i, img in zip(jpeg_idx, decoded, strict=True):
             out[i] = img
     for i, (j, done) in enumerate(zip(is_jpeg, decoded_already, strict=True)):
-        if done:
-            out[i] = data[i].to(device)
+        if done:  # pinned (the DataLoader's pin_memory): an asynchronous copy on the current stream
+            out[i] = data[i].to(device, non_blocking=data[i].is_pinned())
         elif not j:
             out[i] = decode_image(data[i], mode=ImageReadMode.RGB).to(device)
     return out  # type: ignore[return-value]

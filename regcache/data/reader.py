@@ -399,6 +399,13 @@ class EncodedImages:
     def __getitem__(self, index: int) -> bytes | torch.Tensor:
         return self.data[index]
 
+    def pin_memory(self) -> EncodedImages:
+        """Page-locked copies of the images a worker already decoded (``DataLoader(pin_memory=True)`` calls this),
+        so each reaches the device without blocking the decoding thread; encoded bytes are left as they are."""
+        if not any(isinstance(d, torch.Tensor) for d in self.data):
+            return self
+        return EncodedImages(d.pin_memory() if isinstance(d, torch.Tensor) else d for d in self.data)
+
     def __repr__(self) -> str:
         size = sum(d.numel() if isinstance(d, torch.Tensor) else len(d) for d in self.data)
         return f"EncodedImages({len(self.data)} images, {size} bytes)"
