@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from regcache._lightning import pl
-from regcache.data.reader import IMAGE_EXTS, CanonicalBatches, ShardDataset, SkipCounter, collate
+from regcache.data.reader import (
+    IMAGE_EXTS,
+    CanonicalBatches,
+    ShardDataset,
+    SkipCounter,
+    check_cpu_decode_share,
+    collate,
+)
 from regcache.data.sampling import IndexEntry, OverlapError, class_balanced_sample, scan_index
 from regcache.data.shards import DatasetInfo, is_remote, read_dataset_info, resolve_split_shards
 from regcache.data.splitting import dist_rank_world
@@ -107,10 +114,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
         cpu_decode_share: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= cpu_decode_share <= 1.0:
-            raise ValueError(f"cpu_decode_share must be in [0, 1] (a fraction of the images), got {cpu_decode_share}")
         self.decode_on_gpu = decode_on_gpu
-        self.cpu_decode_share = cpu_decode_share
+        self.cpu_decode_share = check_cpu_decode_share(cpu_decode_share)  # at construction, not at the first loader
         self.prefetch_depth = prefetch_depth
         self.root = None if root is None else str(root)
         self.transform = transform

@@ -80,6 +80,13 @@ def cpu_decode_point(sample_id: int) -> float:
     return ((mixed * 2654435761) & 0xFFFFFFFF) / 2.0**32
 
 
+def check_cpu_decode_share(share: float) -> float:
+    """``share`` if it is a fraction of the images (in [0, 1]), else a ValueError naming it."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"cpu_decode_share must be in [0, 1] (a fraction of the images), got {share}")
+    return share
+
+
 def split_sample_id(sample_id: int) -> tuple[int, int]:
     """Inverse of :func:`make_sample_id`: (shard_index, local)."""
     sample_id = int(sample_id)
@@ -248,10 +255,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         cpu_decode_share: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= cpu_decode_share <= 1.0:
-            raise ValueError(f"cpu_decode_share must be in [0, 1], got {cpu_decode_share}")
         self.raw_images = raw_images
-        self.cpu_decode_share = cpu_decode_share
+        self.cpu_decode_share = check_cpu_decode_share(cpu_decode_share)
         if task not in ("classification", "retrieval"):
             raise ValueError(f"task must be 'classification' or 'retrieval', got {task!r}")
         self.urls = list(urls)
