@@ -254,9 +254,12 @@ class RegisterSearch(pl.Callback):
                 )
                 search.points = search.points[rank::world]
                 grid_start = time.perf_counter()
-                with pl_module.timed("register_search.grid"):
+                try:
                     partial = search.run()
-                partial.stats["grid_s"] = round(time.perf_counter() - grid_start, 3)
+                finally:  # one clock: rank 0's timings_s and this rank's stats (gathered below)
+                    grid_s = time.perf_counter() - grid_start
+                    pl_module.add_time("register_search.grid", grid_s)
+                partial.stats["grid_s"] = round(grid_s, 3)
                 for part in ("prepare", "compile", "configurations"):  # where this rank's grid time went
                     if f"{part}_s" in partial.stats:
                         pl_module.add_time(f"register_search.grid.{part}", partial.stats[f"{part}_s"])
