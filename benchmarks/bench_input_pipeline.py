@@ -219,7 +219,7 @@ def main() -> None:
         nargs="*",
         default=[],
         help="also trainer.validate the float model with this share of the images decoded by CPU workers "
-        "beside nvJPEG (WebDatasetDataModule(cpu_decode_share=...), max(--workers) workers, no prefetch)",
+        "beside nvJPEG (WebDatasetDataModule(cpu_decode_share=...), max(--workers) workers, --prefetch-depth)",
     )
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 48 images, a tiny model, 0/2 workers")
     args = ap.parse_args()
@@ -346,7 +346,7 @@ def main() -> None:
                 runs = [(FLOAT, True, args.prefetch_depth, 0.0)]
                 runs += [(QUANT, True, args.prefetch_depth, 0.0), (QUANT, True, 0, 0.0)] if QUANT in models else []
                 runs += [(FLOAT, True, 0, 0.0), (FLOAT, False, 0, 0.0)]
-                runs += [(FLOAT, True, 0, share) for share in args.cpu_decode_share]
+                runs += [(FLOAT, True, args.prefetch_depth, share) for share in args.cpu_decode_share]
                 for name, gpu, depth, share in runs:
                     dm = WebDatasetDataModule(
                         root,
@@ -360,7 +360,8 @@ def main() -> None:
                         cpu_decode_share=share,
                     )
                     if share:
-                        path = f"gpu decode{on} + {share:.0%} on cpu workers, no prefetch"
+                        prefetch = f"prefetch {depth}" if depth and dm.prefetch_device() is not None else "no prefetch"
+                        path = f"gpu decode{on} + {share:.0%} on cpu workers, {prefetch}"
                     elif not gpu:
                         path = "cpu decode"
                     elif depth and dm.prefetch_device() is not None:
