@@ -32,7 +32,9 @@ def _datamodule(trainer: pl.Trainer):
 def _store(pl_module: pl.LightningModule, name: str, values: dict[str, float]) -> None:
     for key, value in values.items():
         pl_module.results["metrics"][f"{name}/{key}"] = float(value)
-        pl_module.log(f"{name}/{key}", float(value), rank_zero_only=True, add_dataloader_idx=False)
+        # every rank holds the global value (metrics gather by sample id): sync_dist only tells Lightning so, which
+        # silences its advice to sync; with rank_zero_only it runs no collective
+        pl_module.log(f"{name}/{key}", float(value), sync_dist=True, rank_zero_only=True, add_dataloader_idx=False)
 
 
 class _PerDataset(pl.Callback):
