@@ -16,9 +16,7 @@ batch too, as ``QuantizedEncoder(fidelity=True)`` does: the workload of a valida
 * ``end to end, loop``: a plain loop over a loader feeding a model;
 * ``end to end, trainer.validate``: a minimal LightningModule on the datamodule
   (``decode_on_gpu``), the first ``--validate-images`` images, stopped after
-  ``--validate-budget-s`` seconds whatever happens (the row says so), so it cannot time out;
-  ``--cpu-decode-share 0.3 0.5`` adds float-model runs where CPU workers decode that share of the
-  images beside nvJPEG (a second decoder for a model faster than nvJPEG alone).
+  ``--validate-budget-s`` seconds whatever happens (the row says so), so it cannot time out.
 
 ``ratio`` = images/s ÷ model-only images/s of the row's model (data-only rows: of the float
 model). Target: ``trainer.validate`` ≥ 0.8, i.e. compute-bound. All rates are steady state: the
@@ -213,14 +211,6 @@ def main() -> None:
     ap.add_argument("--validate-images", type=int, default=5120, help="images per trainer.validate run (at most)")
     ap.add_argument("--validate-budget-s", type=float, default=30.0, help="stop a trainer.validate run after this")
     ap.add_argument("--watchdog-s", type=float, default=280.0, help="dump all stacks and exit past this (0: off)")
-    ap.add_argument(
-        "--cpu-decode-share",
-        type=float,
-        nargs="*",
-        default=[],
-        help="also trainer.validate the float model with this share of the images decoded by CPU workers "
-        "beside nvJPEG (WebDatasetDataModule(cpu_decode_share=...), max(--workers) workers, --prefetch-depth)",
-    )
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 48 images, a tiny model, 0/2 workers")
     args = ap.parse_args()
     if args.tiny:
@@ -343,26 +333,21 @@ def main() -> None:
             # end to end: trainer.validate on the datamodule, bounded in images and time
             if not args.no_lightning:
                 batches = max(2, math.ceil(args.validate_images / args.batch))
-                runs = [(FLOAT, True, args.prefetch_depth, 0.0)]
-                runs += [(QUANT, True, args.prefetch_depth, 0.0), (QUANT, True, 0, 0.0)] if QUANT in models else []
-                runs += [(FLOAT, True, 0, 0.0), (FLOAT, False, 0, 0.0)]
-                runs += [(FLOAT, True, args.prefetch_depth, share) for share in args.cpu_decode_share]
-                for name, gpu, depth, share in runs:
+                runs = [(FLOAT, True, args.prefetch_depth)]
+                runs += [(QUANT, True, args.prefetch_depth), (QUANT, True, 0)] if QUANT in models else []
+                runs += [(FLOAT, True, 0), (FLOAT, False, 0)]
+                for name, gpu, depth in runs:
                     dm = WebDatasetDataModule(
                         root,
                         transform,
                         task="classification",
                         eval_batch_size=args.batch,
-                        num_workers=gw if gpu and not share else max(args.workers),
+                        num_workers=gw if gpu else max(args.workers),
                         pin_memory=device == "cuda",
                         decode_on_gpu=gpu,
                         prefetch_depth=depth,
-                        cpu_decode_share=share,
                     )
-                    if share:
-                        prefetch = f"prefetch {depth}" if depth and dm.prefetch_device() is not None else "no prefetch"
-                        path = f"gpu decode{on} + {share:.0%} on cpu workers, {prefetch}"
-                    elif not gpu:
+                    if not gpu:
                         path = "cpu decode"
                     elif depth and dm.prefetch_device() is not None:
                         path = f"gpu decode + prefetch {depth}"

@@ -30,8 +30,7 @@ class ValidationSuite(pl.LightningDataModule):
             picks by model (:meth:`set_model_kind`): 2 for a quantized model, 0 for a float-only one,
             whose model is fast enough that the decode thread costs more than it hides
             (BENCHMARKS.md §4: 0.90 vs 0.81 of model-only with and without it for naive W8A8 +
-            fidelity, 0.44 vs 0.61 for the float model, on an H100). ``cpu_decode_share``: the
-            fraction of evaluation images decoded by the CPU workers beside nvJPEG (same setting).
+            fidelity, 0.44 vs 0.61 for the float model, on an H100).
     """
 
     def __init__(
@@ -45,7 +44,6 @@ class ValidationSuite(pl.LightningDataModule):
         seed: int = 0,
         decode_on_gpu: bool = False,
         prefetch_depth: int | None = None,
-        cpu_decode_share: float = 0.0,
     ) -> None:
         super().__init__()
         if not datasets:
@@ -70,7 +68,6 @@ class ValidationSuite(pl.LightningDataModule):
             options.setdefault("num_workers", num_workers)
             options.setdefault("seed", seed)
             options.setdefault("decode_on_gpu", decode_on_gpu)
-            options.setdefault("cpu_decode_share", cpu_decode_share)
             if "prefetch_depth" not in options and prefetch_depth is None:
                 self._auto_prefetch.append(name)
             options.setdefault("prefetch_depth", 2 if prefetch_depth is None else prefetch_depth)

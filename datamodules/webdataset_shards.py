@@ -26,14 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from regcache._lightning import pl
-from regcache.data.reader import (
-    IMAGE_EXTS,
-    CanonicalBatches,
-    ShardDataset,
-    SkipCounter,
-    check_cpu_decode_share,
-    collate,
-)
+from regcache.data.reader import IMAGE_EXTS, CanonicalBatches, ShardDataset, SkipCounter, collate
 from regcache.data.sampling import IndexEntry, OverlapError, class_balanced_sample, scan_index
 from regcache.data.shards import DatasetInfo, is_remote, read_dataset_info, resolve_split_shards
 from regcache.data.splitting import dist_rank_world
@@ -80,10 +73,6 @@ class WebDatasetDataModule(pl.LightningDataModule):
             the CPU in the workers.
         prefetch_depth: decoded evaluation batches the background thread may hold ready
             (``decode_on_gpu`` on CUDA only); 0 decodes each batch when it is used.
-        cpu_decode_share: with ``decode_on_gpu``, the fraction of evaluation images the workers
-            decode on the CPU (the same images in every run, ``regcache.data.cpu_decode_point``), a
-            second decoder beside nvJPEG when the model outruns it; the device still resizes and
-            normalizes every image. libjpeg-turbo and nvJPEG may differ by a level in some pixels.
     """
 
     def __init__(
@@ -111,11 +100,9 @@ class WebDatasetDataModule(pl.LightningDataModule):
         image_exts: tuple[str, ...] = IMAGE_EXTS,
         decode_on_gpu: bool = False,
         prefetch_depth: int = 2,
-        cpu_decode_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.decode_on_gpu = decode_on_gpu
-        self.cpu_decode_share = check_cpu_decode_share(cpu_decode_share)  # at construction, not at the first loader
         self.prefetch_depth = prefetch_depth
         self.root = None if root is None else str(root)
         self.transform = transform
@@ -263,7 +250,6 @@ class WebDatasetDataModule(pl.LightningDataModule):
             image_exts=self.image_exts,
             counter=self.counters[stage],
             raw_images=self.decode_on_gpu and stage == "eval",
-            cpu_decode_share=self.cpu_decode_share if self.decode_on_gpu and stage == "eval" else 0.0,
         )
 
     def dataloader(
@@ -277,14 +263,12 @@ class WebDatasetDataModule(pl.LightningDataModule):
         order (the k-NN bank) pass ``ordered=False`` and stream.
         """
         bs = batch_size or (self.eval_batch_size if stage == "eval" else self.batch_size)
-        # images the workers decoded (cpu_decode_share) go to the GPU from page-locked memory, without blocking
-        hybrid = stage == "eval" and self.decode_on_gpu and self.cpu_decode_share > 0 and torch.cuda.is_available()
         loader = torch.utils.data.DataLoader(
             self.dataset(stage),
             batch_size=bs,
             num_workers=self.num_workers,
             collate_fn=collate,
-            pin_memory=self.pin_memory or hybrid,
+            pin_memory=self.pin_memory,
             multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
         )
         if stage == "eval" and self.decode_on_gpu and self.prefetch_depth > 0:

@@ -15,8 +15,7 @@ def test_bench_tiny_runs_every_path_and_stops_validate_at_the_budget(tmp_path, m
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.setenv("OUT", str(tmp_path))
-    argv = ["bench", "--tiny", "--validate-budget-s", "0", "--watchdog-s", "0", "--cpu-decode-share", "0.5"]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", ["bench", "--tiny", "--validate-budget-s", "0", "--watchdog-s", "0"])
     bench.main()
     result = json.loads((tmp_path / "input_pipeline_tiny.json").read_text())
     meta, rows = result["meta"], result["rows"]
@@ -24,8 +23,7 @@ def test_bench_tiny_runs_every_path_and_stops_validate_at_the_budget(tmp_path, m
     models = {r["model"] for r in rows}
     assert models == {"-", bench.FLOAT, bench.QUANT}
     validate = [r for r in rows if "trainer.validate" in r["path"]]
-    assert len(validate) == 6 and {r["model"] for r in validate} == {bench.FLOAT, bench.QUANT}
-    assert sum("50% on cpu workers" in r["path"] for r in validate) == 1  # --cpu-decode-share 0.5
+    assert len(validate) == 5 and {r["model"] for r in validate} == {bench.FLOAT, bench.QUANT}
     # budget 0: each run stops at its second batch (the first is start-up, never cut)
     assert all(r["stopped_by_budget"] and r["images"] == 2 * meta["batch"] for r in validate)
     assert all(r["images_per_s"] > 0 and r["ratio_to_model"] > 0 for r in rows)

@@ -36,26 +36,19 @@ def _as_tensor(data: bytes | torch.Tensor) -> torch.Tensor:
 
 
 def decode_images(images: Iterable[bytes | torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
-    """uint8 (3, H, W) tensors on ``device``: JPEGs batched through ``decode_jpeg``, other formats on the CPU.
-
-    Items that are already uint8 (3, H, W) tensors (decoded by a dataloader worker, ``cpu_decode_share``)
-    are only moved to ``device``.
-    """
+    """uint8 (3, H, W) tensors on ``device``: JPEGs batched through ``decode_jpeg``, other formats on the CPU."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     data = [_as_tensor(x) for x in images]
-    decoded_already = [d.ndim == 3 for d in data]
-    is_jpeg = [d.ndim == 1 and bytes(d[:2].tolist()) == _JPEG_MAGIC for d in data]
+    is_jpeg = [bytes(d[:2].tolist()) == _JPEG_MAGIC for d in data]
     out: list[torch.Tensor | None] = [None] * len(data)
     jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
     if jpeg_idx:
         decoded = decode_jpeg([data[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
         for i, img in zip(jpeg_idx, decoded, strict=True):
             out[i] = img
-    for i, (j, done) in enumerate(zip(is_jpeg, decoded_already, strict=True)):
-        if done:  # pinned (the DataLoader's pin_memory): an asynchronous copy on the current stream
-            out[i] = data[i].to(device, non_blocking=data[i].is_pinned())
-        elif not j:
+    for i, j in enumerate(is_jpeg):
+        if not j:
             out[i] = decode_image(data[i], mode=ImageReadMode.RGB).to(device)
     return out  # type: ignore[return-value]
 

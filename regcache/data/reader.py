@@ -42,7 +42,6 @@ __all__ = [
     "ShardDataset",
     "SkipCounter",
     "collate",
-    "cpu_decode_point",
     "default_transform",
     "iter_tar_samples",
     "make_sample_id",
@@ -67,24 +66,6 @@ def make_sample_id(shard_index: int, key: str, position: int) -> int:
     m = _KEY_DIGITS.search(key)
     local = int(m.group(1)) if m is not None and int(m.group(1)) < _POSITION_FLAG else _POSITION_FLAG + position
     return (int(shard_index) << _LOCAL_BITS) | local
-
-
-def cpu_decode_point(sample_id: int) -> float:
-    """A sample's fixed point in [0, 1): decoded on the CPU when below ``cpu_decode_share``.
-
-    A multiplicative hash of the id (shard and key), so which images a share sends to the CPU is the
-    same in every run, rank and worker count, and spread evenly over shards and classes.
-    """
-    sample_id = int(sample_id)
-    mixed = (sample_id ^ (sample_id >> _LOCAL_BITS)) & 0xFFFFFFFF
-    return ((mixed * 2654435761) & 0xFFFFFFFF) / 2.0**32
-
-
-def check_cpu_decode_share(share: float) -> float:
-    """``share`` if it is a fraction of the images (in [0, 1]), else a ValueError naming it."""
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"cpu_decode_share must be in [0, 1] (a fraction of the images), got {share}")
-    return share
 
 
 def split_sample_id(sample_id: int) -> tuple[int, int]:
@@ -231,11 +212,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
         counter: shared :class:`SkipCounter` (created if not given).
         raw_images: yield the encoded image bytes (``image_bytes``) instead of decoding and
             transforming them (``transform`` unused); undecodable images are then not skipped here.
-        cpu_decode_share: with ``raw_images``, this fraction of the samples (fixed per sample id,
-            :func:`cpu_decode_point`) is decoded here, in the worker, to uint8 (3, H, W) tensors
-            (libjpeg-turbo through torchvision); the rest stays encoded for the device's decoder. A
-            second decoder beside nvJPEG for models faster than it (BENCHMARKS.md §4); the resize and
-            normalization still run on the device for every image.
     """
 
     def __init__(
@@ -252,11 +228,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         counter: SkipCounter | None = None,
         max_warnings: int = 10,
         raw_images: bool = False,
-        cpu_decode_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.raw_images = raw_images
-        self.cpu_decode_share = check_cpu_decode_share(cpu_decode_share)
         if task not in ("classification", "retrieval"):
             raise ValueError(f"task must be 'classification' or 'retrieval', got {task!r}")
         self.urls = list(urls)
@@ -308,12 +282,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"no image member ({'/'.join(self.image_exts)})")
         out: dict[str, Any] = {"sample_id": make_sample_id(shard_index, key, raw["__pos__"]), "key": key}
         if self.raw_images:
-            data = raw[img_ext]
-            if cpu_decode_point(out["sample_id"]) < self.cpu_decode_share:
-                from .gpu_decode import decode_images
-
-                data = decode_images([data], "cpu")[0]  # uint8 (3, H, W): the device only resizes it
-            out["image_bytes"] = data
+            out["image_bytes"] = raw[img_ext]
         else:
             with Image.open(io.BytesIO(raw[img_ext])) as im:
                 im = im.convert("RGB")
@@ -381,8 +350,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
 class EncodedImages:
     """A batch's encoded images (``bytes``, in batch order) held as one object, not as a list.
 
-    Items may also be uint8 (3, H, W) tensors, images a worker already decoded (``cpu_decode_share``).
-
     Lightning's ``apply_to_collection`` (device transfer, precision conversion) recurses into every
     ``Sequence``, and ``bytes`` is one: a plain list of JPEGs is rebuilt int by int (measured on a
     shared CI core: 0.3 s per 100 KB JPEG, tens of seconds per batch of 256). This class is no
@@ -392,28 +359,20 @@ class EncodedImages:
 
     __slots__ = ("data",)
 
-    def __init__(self, data: Iterable[bytes | torch.Tensor]) -> None:
+    def __init__(self, data: Iterable[bytes]) -> None:
         self.data = list(data)
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __iter__(self) -> Iterator[bytes | torch.Tensor]:
+    def __iter__(self) -> Iterator[bytes]:
         return iter(self.data)
 
-    def __getitem__(self, index: int) -> bytes | torch.Tensor:
+    def __getitem__(self, index: int) -> bytes:
         return self.data[index]
 
-    def pin_memory(self) -> EncodedImages:
-        """Page-locked copies of the images a worker already decoded (``DataLoader(pin_memory=True)`` calls this),
-        so each reaches the device without blocking the decoding thread; encoded bytes are left as they are."""
-        if not any(isinstance(d, torch.Tensor) for d in self.data):
-            return self
-        return EncodedImages(d.pin_memory() if isinstance(d, torch.Tensor) else d for d in self.data)
-
     def __repr__(self) -> str:
-        size = sum(d.numel() if isinstance(d, torch.Tensor) else len(d) for d in self.data)
-        return f"EncodedImages({len(self.data)} images, {size} bytes)"
+        return f"EncodedImages({len(self.data)} images, {sum(len(d) for d in self.data)} bytes)"
 
 
 def collate(samples: list[dict]) -> dict:
