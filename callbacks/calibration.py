@@ -34,6 +34,7 @@ class Calibration(pl.Callback):
         return pl_module.run_dir / "calibration" / f"{pl_module.quant_config.tag}-{digest}.safetensors"
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Once per run: load or compute the calibration on rank 0, broadcast it and apply it on every rank."""
         if pl_module.quant_config is None or self.done:
             return
         with pl_module.timed("calibration"):

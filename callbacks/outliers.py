@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,8 @@ class OutlierReport(pl.Callback):
 
         return hook
 
-    def on_validation_start(self, trainer, pl_module) -> None:
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start fresh before / after statistics and hook every block's input tap to feed them."""
         encoder = pl_module.encoder
         skip = encoder.num_prefix_tokens
         self.after = OutlierStats(rel_thresholds=self.rel_thresholds, skip_tokens=skip)
@@ -70,14 +72,24 @@ class OutlierReport(pl.Callback):
             b.tap_input.register_forward_hook(self._hook(encoder, i)) for i, b in enumerate(encoder.blocks)
         ]
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Mapping[str, Any],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Without a fidelity pass, run the plain float model on the first batches to feed the "before" profile."""
         if "float_features" in outputs or self.seen_before >= self.before_batches:
             return  # the module's fidelity pass already fed "before"
         with plain_float(pl_module.encoder), torch.no_grad():
             pl_module.encoder(batch["image"].to(pl_module.device))
         self.seen_before += 1
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remove the hooks, reduce both profiles over ranks, summarise them in the results, write JSON and plot."""
         for h in self._handles:
             h.remove()
         self._handles = []

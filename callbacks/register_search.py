@@ -200,6 +200,7 @@ class RegisterSearch(pl.Callback):
         return self.compile_tail if self.compile_tail is not None else pl_module.device.type == "cuda"
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Search (or reuse a saved winner of) the RegCache grid across ranks and install the best prefix / deletion."""
         if self.done or pl_module.quant_config is None:
             return
         out = pl_module.run_dir / "regcache"

@@ -6,6 +6,7 @@ in ``pl_module.results["metrics"]`` under ``<dataset>/<metric>`` as fractions in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -78,10 +79,12 @@ class ZeroShotValidation(_PerDataset):
         self.text_batch_size = text_batch_size
         self.classifiers: dict[int, torch.Tensor] = {}
 
-    def applies(self, trainer, pl_module, idx) -> bool:
+    def applies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> bool:
+        """Only classification datasets, and only for models with a text tower."""
         return pl_module.has_text_tower and super().applies(trainer, pl_module, idx)
 
-    def make_metric(self, trainer, pl_module, idx):
+    def make_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> ZeroShotAccuracy:
+        """Build (or load from cache) this dataset's zero-shot classifier and a fresh accuracy metric."""
         dm = _datamodule(trainer)
         with pl_module.timed("zeroshot_classifiers"), torch.inference_mode(False), torch.no_grad():
             self.classifiers[idx] = build_zeroshot_classifier(
@@ -96,12 +99,22 @@ class ZeroShotValidation(_PerDataset):
             )
         return ZeroShotAccuracy(num_classes=len(dm.classnames(idx)))
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Mapping[str, Any],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Score this batch's features against the dataset's zero-shot classifier and update its accuracy."""
         if dataloader_idx in self.metrics:
             logits = zeroshot_logits(outputs["features"], self.classifiers[dataloader_idx])
             self.metrics[dataloader_idx].update(logits, batch["label"].to(logits.device), batch["sample_id"])
 
-    def results(self, computed):
+    def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Zero-shot top-1 / top-5 and mean per-class recall under their reported names."""
         return {
             "zeroshot_top1": computed["top1"],
             "zeroshot_top5": computed["top5"],
@@ -114,13 +127,24 @@ class RetrievalValidation(_PerDataset):
 
     task = "retrieval"
 
-    def applies(self, trainer, pl_module, idx) -> bool:
+    def applies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> bool:
+        """Only retrieval datasets, and only for models with a text tower."""
         return pl_module.has_text_tower and super().applies(trainer, pl_module, idx)
 
-    def make_metric(self, trainer, pl_module, idx):
+    def make_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> RetrievalRecallAtK:
+        """A fresh Recall@{1,5,10} metric for this dataset."""
         return RetrievalRecallAtK(ks=(1, 5, 10))
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Mapping[str, Any],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Embed the batch's captions and add them, with the image features and their owners, to the recall metric."""
         if dataloader_idx not in self.metrics:
             return
         captions = [c for caps in batch["captions"] for c in caps]
@@ -130,7 +154,8 @@ class RetrievalValidation(_PerDataset):
         image = F.normalize(outputs["features"].float(), dim=-1)
         self.metrics[dataloader_idx].update(image, batch["sample_id"], text, owners.to(text.device))
 
-    def results(self, computed):
+    def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Recall@k renamed to CLIP_benchmark's keys (image retrieval = text query, text retrieval = image query)."""
         out = {}
         for k in (1, 5, 10):
             out[f"image_retrieval_recall@{k}"] = computed[f"text_to_image_R@{k}"]  # text query → images
@@ -151,10 +176,12 @@ class KNNValidation(_PerDataset):
         super().__init__()
         self.k, self.temperature, self.always = k, temperature, always
 
-    def applies(self, trainer, pl_module, idx) -> bool:
+    def applies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> bool:
+        """Classification datasets of models without a text tower, or all of them with ``always``."""
         return (self.always or not pl_module.has_text_tower) and super().applies(trainer, pl_module, idx)
 
-    def make_metric(self, trainer, pl_module, idx):
+    def make_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> KNNAccuracy:
+        """Embed the reference split with the evaluated model, gather it across ranks as the k-NN bank."""
         dm = _datamodule(trainer)
         feats, labels = [], []
         with torch.inference_mode(False), torch.no_grad():
@@ -169,29 +196,51 @@ class KNNValidation(_PerDataset):
             bank_l = torch.cat(all_gather_uneven(bank_l))
         return KNNAccuracy(bank_f, bank_l, num_classes=len(dm.classnames(idx)), k=self.k, temperature=self.temperature)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Mapping[str, Any],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Classify this batch's features by k-NN against the bank and update the accuracy."""
         if dataloader_idx in self.metrics:
             feats = outputs["features"].float()
             self.metrics[dataloader_idx].update(feats, batch["label"].to(feats.device), batch["sample_id"])
 
-    def results(self, computed):
+    def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
+        """k-NN top-1 / top-5 under their reported names."""
         return {"knn_top1": computed["top1"], "knn_top5": computed["top5"]}
 
 
 class FidelityValidation(_PerDataset):
     """Mean cosine between the quantized model's embeddings and the float model's (every dataset)."""
 
-    def applies(self, trainer, pl_module, idx) -> bool:
+    def applies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> bool:
+        """Every dataset, whenever the module runs its float fidelity pass."""
         return pl_module.fidelity
 
-    def make_metric(self, trainer, pl_module, idx):
+    def make_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> FeatureFidelity:
+        """A fresh feature-cosine metric (the reference comes with each batch's outputs)."""
         return FeatureFidelity()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Mapping[str, Any],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Add the cosine between this batch's evaluated and float features."""
         if dataloader_idx in self.metrics:
             self.metrics[dataloader_idx].update(
                 outputs["features"], batch["sample_id"], reference=outputs["float_features"]
             )
 
-    def results(self, computed):
+    def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The mean cosine to the float model's features under its reported name."""
         return {"feature_cosine_to_float": computed["mean_cosine"]}

@@ -104,15 +104,17 @@ class ValidationSuite(pl.LightningDataModule):
         return self._module(idx).templates
 
     def setup(self, stage: str | None = None) -> None:
+        """Resolve every dataset's shards, metadata and drawn calibration / reference subsets."""
         for m in self.modules.values():
             m.setup(stage)
 
     def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
+        """One evaluation loader per dataset, in :attr:`names` order, each told the trainer for its prefetch device."""
         for m in self.modules.values():  # the trainer's device is where decode_on_gpu prefetches
             m.trainer = self.trainer
         return [m.val_dataloader() for m in self.modules.values()]
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Decode the evaluation images on the device for datasets with ``decode_on_gpu``."""
         return self._module(dataloader_idx).decode_batch(batch)
 

@@ -21,7 +21,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -129,28 +129,33 @@ class WebDatasetDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ metadata
     @property
     def task(self) -> str:
+        """``classification`` or ``retrieval``: as configured, else from the root's ``dataset_type.txt``."""
         self._ensure_setup()
         return self._task  # type: ignore[return-value]
 
     @property
     def classnames(self) -> list[str]:
+        """Class names from the root's ``classnames.txt`` (a copy; empty when the file is missing)."""
         self._ensure_setup()
         return list(self.info.classnames)
 
     @property
     def templates(self) -> list[str]:
+        """Zero-shot templates from the root's templates file (a copy; empty when the file is missing)."""
         self._ensure_setup()
         return list(self.info.templates)
 
     @property
     def num_classes(self) -> int:
+        """Number of class names (0 without a ``classnames.txt``, as for retrieval datasets)."""
         return len(self.classnames)
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:  # nothing to download
-        pass
+        """No-op: shards are read in place (local or streamed), nothing is downloaded or prepared."""
 
     def setup(self, stage: str | None = None) -> None:
+        """Resolve shards and metadata and draw calibration / reference subsets (once, whatever the stage)."""
         self._ensure_setup()
 
     def _ensure_setup(self) -> None:
@@ -292,7 +297,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
             return torch.device("cuda", torch.cuda.current_device())
         return None
 
-    def val_dataloader(self):
+    def val_dataloader(self) -> torch.utils.data.DataLoader | DecodePrefetcher:
+        """The evaluation loader (a DecodePrefetcher when decoding on the GPU)."""
         return self.dataloader("eval")
 
     # ------------------------------------------------------------------ decoding on the device
@@ -321,23 +327,28 @@ class WebDatasetDataModule(pl.LightningDataModule):
             batch["image"] = self.tensor_preprocess()(batch.pop("image_bytes"), device)
         return batch
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Decode encoded or prefetched images once the batch is on the device (other batches pass through)."""
         return self.decode_batch(batch)
 
-    def test_dataloader(self):
+    def test_dataloader(self) -> torch.utils.data.DataLoader | DecodePrefetcher:
+        """The evaluation loader, so ``trainer.test`` runs on the same data as validation."""
         return self.dataloader("eval")
 
-    def predict_dataloader(self):
+    def predict_dataloader(self) -> torch.utils.data.DataLoader | DecodePrefetcher:
+        """The evaluation loader, so ``trainer.predict`` embeds the evaluation split."""
         return self.dataloader("eval")
 
-    def calib_dataloader(self):
+    def calib_dataloader(self) -> CanonicalBatches:
+        """Calibration batches: full, and in ``sample_id`` order for a drawn subset, whatever ``num_workers``."""
         return self.dataloader("calib")
 
-    def train_dataloader(self):
+    def train_dataloader(self) -> CanonicalBatches:
         """The calibration loader (for Lightning-driven calibration)."""
         return self.dataloader("calib")
 
-    def reference_dataloader(self):
+    def reference_dataloader(self) -> CanonicalBatches:
+        """Reference batches (register search, k-NN bank): full, and in ``sample_id`` order for a drawn subset."""
         return self.dataloader("ref")
 
     # ------------------------------------------------------------------ skipped-sample accounting
@@ -355,6 +366,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         return {"skipped_samples": int(t[0]), "shard_errors": int(t[1])}
 
     def reset_skip_counts(self) -> None:
+        """Zero the skipped-sample and shard-error counts of every stage."""
         for c in self.counters.values():
             c.reset()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from regcache.encoders import VisionEncoder, adapt, record
 from regcache.eval import build_zeroshot_classifier
 from regcache.quant import METHODS, calibrate_, quantize_
 from regcache.registers import (
+    RegisterCache,
     RegisterSearch,
     curate_candidates,
     derive_cache,
@@ -40,7 +42,9 @@ def _batches(x: torch.Tensor, size: int = 100) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(encoder: VisionEncoder, images: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, l_q: int):
+def evaluate(
+    encoder: VisionEncoder, images: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, l_q: int
+) -> tuple[float, float]:
     """Zero-shot top-1 and the max token L2 norm of the residual stream leaving block l_q."""
     correct, max_norm = 0, 0.0
     after = min(l_q + 1, encoder.num_blocks - 1)
@@ -185,7 +189,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 @torch.no_grad()
-def plot_norms(encoder, images, rows, caches, l_q, calib, bits, path: Path) -> Path:
+def plot_norms(
+    encoder: VisionEncoder,
+    images: torch.Tensor,
+    rows: list[dict[str, Any]],
+    caches: dict[int, RegisterCache],
+    l_q: int,
+    calib: Iterable[torch.Tensor],
+    bits: int,
+    path: Path,
+) -> Path:
     """Per-block max token norm of the float model and of naive + RegCache."""
     from callbacks.outliers import plot_profile
 

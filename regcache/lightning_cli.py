@@ -90,7 +90,8 @@ def run_cli(argv: list[str]) -> Any:
     class RunDirConfig(cli_module.SaveConfigCallback):
         """Save the resolved config as ``<run_dir>/config.yaml`` (not in the working directory)."""
 
-        def setup(self, trainer, pl_module, stage: str) -> None:
+        def setup(self, trainer: pl.Trainer, pl_module: QuantizedEncoder, stage: str) -> None:
+            """Write the config once, on global rank zero, into the module's run directory."""
             if self.already_saved:
                 return
             if trainer.is_global_zero:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +109,12 @@ class QuantizedEncoder(pl.LightningModule):
 
     # ---------------------------------------------------------------- model info
     @property
-    def preprocess(self):
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
         """The encoder's own image preprocessing (PIL → tensor)."""
         return self.loaded.preprocess
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Callable[..., torch.Tensor] | None:
         """Text tokenizer (None for image-only encoders)."""
         return self.loaded.tokenizer
 
@@ -135,6 +135,7 @@ class QuantizedEncoder(pl.LightningModule):
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
+        """Record start-up timings, set matmul precision, warn on slow starts and hand preprocessing to the data."""
         # startup = imports + model build + launch (trainer, process launch, DDP and CUDA init)
         now = time.perf_counter()
         self.add_time("startup", now - IMPORTED_AT)
@@ -160,6 +161,7 @@ class QuantizedEncoder(pl.LightningModule):
             self.dataset_names = list(datamodule.names)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings from the adapted (possibly quantized, RegCache-equipped) vision encoder."""
         return self.encoder(images)
 
     def add_time(self, phase: str, seconds: float) -> None:
@@ -180,10 +182,12 @@ class QuantizedEncoder(pl.LightningModule):
             self.add_time(phase, time.perf_counter() - start)
 
     def on_validation_start(self) -> None:
+        """Start the evaluation clock and zero the per-dataloader sample counts."""
         self._eval_start = time.perf_counter()
         self._counts = torch.zeros(max(len(self.dataset_names), 1), dtype=torch.long, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Embed the batch's images (and with the float model too for fidelity) for the metric callbacks."""
         images = batch["image"].to(self.device)
         self._counts[dataloader_idx] += images.shape[0]
         out = {"features": self.encoder(images)}
@@ -193,6 +197,7 @@ class QuantizedEncoder(pl.LightningModule):
         return out
 
     def on_validation_end(self) -> None:
+        """Record evaluation time, rank-summed sample counts and skipped samples, then write metrics.json."""
         self.add_time("evaluation", time.perf_counter() - self._eval_start)
         counts = self._counts.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():

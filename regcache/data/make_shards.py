@@ -52,6 +52,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
+        """Append one sample's members as ``<key>.<ext>`` files, starting a new tar every ``shard_size`` samples."""
         if self.count % self.shard_size == 0:
             self._close_tar()
             self._tar = tarfile.open(  # noqa: SIM115 - closed in _close_tar / close
@@ -70,6 +71,7 @@ class ShardWriter:
             self._tar = None
 
     def close(self) -> None:
+        """Close the open tar and record the shard count in ``nshards.txt`` so readers can find every shard."""
         self._close_tar()
         (self.dir / "nshards.txt").write_text(f"{self.nshards}\n")
 
@@ -240,6 +242,7 @@ def _read_lines(path: str | None) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``regcache make-shards``: write the shards, print a JSON summary, return 2 on bad input else 0."""
     args = _build_parser().parse_args(argv)
     try:
         if args.source == "imagefolder":

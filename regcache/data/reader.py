@@ -27,7 +27,7 @@ import multiprocessing as mp
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import IO, Any
 
 import torch
 from PIL import Image
@@ -82,28 +82,34 @@ class SkipCounter:
         self._shard_errors = mp.Value("q", 0)
 
     def add_skipped(self, n: int = 1) -> None:
+        """Count ``n`` more skipped samples, atomically across worker processes."""
         with self._skipped.get_lock():
             self._skipped.value += n
 
     def add_shard_error(self, n: int = 1) -> None:
+        """Count ``n`` more shard reads that failed (the rest of each such shard was skipped)."""
         with self._shard_errors.get_lock():
             self._shard_errors.value += n
 
     @property
     def skipped(self) -> int:
+        """Samples skipped so far by all processes sharing this counter."""
         return int(self._skipped.value)
 
     @property
     def shard_errors(self) -> int:
+        """Shard read errors so far by all processes sharing this counter."""
         return int(self._shard_errors.value)
 
     def reset(self) -> None:
+        """Zero both counts, e.g. before a new pass over the data."""
         with self._skipped.get_lock():
             self._skipped.value = 0
         with self._shard_errors.get_lock():
             self._shard_errors.value = 0
 
     def as_dict(self) -> dict[str, int]:
+        """Both counts under the keys reported in the run's metrics (``skipped_samples``, ``shard_errors``)."""
         return {"skipped_samples": self.skipped, "shard_errors": self.shard_errors}
 
 
@@ -148,7 +154,7 @@ class _TailReader:
         return len(self.tail) < 1024 or any(self.tail)
 
 
-def iter_tar_samples(stream, on_error: Callable[[BaseException], None] | None = None) -> Iterator[dict]:
+def iter_tar_samples(stream: IO[bytes], on_error: Callable[[BaseException], None] | None = None) -> Iterator[dict]:
     """Group the members of a tar stream by key. Yields ``{"__key__", "__pos__", ext: bytes, ...}``.
 
     A read error (truncated / corrupt tar) ends the shard: ``on_error`` is called (else re-raised).
@@ -187,7 +193,7 @@ def iter_tar_samples(stream, on_error: Callable[[BaseException], None] | None = 
         yield current
 
 
-def default_transform(size: int = 224):
+def default_transform(size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
     """Resize (bicubic) + center crop + ToTensor, *without* normalisation. Prefer the encoder's own."""
     from torchvision import transforms as T
 
@@ -253,7 +259,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
             rank, world = self.rank, self.world_size or 1
         return rank, world, worker, nw
 
-    def plan(self, rank: int, world: int, worker: int, num_workers: int, warn: bool = True):
+    def plan(
+        self, rank: int, world: int, worker: int, num_workers: int, warn: bool = True
+    ) -> list[tuple[ShardPart, frozenset[str] | None]]:
         """List of (ShardPart, wanted_keys | None) for one consumer (public for tests)."""
         if self.select is None:
             warn = warn and rank == 0 and worker == 0
@@ -276,6 +284,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 log.warning("further skipped-sample warnings of this reader are suppressed")
 
     def decode(self, raw: dict, shard_index: int) -> dict:
+        """Turn one tar sample's members into a sample dict; raises ``ValueError`` on missing / empty members."""
         key = raw["__key__"]
         img_ext = next((e for e in self.image_exts if e in raw), None)
         if img_ext is None:
@@ -301,7 +310,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return out
 
     # ------------------------------------------------------------------ iteration
-    def iter_shard(self, shard_index: int, part: ShardPart | None = None, wanted=None) -> Iterator[dict]:
+    def iter_shard(
+        self, shard_index: int, part: ShardPart | None = None, wanted: Iterable[str] | None = None
+    ) -> Iterator[dict]:
+        """Yield the decoded samples of one shard kept by ``part`` / ``wanted``, counting skips and read errors."""
         url = self.urls[shard_index]
 
         def on_error(e: BaseException) -> None:

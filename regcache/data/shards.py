@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlparse
 
 import braceexpand
@@ -70,7 +71,7 @@ def expand_pattern(pattern: str | list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def open_stream(url: str):
+def open_stream(url: str) -> IO[bytes]:
     """Open a shard / metadata file for binary reading (local path, file://, http(s), pipe:...)."""
     if not is_remote(url):
         return open(_local_path(url), "rb")
@@ -102,7 +103,9 @@ def _numeric_tar_key(p: Path):
     return (0, int(m.group(1)), "") if m else (1, 0, p.name)
 
 
-def resolve_split_shards(root: str | os.PathLike | None, split: str, shards: str | list[str] | None = None):
+def resolve_split_shards(
+    root: str | os.PathLike | None, split: str, shards: str | list[str] | None = None
+) -> list[str]:
     """Return the ordered list of shard URLs of ``split``.
 
     ``shards`` (a brace pattern or a list) overrides discovery. Otherwise ``<root>/<split>/`` is read:
@@ -157,6 +160,7 @@ class DatasetInfo:
 
     @property
     def num_classes(self) -> int:
+        """Number of class names read from ``classnames.txt`` (0 when the file is missing, as for retrieval sets)."""
         return len(self.classnames)
 
 

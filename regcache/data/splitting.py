@@ -34,6 +34,7 @@ class ShardPart:
     residue: int = 0
 
     def keeps(self, position: int) -> bool:
+        """Whether the sample at ``position`` in the shard belongs to this consumer's share of it."""
         return self.modulo == 1 or position % self.modulo == self.residue
 
 

@@ -142,6 +142,7 @@ class Attention(nn.Module):
         return self.q_norm(q), self.k_norm(k), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of (B, N, width) tokens plus proj, letting the fused kernel apply proj's quantizer."""
         b, n, _ = x.shape
         out, proj_input_done = self._attend(*self.project_qkv(x), self._proj_input_quantizer())
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
@@ -299,6 +300,7 @@ class Mlp(nn.Module):
         self.fc2 = fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fc1, activation and norm, then fc2 with its input passed through the ``fc2_input`` tap."""
         return self.fc2(self.tap_fc2_input(self.norm(self.act(self.fc1(x)))))
 
 
@@ -325,6 +327,7 @@ class Block(nn.Module):
         self.ls2 = ls2 or nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the input filter (token deletion) if one is installed, then the attention and MLP residuals."""
         if self.input_filter is not None:
             x = self.input_filter(x)
         return self.forward_unfiltered(x)
@@ -377,6 +380,7 @@ class VisionEncoder(nn.Module):
         return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images to the pooled embedding the original tower returned, through embed, every block and pool."""
         return self.pool(self.forward_blocks(self.embed(images)))
 
     def flops_per_image(self, num_tokens: int) -> int:

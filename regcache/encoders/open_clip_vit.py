@@ -91,6 +91,7 @@ class OpenClipVisionEncoder(VisionEncoder):
                 self.proj.weight.copy_(proj.t())
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patchify with conv1, prepend the class token, add positions, then patch dropout and ln_pre."""
         x = self.conv1(images)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
         cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
@@ -103,6 +104,10 @@ class OpenClipVisionEncoder(VisionEncoder):
         return x[:, 0], x[:, 1:]
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's head: class-token or average pool with ln_post before or after it, then the projection.
+
+        With ``output_tokens`` it returns ``(pooled, patch tokens)``, as the original tower does.
+        """
         if self.final_ln_after_pool:
             pooled, rest = self._global_pool(tokens)
             pooled = self.ln_post(pooled)

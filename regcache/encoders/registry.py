@@ -22,7 +22,9 @@ class Adapter:
 ADAPTERS: dict[str, Adapter] = {}
 
 
-def register_adapter(name: str, matches: Callable[[nn.Module], bool], build: Callable[[nn.Module], VisionEncoder]):
+def register_adapter(
+    name: str, matches: Callable[[nn.Module], bool], build: Callable[[nn.Module], VisionEncoder]
+) -> None:
     """Register an adapter; a new family is one file calling this."""
     ADAPTERS[name] = Adapter(name, matches, build)
 

@@ -64,10 +64,12 @@ class TimmVisionEncoder(VisionEncoder):
         self.proj_head = proj_head if proj_head is not None else nn.Identity()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The timm trunk's stem: patch embedding, positions and prefix tokens, patch dropout and norm_pre."""
         t = self.trunk
         return t.norm_pre(t.patch_drop(t._pos_embed(t.patch_embed(images))))
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The trunk's final norm and ``forward_head`` pooling, then the (open_clip) projection head if any."""
         return self.proj_head(self.trunk.forward_head(self.trunk.norm(tokens)))
 
 

@@ -10,14 +10,18 @@ __all__ = ["all_gather_uneven", "dedupe_by_id", "first_occurrence", "gather_by_i
 
 
 def is_dist() -> bool:
+    """Whether a torch.distributed process group is initialised, i.e. collectives are needed at all."""
     return dist.is_available() and dist.is_initialized()
 
 
-def world_size(group=None) -> int:
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Number of ranks in ``group`` (the default group if None); 1 without an initialised process group."""
     return dist.get_world_size(group) if is_dist() else 1
 
 
-def all_gather_uneven(t: Tensor | None, group=None, device: torch.device | str | None = None) -> list[Tensor]:
+def all_gather_uneven(
+    t: Tensor | None, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
+) -> list[Tensor]:
     """All-gather tensors whose first dim differs per rank; ``None`` (or empty) ranks are allowed.
 
     Trailing shape and dtype are taken from the first rank that has data. Returns the per-rank list
@@ -69,7 +73,7 @@ def dedupe_by_id(ids: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     return (ids[idx], *(t[idx] for t in tensors))
 
 
-def gather_by_id(ids: Tensor, *tensors: Tensor, group=None) -> tuple[Tensor, ...]:
+def gather_by_id(ids: Tensor, *tensors: Tensor, group: dist.ProcessGroup | None = None) -> tuple[Tensor, ...]:
     """All-gather ``ids`` and per-sample ``tensors`` from every rank, keep the first occurrence of each
     id, sort by id: returns ``(ids, *tensors)``. E.g. a k-NN feature bank every rank holds in full,
     or float-model reference features. Collective when a process group is initialised."""

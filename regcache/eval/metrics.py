@@ -8,6 +8,8 @@ Update them every step, compute once at epoch end: no per-step collectives.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,7 +64,7 @@ def _ids_or_none(ids: Tensor | None, n: int, device) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------- zero-shot
-def topk_accuracy(logits: Tensor, labels: Tensor, ks=(1, 5)) -> dict[int, float]:
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Micro top-k accuracy (fraction of samples whose label is among the k highest logits)."""
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices
@@ -87,12 +89,14 @@ class ZeroShotAccuracy(_GatherMetric):
         self.add_state("preds", default=[], dist_reduce_fx="cat")
 
     def update(self, logits: Tensor, labels: Tensor, sample_ids: Tensor) -> None:
+        """Keep the top-k class predictions of these logits with their labels and sample ids."""
         k = min(max(self.top_k), logits.shape[1])
         self.preds.append(logits.detach().topk(k, dim=1).indices)
         self.labels.append(labels.detach().long().flatten())
         self.ids.append(_ids_or_none(sample_ids, logits.shape[0], logits.device))
 
     def compute(self) -> dict[str, Tensor]:
+        """Top-k accuracies and mean per-class recall over the gathered samples, each sample id counted once."""
         ids, labels, preds = self._cat("ids"), self._cat("labels"), self._cat("preds")
         if ids is None:
             raise RuntimeError("ZeroShotAccuracy.compute() called before any update()")
@@ -110,7 +114,11 @@ class ZeroShotAccuracy(_GatherMetric):
 # ---------------------------------------------------------------------------------------- retrieval
 @torch.no_grad()
 def retrieval_recall_at_k(
-    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks=(1, 5, 10), chunk: int = 1024
+    image_features: Tensor,
+    text_features: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
 ) -> dict[str, Tensor]:
     """Recall@k in both directions, any-positive-hit convention (CLIP_benchmark).
 
@@ -168,6 +176,7 @@ class RetrievalRecallAtK(_GatherMetric):
         text_image_ids: Tensor,
         text_index: Tensor | None = None,
     ) -> None:
+        """Keep image and caption features with their ids, numbering captions per image when no index is given."""
         dev = image_features.device
         self.img_feats.append(image_features.detach().float())
         self.img_ids.append(_ids_or_none(image_ids, image_features.shape[0], dev))
@@ -183,6 +192,7 @@ class RetrievalRecallAtK(_GatherMetric):
         self.txt_index.append(torch.as_tensor(text_index, device=dev).long().flatten())
 
     def compute(self) -> dict[str, Tensor]:
+        """Recall@k both ways over the gathered images and captions, deduped by id, plus their counts."""
         img_ids = self._cat("img_ids")
         if img_ids is None:
             raise RuntimeError("RetrievalRecallAtK.compute() called before any update()")
@@ -248,12 +258,14 @@ class KNNAccuracy(_GatherMetric):
         self.add_state("preds", default=[], dist_reduce_fx="cat")
 
     def update(self, features: Tensor, labels: Tensor, sample_ids: Tensor) -> None:
+        """Vote these features' classes against the bank now, keeping only the top-k predictions, labels and ids."""
         votes = knn_votes(features, self.bank_features, self.bank_labels, self.num_classes, self.k, self.temperature)
         self.preds.append(votes.topk(min(max(self.top_k), self.num_classes), dim=1).indices)
         self.labels.append(labels.detach().long().flatten().to(votes.device))
         self.ids.append(_ids_or_none(sample_ids, features.shape[0], votes.device))
 
     def compute(self) -> dict[str, Tensor]:
+        """k-NN top-k accuracies over the gathered predictions, each sample id counted once."""
         ids = self._cat("ids")
         if ids is None:
             raise RuntimeError("KNNAccuracy.compute() called before any update()")
@@ -303,6 +315,7 @@ class FeatureFidelity(_GatherMetric):
         self.add_state("cos", default=[], dist_reduce_fx="cat")
 
     def update(self, features: Tensor, sample_ids: Tensor, reference: Tensor | None = None) -> None:
+        """Keep the cosine of each feature to its reference (given, or looked up in the bank by sample id)."""
         ids = _ids_or_none(sample_ids, features.shape[0], features.device)
         if reference is None:
             if self.ref_ids is None:
@@ -316,6 +329,7 @@ class FeatureFidelity(_GatherMetric):
         self.cos.append(cos)
 
     def compute(self) -> dict[str, Tensor]:
+        """Mean and minimum cosine to the reference over the gathered samples, each sample id counted once."""
         ids = self._cat("ids")
         if ids is None:
             raise RuntimeError("FeatureFidelity.compute() called before any update()")

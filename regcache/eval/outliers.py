@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["OutlierStats"]
 
@@ -47,6 +48,7 @@ class OutlierStats:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every block's accumulated sums and maxima (start a new measurement)."""
         # per block: float64 vector [tokens, sum_l2, sum_linf, n_abs..., n_rel...] and [max_l2, max_linf]
         self._sums: dict[str, Tensor] = {}
         self._maxs: dict[str, Tensor] = {}
@@ -89,7 +91,9 @@ class OutlierStats:
         else:
             self._sums[name], self._maxs[name] = s, m
 
-    def attach(self, blocks, names: Sequence[str] | None = None, batch_first: bool = True) -> list:
+    def attach(
+        self, blocks: Iterable[nn.Module], names: Sequence[str] | None = None, batch_first: bool = True
+    ) -> list[RemovableHandle]:
         """Register forward pre-hooks feeding each block's first input (the residual stream) to
         :meth:`update`. ``blocks``: a sequence of modules (e.g. ``visual.transformer.resblocks`` or
         timm ``blocks``); ``batch_first=False`` for (N, B, C) inputs. Returns the hook handles
@@ -126,7 +130,8 @@ class OutlierStats:
             sums, maxs = sums.cpu(), maxs.cpu()
         return names, sums, maxs
 
-    def compute(self, sync: bool = True, device=None) -> dict[str, dict]:
+    def compute(self, sync: bool = True, device: torch.device | str | None = None) -> dict[str, dict]:
+        """Per-block norm statistics and outlier fractions, reduced over ranks first when ``sync`` (collective)."""
         if sync:
             names, sums, maxs = self._reduced(device)
         else:

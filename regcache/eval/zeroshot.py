@@ -95,7 +95,7 @@ def _compute(model, tokenizer, classnames, templates, device, batch_size, rank: 
 
 
 def build_zeroshot_classifier(
-    model,
+    model: torch.nn.Module,
     tokenizer: Callable,
     classnames: Sequence[str],
     templates: Sequence[Template],

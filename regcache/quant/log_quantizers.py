@@ -38,10 +38,12 @@ class LogSqrt2Quantizer(Quantizer):
 
     @property
     def is_calibrated(self) -> bool:
+        """True once Δ (``scale``) was set by :meth:`finalize` or :meth:`calibrate_`."""
         return self.scale.numel() > 0
 
     # ---- calibration ----------------------------------------------------------------------
     def observe(self, x: torch.Tensor) -> None:
+        """Track the largest value seen (the min-max Δ); the inputs are non-negative, so no minimum is kept."""
         hi = x.detach().float().amax()
         self.max_val = hi if self.max_val.numel() == 0 else torch.maximum(self.max_val, hi)
 
@@ -86,6 +88,7 @@ class LogSqrt2Quantizer(Quantizer):
 
     # ---- quantization ---------------------------------------------------------------------
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Round x to the nearest log-√2 level below Δ (straight-through), sending the zero code to exactly 0."""
         scale = self.scale.to(x.dtype)
         code = round_ste(self._raw_code(x, scale))
         is_zero = code.detach() >= self.num_nonzero_codes
@@ -93,9 +96,11 @@ class LogSqrt2Quantizer(Quantizer):
         return torch.where(is_zero, torch.zeros_like(x), self._level(code, scale))
 
     def describe(self) -> dict[str, Any]:
+        """The base summary plus per-tensor granularity and whether a code is reserved for zero."""
         return {**super().describe(), "granularity": "tensor", "reserve_zero_code": self.reserve_zero_code}
 
     def extra_repr(self) -> str:
+        """Bits, zero-code reservation and mode, for ``print(model)``."""
         return f"bits={self.bits}, reserve_zero_code={self.reserve_zero_code}, mode={self.mode}"
 
 

@@ -99,6 +99,7 @@ class QuantLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Linear on the input-quantized x with the (cached) fake-quantized weight."""
         return self.forward_prequantized(_apply(self.input_quantizer, x))
 
     def forward_prequantized(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +180,7 @@ class QuantConv2d(PatchConv2d):
         self.weight_quantizer: Quantizer | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve the input-quantized x with the (cached) fake-quantized weight, as a patch matmul where possible."""
         x = x if self.input_quantizer is None else self.input_quantizer(x)
         w = quantized_weight(self, self.weight_quantizer, self.weight)
         return self._conv_forward(x, w, self.bias)
@@ -205,6 +207,7 @@ class MatMul(nn.Module):
         return _apply(self.b_quantizer, b)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Product of both operands after their optional quantizers."""
         return self.quantize_a(a) @ self.quantize_b(b)
 
 

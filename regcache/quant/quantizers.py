@@ -60,6 +60,7 @@ class Quantizer(nn.Module):
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize x in ``quant`` mode; otherwise pass it through, recording statistics in ``observe`` mode."""
         if self.mode == "quant":
             return self.fake_quant(x)
         if self.mode == "observe":
@@ -69,9 +70,11 @@ class Quantizer(nn.Module):
     # subclasses implement these
     @property
     def is_calibrated(self) -> bool:
+        """Whether quantization parameters exist, i.e. ``quant`` mode is allowed."""
         raise NotImplementedError
 
     def observe(self, x: torch.Tensor) -> None:
+        """Accumulate calibration statistics of x (turned into parameters by :meth:`finalize`)."""
         raise NotImplementedError
 
     def finalize(self) -> None:
@@ -79,6 +82,7 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize then dequantize x with the calibrated parameters (straight-through gradient)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -146,6 +150,7 @@ class UniformQuantizer(Quantizer):
 
     @property
     def is_calibrated(self) -> bool:
+        """True once a scale was set (by :meth:`finalize`, :meth:`set_range` or :meth:`set_scale`)."""
         return self.scale.numel() > 0
 
     # ---- shapes -------------------------------------------------------------------------
@@ -176,6 +181,7 @@ class UniformQuantizer(Quantizer):
 
     # ---- calibration -------------------------------------------------------------------
     def observe(self, x: torch.Tensor) -> None:
+        """Widen the running min / max of x at this quantizer's granularity (per tensor, channel or group)."""
         if self.granularity == "tensor" and type(self)._reduce_minmax is UniformQuantizer._reduce_minmax:
             # min and max are exact: reducing before the cast gives the same numbers, in one pass over x
             # and without a float32 copy of it (attention probabilities are the largest activations)
@@ -204,6 +210,7 @@ class UniformQuantizer(Quantizer):
         self.zero_point = torch.zeros_like(scale) if zero_point is None else torch.as_tensor(zero_point).float()
 
     def finalize(self) -> None:
+        """Min-max calibration: scale and zero point from the observed range; raises if nothing was observed."""
         if self.min_val.numel() == 0:
             raise RuntimeError("finalize() called before any data was observed")
         self.set_range(self.min_val, self.max_val)
@@ -230,6 +237,7 @@ class UniformQuantizer(Quantizer):
 
     # ---- quantization ------------------------------------------------------------------
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize x in float32, through the fused CUDA kernel where it applies, else op by op."""
         # Computed in float32 whatever x's dtype: a bf16 scale would move the grid by up to 0.4 %.
         if self._fusable and x.is_cuda and not torch.compiler.is_compiling():
             # CUDA, eager, no autograd: one kernel with exactly the arithmetic of plain_fake_quant
@@ -260,6 +268,7 @@ class UniformQuantizer(Quantizer):
         return torch.clamp(torch.round(x / scale) + zp, self.qmin, self.qmax).reshape(shape).long()
 
     def describe(self) -> dict[str, Any]:
+        """The base summary plus symmetry and granularity (with the axis or group size it uses)."""
         d = {**super().describe(), "symmetric": self.symmetric, "granularity": self.granularity}
         if self.granularity == "channel":
             d["axis"] = self.axis
@@ -268,6 +277,7 @@ class UniformQuantizer(Quantizer):
         return d
 
     def extra_repr(self) -> str:
+        """The :meth:`describe` fields (less kind) and the current mode, for ``print(model)``."""
         return ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "kind") + f", mode={self.mode}"
 
 

@@ -110,6 +110,7 @@ class ChunkedUniformQuantizer(UniformQuantizer):
         return p.repeat_interleave(x.shape[axis] // self.chunks).reshape(shape)
 
     def describe(self) -> dict[str, Any]:
+        """Kind, bits and the chunking (count and axis) instead of the parent's channel granularity."""
         return {"kind": self.kind, "bits": self.bits, "symmetric": True, "chunks": self.chunks, "axis": self.axis}
 
 
@@ -125,6 +126,7 @@ class TwinSoftmaxQuantizer(Quantizer):
 
     @property
     def is_calibrated(self) -> bool:
+        """True once the split was set (by PTQ4ViT's search through :meth:`set_split`)."""
         return self.split.numel() > 0
 
     def set_split(self, split: torch.Tensor | float) -> None:
@@ -132,12 +134,15 @@ class TwinSoftmaxQuantizer(Quantizer):
         self.split = torch.as_tensor(split, dtype=torch.float32, device=self.split.device).reshape(())
 
     def observe(self, x: torch.Tensor) -> None:
+        """Not supported: the split is searched by PTQ4ViT's calibration, so observing always raises."""
         raise NotImplementedError("the twin softmax split is searched (PTQ4ViT calibration), not observed")
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Twin uniform fake quantization of probabilities at the searched split (optionally the additive quirk)."""
         return fake_twin_softmax(x, self.split, self.bits, additive=self.additive_quirk)
 
     def describe(self) -> dict[str, Any]:
+        """The base summary plus the twin ranges and whether the reference code's additive quirk is used."""
         return {**super().describe(), "ranges": "twin", "additive_quirk": self.additive_quirk}
 
 
@@ -154,6 +159,7 @@ class TwinGeluQuantizer(Quantizer):
 
     @property
     def is_calibrated(self) -> bool:
+        """True once both the positive and the negative step were set (:meth:`set_steps`)."""
         return self.pos_scale.numel() > 0 and self.neg_scale.numel() > 0
 
     @property
@@ -169,12 +175,15 @@ class TwinGeluQuantizer(Quantizer):
         self.neg_scale = torch.as_tensor(neg, dtype=torch.float32, device=dev).reshape(())
 
     def observe(self, x: torch.Tensor) -> None:
+        """Not supported: the positive step is searched by PTQ4ViT's calibration, so observing always raises."""
         raise NotImplementedError("the post-GELU step is searched (PTQ4ViT calibration), not observed")
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize post-GELU values with the positive step for x >= 0 and the fixed negative step below."""
         return fake_twin_gelu(x, self.pos_scale.to(x.dtype), self.neg_scale.to(x.dtype), self.bits)
 
     def describe(self) -> dict[str, Any]:
+        """The base summary plus the twin ranges and the negative range the fixed step is derived from."""
         return {**super().describe(), "ranges": "twin", "neg_range": self.neg_range}
 
 

@@ -99,7 +99,9 @@ class RegisterCache:
             values={l: v.to(device) for l, v in self.values.items()},
         )
 
-    def prefix(self, layer: int, tau: int, device=None, dtype=None) -> AttentionPrefix:
+    def prefix(
+        self, layer: int, tau: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> AttentionPrefix:
         """The :class:`AttentionPrefix` of block ``layer`` with every entry counted τ times (τ >= 1).
 
         τ is also kept on the host (``multiplicity``) so float SDPA can repeat the entries instead of masking.

@@ -24,6 +24,7 @@ class TokenDeletion(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop each image's k largest-l-inf patch tokens from (B, N, C), keeping prefix tokens and token order."""
         if self.k == 0:
             return x
         npre = self.num_prefix_tokens
@@ -42,6 +43,7 @@ class TokenDeletion(nn.Module):
         return x.gather(1, index.unsqueeze(-1).expand(b, total - self.k, c))  # one gather, prefix tokens included
 
     def extra_repr(self) -> str:
+        """k and the protected prefix-token count, for ``print(model)``."""
         return f"k={self.k}, num_prefix_tokens={self.num_prefix_tokens}"
 
 

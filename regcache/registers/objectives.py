@@ -78,6 +78,7 @@ class ZeroShotTop1(Objective):
     classifier: torch.Tensor
 
     def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
+        """Zero-shot top-1 (%) of the normalized embeddings against the reference labels."""
         logits = F.normalize(embeddings.float(), dim=-1) @ self.classifier.to(embeddings.device, torch.float32)
         return _accuracy(logits.argmax(dim=-1), self.labels)
 
@@ -91,6 +92,7 @@ class Predictions(Objective):
     predict: Callable[[torch.Tensor], torch.Tensor]
 
     def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
+        """Top-1 (%) of the caller's predictions for these embeddings against the reference labels."""
         return _accuracy(self.predict(embeddings), self.labels)
 
 
@@ -101,6 +103,7 @@ class EmbeddingCosine(Objective):
     name: ClassVar[str] = "cosine"
 
     def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
+        """Mean per-image cosine similarity to the float model's embeddings (no labels needed)."""
         return F.cosine_similarity(embeddings.float(), float_embeddings.float(), dim=-1).mean()
 
 
@@ -112,6 +115,7 @@ class EmbeddingMSE(Objective):
     greater_is_better: ClassVar[bool] = False
 
     def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
+        """Mean squared difference to the float model's embeddings (no labels needed; lower is better)."""
         return (embeddings.float() - float_embeddings.float()).pow(2).mean()
 
 

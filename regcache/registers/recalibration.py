@@ -88,9 +88,11 @@ class TailView(VisionEncoder):
         self.start = start
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Identity: the view's inputs are already the residual stream entering block ``start``."""
         return images
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The full encoder's pooling and projection, so the view's outputs are final embeddings."""
         return self._full.pool(tokens)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from regcache.testbed.data import (
     read_lines,
 )
 from regcache.testbed.model import Frozen, TestbedSpec, plant_
+
+if TYPE_CHECKING:
+    from regcache.loading import LoadedModel
 
 TESTBED_NAME = "regcache-testbed"
 WEIGHTS_PATH = ASSETS_DIR / "testbed.safetensors"
@@ -76,7 +80,7 @@ def testbed_info(path: str | Path | None = None) -> dict:
         return json.loads(f.metadata().get("info", "{}"))
 
 
-def load_testbed(pretrained: str | Path | None = None, device: str | torch.device = "cpu"):
+def load_testbed(pretrained: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """The testbed as a :class:`~regcache.loading.LoadedModel` (default: the committed weights, fp32)."""
     import open_clip
 

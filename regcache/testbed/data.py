@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -91,7 +91,10 @@ def iter_shard_samples(root: str | Path, split: str) -> Iterator[tuple[str, byte
 
 
 def load_split(
-    root: str | Path, split: str, transform=None, limit: int | None = None
+    root: str | Path,
+    split: str,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """All images of a split through ``transform`` (default: the evaluation canvas), labels and keys."""
     transform = transform or CanvasTransform()

@@ -30,6 +30,7 @@ class NaiveConfig(QuantConfig):
     quantize_matmuls: bool = True
 
     def transform(self, encoder: VisionEncoder, filter_fn: FilterFn) -> None:
+        """Swap the selected linears and attach per-channel weight and per-tensor asymmetric activation quantizers."""
         for _, module in swap_linears(encoder, filter_fn):
             if isinstance(module, QuantLinear):
                 module.weight_quantizer = UniformQuantizer(self.w_bits, symmetric=True, granularity="channel", axis=0)
@@ -39,6 +40,7 @@ class NaiveConfig(QuantConfig):
                 module.b_quantizer = UniformQuantizer(self.a_bits, symmetric=False)
 
     def calibrate(self, encoder: VisionEncoder, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+        """Min-max the weights once, then observe activation ranges on ``batches`` and switch to ``quant`` mode."""
         with torch.no_grad():
             for module in encoder.modules():
                 if isinstance(module, QuantLinear) and module.weight_quantizer is not None:

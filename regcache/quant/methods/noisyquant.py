@@ -87,6 +87,7 @@ class NoisyUniformQuantizer(UniformQuantizer):
         self.register_buffer("noise", torch.empty(0))
 
     def describe(self) -> dict[str, Any]:
+        """The uniform summary, marked as carrying a noisy bias (so manifests tell it from a plain quantizer)."""
         return {**super().describe(), "noisy_bias": True}
 
 
@@ -116,6 +117,7 @@ class NoisyQuantLinear(QuantLinear):
         return quantized_weight(self, self.weight_quantizer, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the noise N, quantize the input, and cancel N through the corrected bias ``b - W N``."""
         w = self._effective_weight()
         n = self.noise
         if n is not None:
@@ -636,6 +638,7 @@ class NoisyQuantConfig(QuantConfig):
         return fqn.startswith("blocks.") and isinstance(module, nn.Linear)
 
     def transform(self, encoder: VisionEncoder, filter_fn: FilterFn) -> None:
+        """Replace the selected block linears with NoisyQuant linears (per-channel weights, noisy input quantizer)."""
         for name, module in list(encoder.named_modules()):
             if not name.startswith("blocks.") or not isinstance(module, nn.Linear) or not filter_fn(module, name):
                 continue  # the sequential calibration runs block by block: only block linears qualify
@@ -646,6 +649,7 @@ class NoisyQuantConfig(QuantConfig):
             setattr(encoder.get_submodule(parent_name), child, linear)
 
     def calibrate(self, encoder: VisionEncoder, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+        """Quantize the weights, then block by block search each linear's clip range and then its noise."""
         with torch.no_grad():
             streams = [
                 encoder.embed(images) for images in iter_images(encoder, batches, progress, "NoisyQuant: images")

@@ -221,6 +221,7 @@ class PTQ4ViTConfig(QuantConfig):
 
     # ---- coverage -------------------------------------------------------------------------
     def default_filter(self, module: nn.Module, fqn: str) -> bool:
+        """Block linears and matmuls, plus the projection head and the patch-embedding conv when enabled."""
         if block_linears_and_matmuls(module, fqn):
             return True
         if self.quantize_head and isinstance(module, nn.Linear):
@@ -228,6 +229,7 @@ class PTQ4ViTConfig(QuantConfig):
         return self.quantize_patch_embed and isinstance(module, nn.Conv2d) and fqn in STEM_CONVS
 
     def transform(self, encoder: VisionEncoder, filter_fn: FilterFn) -> None:
+        """Attach PTQ4ViT's quantizers (chunked qkv, twin softmax / GELU, per-head matmuls) and swap stem convs."""
         for name, module in swap_linears(encoder, filter_fn):
             if isinstance(module, QuantLinear):
                 module.weight_quantizer = self._weight_quantizer(name)
@@ -266,6 +268,7 @@ class PTQ4ViTConfig(QuantConfig):
 
     # ---- calibration ----------------------------------------------------------------------
     def calibrate(self, encoder: VisionEncoder, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+        """Run PTQ4ViT's Hessian-guided step search (:func:`calibrate_ptq4vit`) on ``batches``."""
         calibrate_ptq4vit(encoder, batches, self, progress=progress)
 
 

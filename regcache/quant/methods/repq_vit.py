@@ -163,6 +163,7 @@ class RepQViTConfig(QuantConfig):
         return cls(w_bits=w_bits, a_bits=a_bits, round_zero_point=False, reserve_zero_code=False)
 
     def transform(self, encoder: VisionEncoder, filter_fn: FilterFn) -> None:
+        """Attach asymmetric quantizers (log-√2 on softmax outputs), give folded linears a bias, quantize the stem."""
         softmax_matmuls = {id(block.attn.matmul_pv) for block in encoder.blocks}
         for _, module in swap_linears(encoder, filter_fn):
             if isinstance(module, QuantLinear):
@@ -186,6 +187,7 @@ class RepQViTConfig(QuantConfig):
             setattr(parent, attr, qconv)
 
     def calibrate(self, encoder: VisionEncoder, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+        """Calibrate post-LayerNorm inputs per channel, fold them into per-tensor LayerNorm / weights (once only)."""
         if any(q.is_calibrated for _, q in quantizers(encoder)):
             raise RuntimeError("RepQ-ViT folds weights during calibration: calibrate a freshly quantized model once")
         chunks = list(iter_images(encoder, batches, progress, desc="RepQ-ViT: calibration images"))
