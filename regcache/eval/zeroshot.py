@@ -52,7 +52,7 @@ def _to_device(tokens: Tensor, device: torch.device | str) -> Tensor:
     return tokens.to(device)
 
 
-def _gather_batches(mine: dict[int, Tensor], sizes: list[int], rank: int, world: int) -> list[Tensor]:
+def _gather_batches(mine: dict[int, Tensor], sizes: list[int], world: int) -> list[Tensor]:
     """Every text batch's embeddings, in batch order, from the ranks that encoded them (batch i on rank i % world).
 
     One tensor ``all_gather`` of each rank's batches padded to a common shape: pickling them through
@@ -87,7 +87,7 @@ def _compute(model, tokenizer, classnames, templates, device, batch_size, rank: 
                 tokens = _to_device(tokens, device)
             mine[i] = F.normalize(model.encode_text(tokens).float(), dim=-1)
     if world > 1:
-        batches = _gather_batches(mine, [len(texts[s : s + batch_size]) for s in starts], rank, world)
+        batches = _gather_batches(mine, [len(texts[s : s + batch_size]) for s in starts], world)
     else:
         batches = [mine[i] for i in range(len(starts))]
     e = torch.cat(batches).reshape(len(classnames), len(templates), -1)
