@@ -56,6 +56,24 @@ class _PerDataset(pl.Callback):
     def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
         raise NotImplementedError
 
+    def update(
+        self, metric: Any, pl_module: pl.LightningModule, outputs: Mapping[str, Any], batch: dict[str, Any], idx: int
+    ) -> None:
+        raise NotImplementedError
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Mapping[str, Any],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Update the metric of this batch's dataloader, if this callback measures it."""
+        if dataloader_idx in self.metrics:
+            self.update(self.metrics[dataloader_idx], pl_module, outputs, batch, dataloader_idx)
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.metrics = {}
         for idx in range(len(_datamodule(trainer).names)):
@@ -99,19 +117,12 @@ class ZeroShotValidation(_PerDataset):
             )
         return ZeroShotAccuracy(num_classes=len(dm.classnames(idx)))
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Mapping[str, Any],
-        batch: dict[str, Any],
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def update(
+        self, metric: Any, pl_module: pl.LightningModule, outputs: Mapping[str, Any], batch: dict[str, Any], idx: int
     ) -> None:
         """Score this batch's features against the dataset's zero-shot classifier and update its accuracy."""
-        if dataloader_idx in self.metrics:
-            logits = zeroshot_logits(outputs["features"], self.classifiers[dataloader_idx])
-            self.metrics[dataloader_idx].update(logits, batch["label"].to(logits.device), batch["sample_id"])
+        logits = zeroshot_logits(outputs["features"], self.classifiers[idx])
+        metric.update(logits, batch["label"].to(logits.device), batch["sample_id"])
 
     def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
         """Zero-shot top-1 / top-5 and mean per-class recall under their reported names."""
@@ -135,24 +146,16 @@ class RetrievalValidation(_PerDataset):
         """A fresh Recall@{1,5,10} metric for this dataset."""
         return RetrievalRecallAtK(ks=(1, 5, 10))
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Mapping[str, Any],
-        batch: dict[str, Any],
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def update(
+        self, metric: Any, pl_module: pl.LightningModule, outputs: Mapping[str, Any], batch: dict[str, Any], idx: int
     ) -> None:
         """Embed the batch's captions and add them, with the image features and their owners, to the recall metric."""
-        if dataloader_idx not in self.metrics:
-            return
         captions = [c for caps in batch["captions"] for c in caps]
         ids = batch["sample_id"].tolist()  # one host copy per batch (int() per sample syncs once each)
         owners = torch.tensor([i for caps, i in zip(batch["captions"], ids, strict=True) for _ in caps])
         text = F.normalize(pl_module.encode_text(captions).float(), dim=-1)
         image = F.normalize(outputs["features"].float(), dim=-1)
-        self.metrics[dataloader_idx].update(image, batch["sample_id"], text, owners.to(text.device))
+        metric.update(image, batch["sample_id"], text, owners.to(text.device))
 
     def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
         """Recall@k renamed to CLIP_benchmark's keys (image retrieval = text query, text retrieval = image query)."""
@@ -196,19 +199,12 @@ class KNNValidation(_PerDataset):
             bank_l = torch.cat(all_gather_uneven(bank_l))
         return KNNAccuracy(bank_f, bank_l, num_classes=len(dm.classnames(idx)), k=self.k, temperature=self.temperature)
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Mapping[str, Any],
-        batch: dict[str, Any],
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def update(
+        self, metric: Any, pl_module: pl.LightningModule, outputs: Mapping[str, Any], batch: dict[str, Any], idx: int
     ) -> None:
         """Classify this batch's features by k-NN against the bank and update the accuracy."""
-        if dataloader_idx in self.metrics:
-            feats = outputs["features"].float()
-            self.metrics[dataloader_idx].update(feats, batch["label"].to(feats.device), batch["sample_id"])
+        feats = outputs["features"].float()
+        metric.update(feats, batch["label"].to(feats.device), batch["sample_id"])
 
     def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
         """k-NN top-1 / top-5 under their reported names."""
@@ -226,20 +222,11 @@ class FidelityValidation(_PerDataset):
         """A fresh feature-cosine metric (the reference comes with each batch's outputs)."""
         return FeatureFidelity()
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Mapping[str, Any],
-        batch: dict[str, Any],
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def update(
+        self, metric: Any, pl_module: pl.LightningModule, outputs: Mapping[str, Any], batch: dict[str, Any], idx: int
     ) -> None:
         """Add the cosine between this batch's evaluated and float features."""
-        if dataloader_idx in self.metrics:
-            self.metrics[dataloader_idx].update(
-                outputs["features"], batch["sample_id"], reference=outputs["float_features"]
-            )
+        metric.update(outputs["features"], batch["sample_id"], reference=outputs["float_features"])
 
     def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
         """The mean cosine to the float model's features under its reported name."""
