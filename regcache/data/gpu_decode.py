@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DecodePrefetcher", "PendingImages", "TensorPreprocess", "decode_images"]
+__all__ = ["DecodePrefetcher", "PendingImages", "TensorPreprocess"]
 
 _JPEG_MAGIC = b"\xff\xd8"
 
@@ -33,24 +33,6 @@ def _as_tensor(data: bytes | torch.Tensor) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def decode_images(images: Iterable[bytes | torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
-    """uint8 (3, H, W) tensors on ``device``: JPEGs batched through ``decode_jpeg``, other formats on the CPU."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
-    data = [_as_tensor(x) for x in images]
-    is_jpeg = [bytes(d[:2].tolist()) == _JPEG_MAGIC for d in data]
-    out: list[torch.Tensor | None] = [None] * len(data)
-    jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
-    if jpeg_idx:
-        decoded = decode_jpeg([data[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
-        for i, img in zip(jpeg_idx, decoded, strict=True):
-            out[i] = img
-    for i, j in enumerate(is_jpeg):
-        if not j:
-            out[i] = decode_image(data[i], mode=ImageReadMode.RGB).to(device)
-    return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -107,8 +89,21 @@ class TensorPreprocess:
         return out
 
     def decode(self, images: Iterable[bytes | torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
-        """uint8 (3, H, W) tensors on ``device`` (see :func:`decode_images`)."""
-        return decode_images(images, device)
+        """uint8 (3, H, W) tensors on ``device``: JPEGs batched through ``decode_jpeg``, the rest on the CPU."""
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+        data = [_as_tensor(x) for x in images]
+        is_jpeg = [bytes(d[:2].tolist()) == _JPEG_MAGIC for d in data]
+        out: list[torch.Tensor | None] = [None] * len(data)
+        jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
+        if jpeg_idx:
+            decoded = decode_jpeg([data[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
+            for i, img in zip(jpeg_idx, decoded, strict=True):
+                out[i] = img
+        for i, j in enumerate(is_jpeg):
+            if not j:
+                out[i] = decode_image(data[i], mode=ImageReadMode.RGB).to(device)
+        return out  # type: ignore[return-value]
 
     def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) images of one size → float32 (..., 3, crop_h, crop_w) in [0, 255]."""
