@@ -35,7 +35,7 @@ from regcache.registers import (
 from regcache.registers import (
     RegisterSearch as GridSearch,
 )
-from regcache.registers.search import SEARCH_DTYPES
+from regcache.registers.search import SEARCH_DTYPES, check_grid
 from regcache.utils import write_json
 
 
@@ -109,6 +109,7 @@ class RegisterSearch(pl.Callback):
     ) -> None:
         if search_dtype is not None and search_dtype not in SEARCH_DTYPES:
             raise ValueError(f"search_dtype must be one of {sorted(SEARCH_DTYPES)} or null, got {search_dtype!r}")
+        check_grid(taus=taus, delete_ks=delete_ks, l_start_offsets=l_start_offsets)  # null = default, [] = error
         self.objective_name = objective
         self.l_q = l_q
         self.sweep_bits = sweep_bits

@@ -331,3 +331,53 @@ def test_grid_timings_split_setup_configurations_and_steady_state():
     assert "steady_s_per_config" not in _grid_timings(0.0, 1.0, [2.0])  # one row: no second half to time
     result = _search(taus=(1,), delete_ks=(0,)).run("cached")
     assert result.stats["prepare_s"] > 0 and result.stats["configurations_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"taus": (-1, -3)}, "taus"),  # all negative: was a "RegCache" result with mode base
+        ({"taus": (2, -1)}, "taus"),  # one negative: was dropped silently
+        ({"taus": (0,)}, "taus"),
+        ({"taus": ()}, "taus"),
+        ({"taus": (1.5,)}, "taus"),
+        ({"delete_ks": (-2,)}, "delete_ks"),  # was a winner with k~ = -2
+        ({"delete_ks": ()}, "delete_ks"),
+        ({"l_starts": [-1]}, "l_starts"),
+    ],
+)
+def test_invalid_grid_values_are_refused(kw, field):
+    args = {"taus": (1, 3), "delete_ks": (0, 2), "l_starts": [1]} | kw
+    with pytest.raises(ValueError, match=rf"^{field} "):
+        search_grid(2, **args, modes=("prefix", "delete", "both"))
+    encoder = adapt(make_model("openclip"))
+    derived = []
+    candidates = type("Spy", (), {"__getattr__": lambda self, name: derived.append(name)})()
+    with pytest.raises(ValueError, match=rf"^{field} "):
+        RegisterSearch(encoder, NaiveConfig(6, 6), [], [], EmbeddingCosine(), 1, candidates, **args, progress=False)
+    assert not derived  # refused before any register cache is derived
+
+
+def test_empty_modes_are_refused():
+    with pytest.raises(ValueError, match="modes is empty"):
+        search_grid(2, taus=(1,), delete_ks=(0,), l_starts=[1], modes=())
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"taus": [-1]}, "taus"),
+        ({"taus": []}, "taus"),  # was the full 1..15 grid
+        ({"delete_ks": [-2]}, "delete_ks"),
+        ({"delete_ks": []}, "delete_ks"),
+        ({"l_start_offsets": [-1]}, "l_start_offsets"),
+        ({"l_start_offsets": []}, "l_start_offsets"),
+    ],
+)
+def test_callback_refuses_invalid_grid_values(kw, field):
+    from callbacks.register_search import RegisterSearch as SearchCallback
+
+    with pytest.raises(ValueError, match=rf"^{field} "):
+        SearchCallback(**kw)
+    assert SearchCallback(taus=[1, 15], delete_ks=[0], l_start_offsets=[0]).taus == [1, 15]
+    assert SearchCallback().taus == list(range(1, 16))  # null: the default grid

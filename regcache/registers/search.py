@@ -61,6 +61,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -115,6 +116,40 @@ class SearchPoint:
         ]
 
 
+# the grid's integer fields: the smallest valid value and what the value means (for the error message)
+GRID_FIELDS = {
+    "taus": (1, "τ is how many times the register prefix is repeated; the paper's grid is 1..15"),
+    "delete_ks": (0, "k̃ is how many massive tokens are deleted at l_q, 0 = no deletion"),
+    "l_starts": (0, "a block index where the prefix starts"),
+    "l_start_offsets": (0, "l_start = l_q - offset, 0 = the prefix starts at l_q"),
+}
+
+
+def check_grid(**fields: Sequence[int] | None) -> None:
+    """Raise a ValueError naming the field and the fix unless every given grid field is a non-empty list of valid ints.
+
+    A field given as None is left to its default; an empty list is an error, since it would either
+    drop the dimension or silently stand for a default grid.
+    """
+    for name, values in fields.items():
+        if values is None:
+            continue
+        minimum, meaning = GRID_FIELDS[name]
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise ValueError(f"{name} must be a list of integers >= {minimum}, got {values!r} ({meaning})")
+        values = list(values)
+        if not values:
+            raise ValueError(
+                f"{name} is empty: give at least one integer >= {minimum}, or leave {name} out for the default "
+                f"({meaning})"
+            )
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum]
+        if bad:
+            raise ValueError(
+                f"{name} must hold integers >= {minimum}, got {bad!r} in {values!r}: remove or correct them ({meaning})"
+            )
+
+
 def search_grid(
     num_registers: int,
     taus: Sequence[int],
@@ -127,7 +162,9 @@ def search_grid(
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    taus = [t for t in taus if t > 0]
+    if not modes:
+        raise ValueError(f"modes is empty: give at least one of {MODES}")
+    check_grid(taus=taus, delete_ks=delete_ks, l_starts=l_starts)
     points = [SearchPoint(None, 0, 0, l_starts[0])] if include_base or "base" in modes else []
     if "delete" in modes:
         points += [SearchPoint(None, 0, k, l_starts[0]) for k in delete_ks if k > 0]
@@ -237,6 +274,7 @@ class RegisterSearch:
             raise ValueError(f"dtype must be one of {', '.join(map(str, SEARCH_DTYPES.values()))}, got {dtype!r}")
         if recalibrate not in ("per_config", "once"):
             raise ValueError(f"recalibrate must be 'per_config' or 'once', got {recalibrate!r}")
+        check_grid(taus=taus, delete_ks=delete_ks, l_starts=l_starts)  # before any model work
         self.config = config
         self.calibration = _images(calibration)
         self.reference = _images(reference)
