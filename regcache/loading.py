@@ -192,6 +192,10 @@ def _timm(name: str, pretrained: str | None, device: str, image_size: int | None
     else:
         model = timm.create_model(arch, pretrained=False, **kwargs)
     data_cfg = timm.data.resolve_data_config({}, model=model)
+    # the pretrained config's input size is the checkpoint's (518 for DINOv2), not the model's after img_size
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or (image_size and (image_size, image_size))
+    if size:
+        data_cfg["input_size"] = (data_cfg["input_size"][0], *size)
     preprocess = timm.data.create_transform(**data_cfg)
     return LoadedModel(model.to(device).eval(), preprocess, None, name, pretrained)
 

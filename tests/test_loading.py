@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,22 @@ def test_timm_local_checkpoint_and_image_size(tmp_path):
     assert torch.equal(loaded.model.pos_embed, source.pos_embed)
     assert loaded.tokenizer is None and not loaded.has_text_tower
     assert load_model("timm:vit_regcache_tiny_siglip", image_size=48).model.patch_embed.img_size == (48, 48)
+
+
+def test_dinov2_config_preprocessing_follows_the_image_size_override():
+    import yaml
+    from PIL import Image
+
+    from regcache.encoders import adapt
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "train_configs/models/dinov2_b14.yaml").read_text())
+    args = {**shipped["model"], "pretrained": None, "image_size": 56}  # random weights, 4 x 4 patches of 14
+    loaded = load_model(args["model"], args["pretrained"], image_size=args["image_size"])
+    assert loaded.model.patch_embed.img_size == (56, 56)
+    batch = torch.stack([loaded.preprocess(Image.new("RGB", size, "gray")) for size in ((90, 70), (60, 120))])
+    assert batch.shape == (2, 3, 56, 56)
+    with torch.no_grad():
+        expected = loaded.model(batch)  # the timm model's own forward, before adaptation moves its blocks
+        features = adapt(loaded.model)(batch)
+    assert features.shape == (2, 768) and torch.isfinite(features).all()
+    assert torch.allclose(features, expected, atol=1e-4)
