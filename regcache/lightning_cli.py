@@ -76,6 +76,44 @@ def _expand_configs(argv: list[str], workdir: Path) -> list[str]:
     return out
 
 
+def _trainer_class() -> type:
+    """``pl.Trainer`` whose ``limit_*_batches`` parse as Lightning documents: int = batches, float = fraction."""
+    from regcache._lightning import pl
+
+    class Trainer(pl.Trainer):
+        """The Lightning Trainer; only the batch limits' type hints differ (int tried before float).
+
+        Lightning annotates them ``Optional[Union[int, float]]``, but ``typing`` caches unions as equal
+        regardless of their order, so depending on what was imported before, the hint can come out as
+        ``Union[float, int, None]``: jsonargparse then tries float first and ``1`` became ``1.0`` (100 %).
+
+        Args:
+            limit_train_batches: training batches per epoch (int) or the fraction of them (float).
+            limit_val_batches: validation batches (int) or the fraction of the validation set (float).
+            limit_test_batches: test batches (int) or the fraction of the test set (float).
+            limit_predict_batches: prediction batches (int) or the fraction of them (float).
+        """
+
+        def __init__(
+            self,
+            *,
+            limit_train_batches: int | float | None = None,
+            limit_val_batches: int | float | None = None,
+            limit_test_batches: int | float | None = None,
+            limit_predict_batches: int | float | None = None,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(
+                limit_train_batches=limit_train_batches,
+                limit_val_batches=limit_val_batches,
+                limit_test_batches=limit_test_batches,
+                limit_predict_batches=limit_predict_batches,
+                **kwargs,
+            )
+
+    return Trainer
+
+
 def run_cli(argv: list[str]) -> Any:
     """Instantiate and run the LightningCLI on already-expanded arguments."""
     import callbacks.calibration
@@ -107,6 +145,7 @@ def run_cli(argv: list[str]) -> Any:
     return cli_module.LightningCLI(
         QuantizedEncoder,
         ValidationSuite,
+        trainer_class=_trainer_class(),
         args=argv,
         trainer_defaults={"callbacks": [instantiate(c) for c in DEFAULT_CALLBACKS], "logger": False},
         save_config_callback=RunDirConfig,

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 from regcache.lightning_cli import compose
 from regcache.lightning_cli import main as validate_main
@@ -52,3 +53,22 @@ def test_print_config_of_a_grid_entry(capsys):
     out = capsys.readouterr().out
     assert "model: ViT-B-16-SigLIP2" in out and "root: /datasets" in out and "w_bits: 6" in out
     assert "callbacks.register_search.RegisterSearch" in out
+
+
+@pytest.mark.parametrize(("given", "expected"), [("1", 1), ("3", 3), ("0.25", 0.25), ("1.0", 1.0)])
+def test_limit_val_batches_int_is_batches_float_is_fraction(capsys, given, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        validate_main(
+            [
+                "--config",
+                str(CONFIGS / "grid" / "siglip2_b16_naive_w6a6.yaml"),
+                f"--trainer.limit_val_batches={given}",
+                "--trainer.limit_test_batches",
+                given,
+                "--print_config",
+            ]
+        )
+    assert exit_info.value.code in (0, None)
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    for key in ("limit_val_batches", "limit_test_batches"):
+        assert trainer[key] == expected and type(trainer[key]) is type(expected), (key, trainer[key])
