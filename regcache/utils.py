@@ -13,15 +13,16 @@ import torch
 from torch import nn
 
 
-def weights_fingerprint(module: nn.Module, max_elements: int = 1 << 16) -> str:
+def weights_fingerprint(module: nn.Module, max_elements: int = 1 << 16, skip_prefixes: tuple[str, ...] = ()) -> str:
     """A short hash of a module's parameter names, shapes and (strided samples of) values.
 
     Identical weights give identical fingerprints on any device; it distinguishes checkpoints
-    without hashing every byte of a large model.
+    without hashing every byte of a large model. State entries whose names start with one of
+    ``skip_prefixes`` are left out (e.g. ``("visual.",)``: a CLIP model's text side only).
     """
     h = hashlib.sha256()
     for name, p in module.state_dict().items():
-        if not torch.is_floating_point(p) or p.numel() == 0:
+        if name.startswith(skip_prefixes) or not torch.is_floating_point(p) or p.numel() == 0:
             continue
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // max_elements)

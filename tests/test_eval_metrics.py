@@ -265,3 +265,70 @@ def test_build_zeroshot_classifier_by_hand_and_cache(tmp_path):
     f = torch.randn(4, 6)
     logits = zeroshot_logits(f, W)
     assert torch.allclose(logits, 100 * (f / f.norm(dim=1, keepdim=True)) @ W, atol=1e-4)
+
+
+def _counting(model):
+    """The model with ``encode_text`` counting its calls (a reused head makes none)."""
+    model.calls = 0
+    encode = model.encode_text
+
+    def counted(tokens):
+        model.calls += 1
+        return encode(tokens)
+
+    model.encode_text = counted
+    return model
+
+
+def test_zeroshot_cache_is_keyed_by_text_weights_not_model_name(tmp_path, caplog):
+    import logging
+
+    import open_clip
+    from conftest import make_model
+
+    tok = open_clip.get_tokenizer("regcache-tiny-openclip")
+    classes, templates = ["cat", "dog", "fish", "bird"], ["a {c}.", "a photo of a {c}."]
+    kw = {"cache_dir": tmp_path, "model_id": "regcache-tiny-openclip@random"}  # the same name for every seed
+    uncached = {s: build_zeroshot_classifier(make_model("openclip", seed=s), tok, classes, templates) for s in (0, 1)}
+    assert not torch.allclose(uncached[0], uncached[1], atol=1e-3)
+
+    first = _counting(make_model("openclip", seed=0))
+    assert torch.equal(build_zeroshot_classifier(first, tok, classes, templates, **kw), uncached[0])
+    other_seed = _counting(make_model("openclip", seed=1))
+    assert torch.equal(build_zeroshot_classifier(other_seed, tok, classes, templates, **kw), uncached[1])
+    assert other_seed.calls > 0 and len(list(tmp_path.glob("zeroshot_*.pt"))) == 2
+
+    # the same text weights in a fresh model (its vision tower changed): reused, and the reuse is logged
+    same = _counting(make_model("openclip", seed=0))
+    with torch.no_grad():
+        for p in same.visual.parameters():
+            p.add_(1.0)
+    with caplog.at_level(logging.INFO, logger="regcache.eval.zeroshot"):
+        reused = build_zeroshot_classifier(same, tok, classes, templates, **kw)
+    assert same.calls == 0 and torch.equal(reused, uncached[0])
+    assert any("reusing the zero-shot classifier" in r.getMessage() for r in caplog.records)
+
+    # anything the head depends on differs: computed again
+    changed = _counting(make_model("openclip", seed=0))
+    build_zeroshot_classifier(changed, tok, classes[::-1], templates, **kw)  # class order = column order
+    build_zeroshot_classifier(changed, tok, classes, ["{c}, a photo."], **kw)
+    build_zeroshot_classifier(changed, tok, classes, templates, **{**kw, "model_id": "other@random"})
+    calls = changed.calls
+    assert calls >= 3
+    half = _counting(make_model("openclip", seed=0).to(torch.bfloat16))
+    build_zeroshot_classifier(half, tok, classes, templates, **kw)
+    assert half.calls > 0
+    assert len(list(tmp_path.glob("zeroshot_*.pt"))) == 6
+
+
+def test_zeroshot_cache_reuses_only_an_exact_spec_match(tmp_path):
+    model = _counting(_FakeTextModel())
+    classes, templates = ["cat", "dog"], ["a {c}."]
+    kw = {"cache_dir": tmp_path, "model_id": "fake/0"}
+    W = build_zeroshot_classifier(model, _tok, classes, templates, "cpu", 4, **kw)
+    (path,) = tmp_path.glob("zeroshot_*.pt")
+    stored = torch.load(path, weights_only=True)
+    torch.save({"spec": stored["spec"].replace("cat", "cow"), "classifier": torch.zeros_like(W)}, path)
+    calls = model.calls
+    again = build_zeroshot_classifier(model, _tok, classes, templates, "cpu", 4, **kw)
+    assert model.calls > calls and torch.allclose(again, W)

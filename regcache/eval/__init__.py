@@ -12,7 +12,13 @@ from .metrics import (
     topk_accuracy,
 )
 from .outliers import OutlierStats
-from .zeroshot import build_zeroshot_classifier, classifier_cache_key, fill_template, zeroshot_logits
+from .zeroshot import (
+    build_zeroshot_classifier,
+    classifier_cache_key,
+    classifier_cache_spec,
+    fill_template,
+    zeroshot_logits,
+)
 
 __all__ = [
     "FeatureFidelity",
@@ -23,6 +29,7 @@ __all__ = [
     "all_gather_uneven",
     "build_zeroshot_classifier",
     "classifier_cache_key",
+    "classifier_cache_spec",
     "dedupe_by_id",
     "feature_cosine_by_id",
     "fill_template",

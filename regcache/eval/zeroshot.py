@@ -13,13 +13,22 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["build_zeroshot_classifier", "classifier_cache_key", "fill_template", "zeroshot_logits"]
+from regcache.utils import weights_fingerprint
+
+__all__ = [
+    "build_zeroshot_classifier",
+    "classifier_cache_key",
+    "classifier_cache_spec",
+    "fill_template",
+    "zeroshot_logits",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +40,65 @@ def fill_template(template: Template, classname: str) -> str:
     return template(classname) if callable(template) else template.replace("{c}", classname)
 
 
-def classifier_cache_key(model_id: str, classnames: Sequence[str], templates: Sequence[Template]) -> str:
-    """sha256 over the model identity string, the templates and the class names."""
-    payload = json.dumps(
-        {
-            "model": model_id,
-            "templates": [fill_template(t, "{c}") for t in templates],
-            "classnames": list(classnames),
-        },
-        ensure_ascii=False,
+def classifier_cache_spec(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    model_id: str | None = None,
+) -> dict[str, Any]:
+    """Everything a zero-shot head depends on: text-tower weights and dtype, model and tokenizer, classes, templates.
+
+    The text tower is every state entry outside ``visual.`` (the vision tower, which quantization
+    and registers change, does not enter the head); a model without ``visual`` is fingerprinted whole.
+    """
+    skip = ("visual.",) if isinstance(getattr(model, "visual", None), torch.nn.Module) else ()
+    text_dtypes = sorted(
+        {str(p.dtype) for n, p in model.state_dict().items() if not n.startswith(skip) and torch.is_floating_point(p)}
     )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    autocast = str(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
+    return {
+        "model": model_id,
+        "tokenizer": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+        "context_length": getattr(tokenizer, "context_length", None),
+        "text_weights": weights_fingerprint(model, skip_prefixes=skip),
+        "dtype": text_dtypes,
+        "autocast": autocast,
+        "templates": [fill_template(t, "{c}") for t in templates],
+        "classnames": list(classnames),
+    }
+
+
+def classifier_cache_key(spec: dict[str, Any]) -> str:
+    """sha256 of a :func:`classifier_cache_spec`: the cache file's name."""
+    return hashlib.sha256(_spec_json(spec).encode("utf-8")).hexdigest()
+
+
+def _spec_json(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, ensure_ascii=False, sort_keys=True)
+
+
+def _load_cached(path: Path, spec: dict[str, Any]) -> Tensor | None:
+    """The cached head at ``path`` if its stored spec equals ``spec`` exactly, else None."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file is recomputed, not trusted
+        log.warning("zero-shot classifier cache %s is unreadable (%r): computing it again", path, exc)
+        return None
+    if not isinstance(data, dict) or data.get("spec") != _spec_json(spec):
+        log.warning("zero-shot classifier cache %s was built for something else: computing it again", path)
+        return None
+    log.info(
+        "reusing the zero-shot classifier %s: same text-tower weights (%s), model %s, dtype, %d class names and "
+        "%d templates",
+        path,
+        spec["text_weights"],
+        spec["model"],
+        len(spec["classnames"]),
+        len(spec["templates"]),
+    )
+    return data["classifier"]
 
 
 def _to_device(tokens: Tensor, device: torch.device | str) -> Tensor:
@@ -108,22 +165,24 @@ def build_zeroshot_classifier(
     """Zero-shot classification head, shape ``(embed_dim, num_classes)``, float32 on ``device``.
 
     Per class: fill every template, tokenize, ``model.encode_text``, L2-normalise each, average,
-    renormalise. Cached as ``<cache_dir>/zeroshot_<sha256>.pt`` when both ``cache_dir`` and
-    ``model_id`` (a string naming the exact weights, e.g. ``"ViT-B-16-quickgelu/openai"``) are given.
-    Collective under torch.distributed: the ranks share the text encoding (rank 0 loads a cached
-    classifier and broadcasts it instead); the result does not depend on the number of ranks.
+    renormalise. With ``cache_dir`` it is cached as ``<cache_dir>/zeroshot_<sha256>.pt``, keyed by
+    :func:`classifier_cache_spec` (text-tower weights fingerprint and dtype, ``model_id`` such as
+    ``"ViT-B-16-quickgelu@openai"``, tokenizer, class names, templates) and reused (logged) only when
+    the stored spec matches exactly. Collective under torch.distributed: the ranks share the text
+    encoding (rank 0 loads a cached classifier and broadcasts it instead); the result does not
+    depend on the number of ranks.
     """
     if not classnames or not templates:
         raise ValueError("need at least one class name and one template")
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     W: Tensor | None = None
-    path = None
-    if cache_dir is not None and model_id is not None:
-        path = Path(cache_dir) / f"zeroshot_{classifier_cache_key(model_id, classnames, templates)}.pt"
-    if rank == 0 and path is not None and path.is_file():
-        W = torch.load(path, map_location="cpu", weights_only=True).to(device=device, dtype=torch.float32)
-        log.info("loaded zero-shot classifier from %s", path)
+    path = spec = None
+    if cache_dir is not None and rank == 0:  # only rank 0 touches the cache
+        spec = classifier_cache_spec(model, tokenizer, classnames, templates, model_id)
+        path = Path(cache_dir) / f"zeroshot_{classifier_cache_key(spec)}.pt"
+        if path.is_file() and (W := _load_cached(path, spec)) is not None:
+            W = W.to(device=device, dtype=torch.float32)
     cached = [W is not None]
     if distributed:
         dist.broadcast_object_list(cached, src=0)
@@ -133,7 +192,7 @@ def build_zeroshot_classifier(
         if rank == 0 and path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(W.cpu(), tmp)
+            torch.save({"spec": _spec_json(spec), "classifier": W.cpu()}, tmp)
             os.replace(tmp, path)
     elif distributed:
         shape = [tuple(W.shape) if W is not None else None]
