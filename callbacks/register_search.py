@@ -5,13 +5,22 @@ Multi-GPU: the sweep, the curation and the register caches are computed on rank 
 search's configurations are split across ranks (rank r takes configurations r, r+W, ...), each
 rank saving its own resumable state, and the rows are gathered so every rank picks the same
 winner. The winner (its register cache and the search table) is saved in the run directory
-and reused by later runs unless ``force``.
+and reused by later runs unless ``force`` (or the run's grid settings differ from the saved search's).
+
+What is installed is the best configuration *of the run's modes* (``modes``): an ablation with
+``modes: [prefix]`` installs the best prefix-only configuration even where it scores below the
+base method. The base (no prefix, no deletion) is always scored, as the reference the run is
+compared with (``base_score``, ``gain_over_base`` in metrics.json, and one log line); it is
+installed only where ``modes`` lists ``base``, and a run that installs it, or whose configuration
+scores no better than it, says so in a warning and in metrics.json (``warning``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +44,10 @@ from regcache.registers import (
 from regcache.registers import (
     RegisterSearch as GridSearch,
 )
-from regcache.registers.search import SEARCH_DTYPES, check_grid
+from regcache.registers.search import MODES, REGCACHE_MODES, SEARCH_DTYPES, check_grid
 from regcache.utils import write_json
+
+log = logging.getLogger(__name__)
 
 
 def _gather_rows(
@@ -64,7 +75,12 @@ class RegisterSearch(pl.Callback):
         curation_layers_before: also curate up to this many blocks before l_q (v4 option: 3).
         taus, delete_ks: the grid (paper: τ ∈ 1..15, k̃ ∈ a small set).
         l_start_offsets: l_start = l_q - offset for each offset (0 = prefix from l_q on).
-        modes: ablations: ``both``, ``prefix``, ``delete``.
+        modes: which configurations the run searches and installs the best of: ``prefix`` (a
+            register prefix, no deletion), ``delete`` (deletion only), ``both`` (prefix and
+            deletion with k̃ > 0), ``base`` (neither). Default ``[prefix, both]``: RegCache with k̃
+            tuned over ``delete_ks``, 0 included. One mode is that ablation: ``[prefix]`` installs
+            the best prefix-only configuration, whatever the base scores. The base is scored
+            in every run, to compare with.
         derivation: ``propagate`` (default) or ``in_context``.
         prefix_only_at_lq: install the prefix only in block l_q (DINOv2, paper v4).
         recalibrate: ``per_config`` (exact, default) or ``once`` (batched approximation).
@@ -82,6 +98,9 @@ class RegisterSearch(pl.Callback):
         save_every_s: at most this many seconds between writes of the resumable search state
             (what a preemption can lose; 0 writes after every configuration).
         force: recompute even if a saved result exists.
+        enabled: false runs the method without RegCache (nothing is searched or installed,
+            ``regcache`` is null in metrics.json): the switch that turns a RegCache config into
+            its baseline, ``--trainer.callbacks.init_args.enabled=false``.
     """
 
     def __init__(
@@ -106,10 +125,13 @@ class RegisterSearch(pl.Callback):
         search_dtype: str | None = None,
         save_every_s: float = 10.0,
         force: bool = False,
+        enabled: bool = True,
     ) -> None:
         if search_dtype is not None and search_dtype not in SEARCH_DTYPES:
             raise ValueError(f"search_dtype must be one of {sorted(SEARCH_DTYPES)} or null, got {search_dtype!r}")
         check_grid(taus=taus, delete_ks=delete_ks, l_start_offsets=l_start_offsets)  # null = default, [] = error
+        modes = list(modes) if modes is not None else list(REGCACHE_MODES)
+        _check_modes(modes, delete_ks if delete_ks is not None else [0, 2, 4, 8])
         self.objective_name = objective
         self.l_q = l_q
         self.sweep_bits = sweep_bits
@@ -120,7 +142,7 @@ class RegisterSearch(pl.Callback):
         self.taus = taus or list(range(1, 16))
         self.delete_ks = delete_ks if delete_ks is not None else [0, 2, 4, 8]
         self.l_start_offsets = l_start_offsets or [0]
-        self.modes = modes or ["both"]
+        self.modes = modes
         self.derivation = derivation
         self.prefix_only_at_lq = prefix_only_at_lq
         self.recalibrate = recalibrate
@@ -130,7 +152,17 @@ class RegisterSearch(pl.Callback):
         self.search_dtype = search_dtype
         self.save_every_s = save_every_s
         self.force = force
+        self.enabled = enabled
         self.done = False
+
+    def settings(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """What defines the grid and its scores (saved with the result; a saved search is reused for equal ones)."""
+        fields = ("objective_name", "l_q", "sweep_bits", "sweep_images", "search_images", "num_candidates")
+        fields += ("curation_layers_before", "taus", "delete_ks", "l_start_offsets", "modes", "derivation")
+        fields += ("prefix_only_at_lq", "recalibrate", "search_dtype")
+        out = {name: getattr(self, name) for name in fields}
+        out["method"] = pl_module.quant_config.to_dict()
+        return json.loads(json.dumps(out))  # tuples as lists: comparable with the saved JSON
 
     # ------------------------------------------------------------------ data
     def _reference(self, trainer, pl_module, limit: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -200,12 +232,35 @@ class RegisterSearch(pl.Callback):
         """compile_tail as given, or (None) whether the model is on a GPU."""
         return self.compile_tail if self.compile_tail is not None else pl_module.device.type == "cuda"
 
+    def _saved(self, result_path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+        """The saved search if it can answer this run (same settings; its table holds the run's modes), else None."""
+        if self.force or not result_path.is_file():
+            return None
+        data = json.loads(result_path.read_text())
+        saved = data.get("settings")
+        if saved is not None:
+            same = {k: v for k, v in saved.items() if k != "modes"} == {
+                k: v for k, v in settings.items() if k != "modes"
+            }
+            if same and set(self.modes) <= {row["mode"] for row in data["table"]}:  # the table holds these modes
+                return data
+        changed = sorted(k for k in settings if saved is None or saved.get(k) != settings[k])
+        log.warning("%s was searched with other settings (%s): searching again", result_path, ", ".join(changed))
+        return None
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Search (or reuse a saved winner of) the RegCache grid across ranks and install the best prefix / deletion."""
+        """Search (or reuse a saved search of) the grid across ranks and install the best of the run's modes."""
         if self.done or pl_module.quant_config is None:
+            return
+        if not self.enabled:
+            if trainer.is_global_zero:
+                log.warning("RegisterSearch: enabled is false, the method runs without RegCache")
+            self.done = True
             return
         out = pl_module.run_dir / "regcache"
         result_path = out / "search_result.json"
+        settings = self.settings(pl_module)
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
         encoder = pl_module.encoder
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
@@ -215,9 +270,10 @@ class RegisterSearch(pl.Callback):
                 make = self._objective(trainer, pl_module, labels)
                 objective = make()
             steady = None  # this rank's steady seconds per configuration (None: the grid did not run here)
-            if result_path.is_file() and not self.force:  # a finished search: reuse its winner
-                data = json.loads(result_path.read_text())
-                best, l_q, seconds = data["best"], data["spec"]["l_q"], data.get("search_seconds")
+            data = self._saved(result_path, settings)
+            if data is not None:  # a finished search of this grid: reuse its table
+                result = SearchResult(data["spec"], data["table"], objective.greater_is_better, data["stats"])
+                best, l_q, seconds = result.best_of(self.modes), data["spec"]["l_q"], data.get("search_seconds")
                 cache = RegisterCache.load(out / f"cache_lstart{best['l_start']}.safetensors", encoder)
             else:
                 with pl_module.timed("register_search.calibration_images"):
@@ -251,7 +307,8 @@ class RegisterSearch(pl.Callback):
                     fused_attention=self.fused_attention,
                     dtype=SEARCH_DTYPES.get(self.search_dtype),
                     save_every_s=self.save_every_s,
-                    state_path=out / f"search_state.rank{rank}of{world}.json",
+                    # keyed by the settings: a run with another grid does not meet this one's rows
+                    state_path=out / f"search_state.{digest}.rank{rank}of{world}.json",
                     progress=trainer.progress_bar_callback is not None,
                 )
                 search.points = search.points[rank::world]
@@ -272,12 +329,11 @@ class RegisterSearch(pl.Callback):
                 pl_module.add_time("register_search.grid.slowest_rank", max(st["grid_s"] for st in rank_stats))
                 stats = {**partial.stats, "ranks": rank_stats}  # rank 0's, then every rank's
                 result = SearchResult(partial.spec, rows, objective.greater_is_better, stats)
-                best = result.best
+                best = result.best_of(self.modes)
                 seconds = time.perf_counter() - start
                 if trainer.is_global_zero:
-                    write_json(
-                        result_path, {**result.to_dict(), "search_seconds": seconds, "sweep": artifacts["sweep"]}
-                    )
+                    saved = {**result.to_dict(), "installed": best, "settings": settings}
+                    write_json(result_path, {**saved, "search_seconds": seconds, "sweep": artifacts["sweep"]})
                 cache = caches[best["l_start"]]
         if best["register"] is not None and best["tau"] > 0:
             install_prefix(
@@ -285,6 +341,12 @@ class RegisterSearch(pl.Callback):
             )
         install_deletion(encoder, l_q, best["delete_k"])
         pl_module.add_time("register_search", time.perf_counter() - start)
+        comparison, message = compare_with_base(result, best, self.modes)
+        if trainer.is_global_zero:
+            if "warning" in comparison:
+                log.warning("RegisterSearch: %s", message)
+            else:
+                pl.utilities.rank_zero_info(f"RegisterSearch: {message}")
         pl_module.results["regcache"] = {
             "l_q": l_q,
             "l_start": best["l_start"],
@@ -292,10 +354,48 @@ class RegisterSearch(pl.Callback):
             "k_delete": best["delete_k"],
             "register": best["register"],
             "mode": best["mode"],
+            "modes": list(self.modes),
             "objective": self.objective_name,
             "objective_score": best["score"],
+            **comparison,
             "search_seconds": seconds,
             "steady_ms_per_config": None if steady is None else round(1e3 * steady, 2),
             "result": str(result_path),
         }
         self.done = True
+
+
+def _check_modes(modes: list[str], delete_ks: list[int]) -> None:
+    """Raise a ValueError naming the field when ``modes`` is unknown or asks for configurations the grid lacks."""
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise ValueError(f"modes must be a non-empty list of {list(MODES)}, got {modes!r}")
+    if {"delete", "both"} & set(modes) and not any(k > 0 for k in delete_ks):
+        raise ValueError(f"modes {modes} need a deletion: delete_ks must hold a k̃ > 0, got {delete_ks}")
+
+
+def compare_with_base(result: SearchResult, installed: dict[str, Any], modes: list[str]) -> tuple[dict[str, Any], str]:
+    """The installed configuration against the base on the reference (metrics.json fields), and the log line.
+
+    The fields hold ``warning`` where the run installs the base or a configuration that scores no better.
+    """
+    base = result.best_of(["base"])
+    gain = result.gain(installed, base)
+    out: dict[str, Any] = {
+        "base_score": base["score"],
+        "gain_over_base": gain,
+        "best_by_mode": {m: {"key": r["key"], "score": r["score"]} for m, r in result.best_by_mode().items()},
+    }
+    scores = f"{installed['score']:.4g} against the base's {base['score']:.4g} on the reference"
+    if installed["mode"] == "base":
+        out["warning"] = (
+            f"RegCache result is the base: no configuration of modes {modes} scored above the method without "
+            f"RegCache ({scores}); nothing is installed and the numbers are the base method's"
+        )
+    elif gain <= 0:
+        out["warning"] = (
+            f"the installed {installed['mode']} configuration {installed['key']} (modes {modes}) scores no better "
+            f"than the method without RegCache ({scores})"
+        )
+    message = out.get("warning", f"installed the best {installed['mode']} configuration {installed['key']} ({scores})")
+    return out, message

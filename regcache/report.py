@@ -29,7 +29,13 @@ def _regcache(run: dict[str, Any]) -> str:
     rc = run.get("regcache")
     if not rc:
         return "–"
-    return f"l_q={rc.get('l_q')}, τ={rc.get('tau')}, k̃={rc.get('k_delete')}"
+    if rc.get("mode") == "base":  # the search installed nothing: the row holds the base method's numbers
+        return f"base (nothing installed), l_q={rc.get('l_q')}"
+    cell = f"l_q={rc.get('l_q')}, τ={rc.get('tau')}, k̃={rc.get('k_delete')}"
+    modes = rc.get("modes")
+    if modes and sorted(modes) != ["both", "prefix"]:  # an ablation: name what was searched
+        cell = f"modes {'/'.join(modes)}: {cell}"
+    return cell
 
 
 def table(runs: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:

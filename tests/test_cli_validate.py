@@ -261,7 +261,8 @@ def test_register_search_dtype_through_the_cli(tmp_path, shards):
     out = _run(_regcache_config(tmp_path, shards, "bf16", search_dtype="bfloat16", modes=["both"]))
     result = json.loads(Path(out["regcache"]["result"]).read_text())
     assert result["spec"]["dtype"] == "bfloat16" and len(result["table"]) == 1 + 2 * 2 * 2  # base + registers × τ × k̃
-    best = result["best"]
+    best = max((r for r in result["table"] if r["mode"] == "both"), key=lambda r: r["score"])  # modes: [both]
+    assert result["installed"]["key"] == best["key"]
     assert (out["regcache"]["tau"], out["regcache"]["k_delete"]) == (best["tau"], best["delete_k"])
     assert {"register_search.grid", "register_search.gather"} <= set(out["timings_s"])
     parts = [out["timings_s"][f"register_search.grid.{p}"] for p in ("prepare", "configurations")]

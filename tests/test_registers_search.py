@@ -381,3 +381,44 @@ def test_callback_refuses_invalid_grid_values(kw, field):
         SearchCallback(**kw)
     assert SearchCallback(taus=[1, 15], delete_ks=[0], l_start_offsets=[0]).taus == [1, 15]
     assert SearchCallback().taus == list(range(1, 16))  # null: the default grid
+
+
+def test_best_of_picks_each_modes_best_row_and_gain_follows_the_objective():
+    """best_of ranks within the requested modes only, whatever the base or other modes score."""
+    from regcache.registers import SearchResult
+
+    rows = [  # the base scores highest: an ablation must still install its own mode's best
+        {"key": "base", "mode": "base", "score": 0.9},
+        {"key": "p1", "mode": "prefix", "score": 0.2},
+        {"key": "p2", "mode": "prefix", "score": 0.4},
+        {"key": "d1", "mode": "delete", "score": 0.5},
+        {"key": "b1", "mode": "both", "score": 0.7},
+    ]
+    result = SearchResult({}, rows, greater_is_better=True)
+    assert result.best["key"] == "base"
+    assert result.best_of(["prefix"])["key"] == "p2"
+    assert result.best_of(["delete"])["key"] == "d1"
+    assert result.best_of(["prefix", "both"])["key"] == "b1"
+    assert {m: r["key"] for m, r in result.best_by_mode().items()} == {
+        "base": "base",
+        "prefix": "p2",
+        "delete": "d1",
+        "both": "b1",
+    }
+    assert result.gain(result.best_of(["both"]), result.best_of(["base"])) == pytest.approx(0.7 - 0.9)
+    lower = SearchResult({}, rows, greater_is_better=False)  # mse-like: lower is better
+    assert lower.best_of(["prefix"])["key"] == "p1"
+    assert lower.gain(lower.best_of(["prefix"]), lower.best_of(["base"])) == pytest.approx(0.9 - 0.2)
+    with pytest.raises(ValueError, match=r"no configuration of mode \['delete'\]"):
+        SearchResult({}, rows[:3], greater_is_better=True).best_of(["delete"])
+    with pytest.raises(ValueError, match="unknown modes"):
+        result.best_of(["prefix_only"])
+
+
+def test_search_best_of_a_mode_is_that_modes_best_configuration():
+    """On a real search: each mode's best row is the maximum over exactly the rows of that mode."""
+    result = _search().run()
+    for mode in ("prefix", "delete", "both"):
+        rows = [r for r in result.rows if r["mode"] == mode]
+        assert rows and result.best_of([mode])["score"] == max(r["score"] for r in rows)
+        assert result.best_of([mode])["mode"] == mode

@@ -90,6 +90,8 @@ from regcache.utils import write_json
 log = logging.getLogger(__name__)
 
 MODES = ("base", "prefix", "delete", "both")
+# RegCache as the paper tunes it: a register prefix, with k̃ from delete_ks (0 = the prefix alone)
+REGCACHE_MODES = ("prefix", "both")
 Strategy = Literal["cached", "naive_loop"]
 
 
@@ -193,8 +195,32 @@ class SearchResult:
 
     @property
     def best(self) -> dict[str, Any]:
-        """The winning configuration's row."""
+        """The winning configuration's row, whatever its mode (the base included)."""
         return self.ranked[0]
+
+    def best_of(self, modes: Iterable[str]) -> dict[str, Any]:
+        """The best row whose mode is one of ``modes`` (an ablation installs this, not :attr:`best`)."""
+        wanted = set(modes)
+        unknown = wanted - set(MODES)
+        if unknown:
+            raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+        for row in self.ranked:
+            if row["mode"] in wanted:
+                return row
+        present = sorted({r["mode"] for r in self.rows})
+        raise ValueError(f"no configuration of mode {sorted(wanted)} was searched (the table has {present})")
+
+    def best_by_mode(self) -> dict[str, dict[str, Any]]:
+        """``{mode: best row of that mode}`` for every mode in the table, in :data:`MODES` order."""
+        out: dict[str, dict[str, Any]] = {}
+        for row in self.ranked:
+            out.setdefault(row["mode"], row)
+        return {m: out[m] for m in MODES if m in out}
+
+    def gain(self, row: dict[str, Any], over: dict[str, Any]) -> float:
+        """How much better ``row`` scores than ``over`` (positive: better, whichever way the objective points)."""
+        diff = row["score"] - over["score"]
+        return diff if self.greater_is_better else -diff
 
     def scores(self) -> dict[str, float]:
         """``{key: score}``."""
