@@ -31,6 +31,9 @@ class ValidationSuite(pl.LightningDataModule):
             whose model is fast enough that the decode thread costs more than it hides
             (BENCHMARKS.md §4: 0.90 vs 0.81 of model-only with and without it for naive W8A8 +
             fidelity, 0.44 vs 0.61 for the float model, on an H100).
+        tolerate_shard_errors: shared default of every dataset's option (a dataset's own wins):
+            false fails the run on a shard that cannot be read to its end, naming it; true
+            evaluates without the rest of it and records it (``shard_errors`` in metrics.json).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class ValidationSuite(pl.LightningDataModule):
         seed: int = 0,
         decode_on_gpu: bool = False,
         prefetch_depth: int | None = None,
+        tolerate_shard_errors: bool = False,
     ) -> None:
         super().__init__()
         if not datasets:
@@ -68,6 +72,7 @@ class ValidationSuite(pl.LightningDataModule):
             options.setdefault("num_workers", num_workers)
             options.setdefault("seed", seed)
             options.setdefault("decode_on_gpu", decode_on_gpu)
+            options.setdefault("tolerate_shard_errors", tolerate_shard_errors)
             if "prefetch_depth" not in options and prefetch_depth is None:
                 self._auto_prefetch.append(name)
             options.setdefault("prefetch_depth", 2 if prefetch_depth is None else prefetch_depth)
@@ -148,3 +153,16 @@ class ValidationSuite(pl.LightningDataModule):
         """Unreadable samples skipped during evaluation, per dataset, summed over ranks (collective)."""
         dev = device if device is not None and device.type == "cuda" else None
         return {n: m.reduced_skip_counts("eval", device=dev)["skipped_samples"] for n, m in self.modules.items()}
+
+    def shard_errors(self) -> dict[str, dict[str, Any]]:
+        """Failed (tolerated) shard reads of every dataset, gathered over ranks (collective: call it on every rank).
+
+        Keyed by dataset name (evaluation), plus ``<name>/calib`` / ``<name>/ref`` where those had any.
+        """
+        out = {}
+        for name, module in self.modules.items():
+            for stage in ("eval", "calib", "ref"):
+                report = module.shard_errors(stage)
+                if stage == "eval" or report["shards"]:
+                    out[name if stage == "eval" else f"{name}/{stage}"] = report
+        return out

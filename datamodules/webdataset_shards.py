@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from regcache._lightning import pl
-from regcache.data.reader import IMAGE_EXTS, CanonicalBatches, ShardDataset, SkipCounter, collate
+from regcache.data.reader import (
+    IMAGE_EXTS,
+    CanonicalBatches,
+    ShardDataset,
+    SkipCounter,
+    collate,
+    shard_error_report,
+)
 from regcache.data.sampling import IndexEntry, OverlapError, class_balanced_sample, scan_index
 from regcache.data.shards import DatasetInfo, is_remote, read_dataset_info, resolve_split_shards
 from regcache.data.splitting import dist_rank_world
@@ -73,6 +80,9 @@ class WebDatasetDataModule(pl.LightningDataModule):
             the CPU in the workers.
         prefetch_depth: decoded evaluation batches the background thread may hold ready
             (``decode_on_gpu`` on CUDA only); 0 decodes each batch when it is used.
+        tolerate_shard_errors: a shard that cannot be read to its end (truncated, corrupt tar)
+            fails the run with :class:`~regcache.data.ShardReadError` naming it (default); ``True``
+            evaluates without the rest of that shard and records it (:meth:`shard_errors`).
     """
 
     def __init__(
@@ -100,8 +110,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
         image_exts: tuple[str, ...] = IMAGE_EXTS,
         decode_on_gpu: bool = False,
         prefetch_depth: int = 2,
+        tolerate_shard_errors: bool = False,
     ) -> None:
         super().__init__()
+        self.tolerate_shard_errors = tolerate_shard_errors
         self.decode_on_gpu = decode_on_gpu
         self.prefetch_depth = prefetch_depth
         self.root = None if root is None else str(root)
@@ -255,6 +267,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             image_exts=self.image_exts,
             counter=self.counters[stage],
             raw_images=self.decode_on_gpu and stage == "eval",
+            tolerate_shard_errors=self.tolerate_shard_errors,
         )
 
     def dataloader(
@@ -364,6 +377,19 @@ class WebDatasetDataModule(pl.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(t)
         return {"skipped_samples": int(t[0]), "shard_errors": int(t[1])}
+
+    def shard_errors(self, stage: str = "eval", reduce: bool = True) -> dict[str, Any]:
+        """The failed shard reads of ``stage`` by shard (:func:`regcache.data.shard_error_report`).
+
+        With ``reduce`` the records of every rank are gathered: a collective when torch.distributed
+        is initialised, so call it on every rank.
+        """
+        records = self.counters[stage].shard_error_records()
+        if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        return shard_error_report(records, self.urls.get(stage, []))
 
     def reset_skip_counts(self) -> None:
         """Zero the skipped-sample and shard-error counts of every stage."""

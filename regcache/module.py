@@ -206,6 +206,8 @@ class QuantizedEncoder(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "skipped_samples"):
             self.results["skipped_samples"] = datamodule.skipped_samples(self.device)
+        if datamodule is not None and hasattr(datamodule, "shard_errors"):
+            self.results["shard_errors"] = datamodule.shard_errors()
         self.write_results()
 
     def dataset_name(self, dataloader_idx: int) -> str:

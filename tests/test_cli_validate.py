@@ -132,6 +132,27 @@ def test_float_zero_shot_matches_direct_computation(tmp_path, shards):
     assert result["metrics"]["colors/zeroshot_top1"] == pytest.approx(correct / total)
 
 
+def test_truncated_shard_fails_the_run_unless_tolerated_then_metrics_record_it(tmp_path, shards):
+    import shutil
+
+    from regcache.data import ShardReadError
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    cut = data / "colors" / "test" / "1.tar"  # 5 of the 18 test samples
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    config = _config(tmp_path, data, "float")
+    with pytest.raises(ShardReadError, match=rf"{cut}' could not be read.*data\.tolerate_shard_errors"):
+        validate_main(["--config", str(config)])
+    result = _run(config, "--data.tolerate_shard_errors", "true")
+    report = result["shard_errors"]["colors"]
+    assert report["shards"] == 1 and report["samples_lost"] is None and list(report["by_shard"]) == [str(cut)]
+    read = report["by_shard"][str(cut)]["samples_read"]
+    assert read < 5 and result["num_samples"]["colors"] == 13 + read
+    assert result["skipped_samples"]["colors"] == 0  # the lost samples are the shard's, not skipped samples
+    assert result["shard_errors"]["captions"] == {"shards": 0, "samples_lost": 0, "by_shard": {}}
+
+
 def test_two_process_run_equals_one_process(tmp_path, shards):
     config = _config(tmp_path, shards, "naive", w_bits=8, a_bits=8)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -14,7 +14,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from datamodules import WebDatasetDataModule
-from regcache.data import OverlapError, ShardSourceError, split_sample_id
+from regcache.data import OverlapError, ShardDataset, ShardReadError, ShardSourceError, split_sample_id
 
 SMALL = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()])
 
@@ -94,7 +94,8 @@ def _tar(path: Path, samples: list[dict]) -> None:
                 tf.addfile(ti, io.BytesIO(data))
 
 
-def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(tmp_path, caplog):
+def _broken_root(tmp_path: Path) -> Path:
+    """Shard 0: a garbage image and a sample without label; shard 1: 6 samples, cut in half."""
     root = tmp_path / "ds"
     _tar(
         root / "test" / "0.tar",
@@ -111,12 +112,48 @@ def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(tmp_path, c
     )
     data = (root / "test" / "1.tar").read_bytes()
     (root / "test" / "1.tar").write_bytes(data[: len(data) // 2])  # truncated shard
-    dm = WebDatasetDataModule(root, SMALL, num_workers=2, batch_size=2)
+    return root
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_truncated_shard_fails_by_default_naming_shard_and_option(tmp_path, num_workers):
+    root = _broken_root(tmp_path)
+    dm = WebDatasetDataModule(root, SMALL, num_workers=num_workers, batch_size=2)
+    with pytest.raises(ShardReadError, match=r"shard '[^']*test/1\.tar' could not be read.*tolerate_shard_errors"):
+        _run(dm.val_dataloader())
+
+
+def test_corrupt_samples_and_tolerated_truncated_shard_are_skipped_and_recorded(tmp_path):
+    root = _broken_root(tmp_path)
+    dm = WebDatasetDataModule(root, SMALL, num_workers=2, batch_size=2, tolerate_shard_errors=True)
     _ids, _labels, keys = _run(dm.val_dataloader())
     assert {"s0000000", "s0000003"} <= set(keys) and "s0000001" not in keys and "s0000002" not in keys
+    from_cut = [k for k in keys if k.startswith("s00001")]
+    assert 0 < len(from_cut) < 6  # the cut shard gave its complete samples, not all six
     counts = dm.skip_counts()
-    assert counts["skipped_samples"] == 2 and counts["shard_errors"] == 1
+    assert counts["skipped_samples"] == 2 and counts["shard_errors"] == 1  # bad samples vs. a bad shard
     assert dm.reduced_skip_counts() == counts  # no process group: identity
+    report = dm.shard_errors()
+    assert report["shards"] == 1 and report["samples_lost"] is None  # a whole shard's length is unknown
+    ((name, row),) = report["by_shard"].items()
+    assert name == str(root / "test" / "1.tar")
+    assert row == {"errors": 1, "samples_read": len(from_cut), "samples_lost": None}
+
+
+def test_tolerated_truncated_shard_of_a_drawn_subset_knows_the_samples_lost(tmp_path):
+    root = _broken_root(tmp_path)
+    urls = [str(root / "test" / "0.tar"), str(root / "test" / "1.tar")]
+    wanted = [(1, f"s00001{i:02d}") for i in range(6)] + [(0, "s0000000")]
+    dataset = ShardDataset(urls, SMALL, select=wanted, tolerate_shard_errors=True)
+    keys = [s["key"] for s in dataset]
+    read = [k for k in keys if k.startswith("s00001")]
+    assert "s0000000" in keys and 0 < len(read) < 6
+    report = dataset.shard_error_report()
+    assert report["shards"] == 1 and report["samples_lost"] == 6 - len(read)
+    assert report["by_shard"][urls[1]] == {"errors": 1, "samples_read": len(read), "samples_lost": 6 - len(read)}
+    assert dataset.counter.skipped == 0  # lost with the shard, not counted again as skipped samples
+    with pytest.raises(ShardReadError, match=r"1\.tar.*\d+ selected sample\(s\) lost"):
+        list(ShardDataset(urls, SMALL, select=wanted))
 
 
 def test_missing_path_and_empty_split_errors(tmp_path):

@@ -5,11 +5,13 @@ from .reader import (
     CanonicalBatches,
     EncodedImages,
     ShardDataset,
+    ShardReadError,
     SkipCounter,
     collate,
     default_transform,
     iter_tar_samples,
     make_sample_id,
+    shard_error_report,
     split_sample_id,
 )
 from .sampling import IndexEntry, OverlapError, assert_disjoint, class_balanced_sample, scan_index
@@ -26,6 +28,7 @@ __all__ = [
     "OverlapError",
     "ShardDataset",
     "ShardPart",
+    "ShardReadError",
     "ShardSourceError",
     "SkipCounter",
     "assert_disjoint",
@@ -41,5 +44,6 @@ __all__ = [
     "read_dataset_info",
     "resolve_split_shards",
     "scan_index",
+    "shard_error_report",
     "split_sample_id",
 ]

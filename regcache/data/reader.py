@@ -15,8 +15,10 @@ Each yielded sample is a dict::
 ``sample_id`` (B,) long, ``key`` list[str], ``captions`` list[list[str]]; ``image_bytes``
 (:class:`EncodedImages`, the encoded images as one opaque object) in place of ``image`` for raw images).
 
-Corrupt / undecodable samples and unreadable shard tails are skipped and counted in a
-:class:`SkipCounter` shared with dataloader worker processes.
+Corrupt / undecodable samples are skipped and counted in a :class:`SkipCounter` shared with
+dataloader worker processes. A shard that cannot be read to its end (truncated, corrupt tar, failed
+open) raises :class:`ShardReadError` naming it, unless ``tolerate_shard_errors``: then the rest of
+that shard is skipped and the error recorded per shard (samples read, samples lost where known).
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ __all__ = [
     "CanonicalBatches",
     "EncodedImages",
     "ShardDataset",
+    "ShardReadError",
     "SkipCounter",
     "collate",
     "default_transform",
     "iter_tar_samples",
     "make_sample_id",
+    "shard_error_report",
     "split_sample_id",
 ]
 
@@ -74,22 +78,50 @@ def split_sample_id(sample_id: int) -> tuple[int, int]:
     return sample_id >> _LOCAL_BITS, sample_id & ((1 << _LOCAL_BITS) - 1)
 
 
-class SkipCounter:
-    """Counts skipped samples and failed shard reads across dataloader worker processes."""
+class ShardReadError(RuntimeError):
+    """A shard could not be read to its end (truncated or corrupt tar, failed open)."""
 
-    def __init__(self) -> None:
+
+# per failed shard read: (shard index, samples read before the error, samples lost or -1 = unknown)
+_RECORD_FIELDS = 3
+
+
+class SkipCounter:
+    """Counts skipped samples and failed shard reads across dataloader worker processes.
+
+    Each failed shard read is also recorded (shard index, samples read, samples lost) in shared
+    memory, up to ``max_records`` of them; :attr:`shard_errors` counts them all.
+    """
+
+    def __init__(self, max_records: int = 4096) -> None:
         self._skipped = mp.Value("q", 0)
         self._shard_errors = mp.Value("q", 0)
+        self._records = mp.Array("q", max_records * _RECORD_FIELDS, lock=False)  # written under _shard_errors' lock
+        self.max_records = max_records
 
     def add_skipped(self, n: int = 1) -> None:
         """Count ``n`` more skipped samples, atomically across worker processes."""
         with self._skipped.get_lock():
             self._skipped.value += n
 
-    def add_shard_error(self, n: int = 1) -> None:
-        """Count ``n`` more shard reads that failed (the rest of each such shard was skipped)."""
+    def add_shard_error(
+        self, n: int = 1, shard: int = -1, samples_read: int = 0, samples_lost: int | None = None
+    ) -> None:
+        """Count ``n`` more failed shard reads; with ``shard`` (its index) also record one with its sample counts."""
         with self._shard_errors.get_lock():
+            i = self._shard_errors.value
+            if shard >= 0 and i < self.max_records:
+                lost = -1 if samples_lost is None else samples_lost
+                self._records[i * _RECORD_FIELDS : (i + 1) * _RECORD_FIELDS] = [shard, samples_read, lost]
             self._shard_errors.value += n
+
+    def shard_error_records(self) -> list[tuple[int, int, int | None]]:
+        """``(shard index, samples read, samples lost or None = unknown)`` of each recorded failed shard read."""
+        with self._shard_errors.get_lock():
+            n = min(self._shard_errors.value, self.max_records)
+            flat = list(self._records[: n * _RECORD_FIELDS])
+        rows = [flat[i : i + _RECORD_FIELDS] for i in range(0, len(flat), _RECORD_FIELDS)]
+        return [(s, read, None if lost < 0 else lost) for s, read, lost in rows if s >= 0]
 
     @property
     def skipped(self) -> int:
@@ -218,6 +250,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         counter: shared :class:`SkipCounter` (created if not given).
         raw_images: yield the encoded image bytes (``image_bytes``) instead of decoding and
             transforming them (``transform`` unused); undecodable images are then not skipped here.
+        tolerate_shard_errors: a shard that cannot be read to its end raises :class:`ShardReadError`
+            (default); ``True`` skips the rest of it and records the error in ``counter``
+            (:meth:`shard_error_report`).
     """
 
     def __init__(
@@ -234,9 +269,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         counter: SkipCounter | None = None,
         max_warnings: int = 10,
         raw_images: bool = False,
+        tolerate_shard_errors: bool = False,
     ) -> None:
         super().__init__()
         self.raw_images = raw_images
+        self.tolerate_shard_errors = tolerate_shard_errors
         if task not in ("classification", "retrieval"):
             raise ValueError(f"task must be 'classification' or 'retrieval', got {task!r}")
         self.urls = list(urls)
@@ -315,19 +352,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
     ) -> Iterator[dict]:
         """Yield the decoded samples of one shard kept by ``part`` / ``wanted``, counting skips and read errors."""
         url = self.urls[shard_index]
-
-        def on_error(e: BaseException) -> None:
-            self.counter.add_shard_error()
-            self._warn(f"shard {url!r}: read error, rest of the shard skipped: {e!r}")
-
         remaining = set(wanted) if wanted is not None else None
+        errors: list[BaseException] = []
+        read = 0
         try:
             stream = open_stream(url)
         except Exception as e:
-            on_error(e)
-            return
+            errors.append(e)
+            stream = None
         try:
-            for raw in iter_tar_samples(stream, on_error=on_error):
+            for raw in iter_tar_samples(stream, on_error=errors.append) if stream is not None else ():
                 if part is not None and not part.keeps(raw["__pos__"]):
                     continue
                 key = raw["__key__"]
@@ -337,6 +371,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     remaining.discard(key)
                 if (shard_index, key) in self.exclude:
                     continue
+                read += 1
                 try:
                     yield self.decode(raw, shard_index)
                 except Exception as e:
@@ -345,18 +380,57 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 if remaining is not None and not remaining:
                     break
         finally:
-            try:
-                stream.close()
-            except Exception as e:
-                log.debug("closing %r failed: %r", url, e)
-        if remaining:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception as e:
+                    log.debug("closing %r failed: %r", url, e)
+        if errors:  # the rest of the shard is lost: how many samples is known only for a drawn subset
+            self._shard_error(shard_index, errors[0], read, None if remaining is None else len(remaining))
+        elif remaining:
             self.counter.add_skipped(len(remaining))
             self._warn(f"{len(remaining)} selected sample(s) not found in shard {url!r}")
+
+    def _shard_error(self, shard_index: int, error: BaseException, read: int, lost: int | None) -> None:
+        """Record a failed shard read; raise :class:`ShardReadError` unless ``tolerate_shard_errors``."""
+        self.counter.add_shard_error(shard=shard_index, samples_read=read, samples_lost=lost)
+        url = self.urls[shard_index]
+        lost_text = "the rest of the shard" if lost is None else f"{lost} selected sample(s)"
+        what = f"shard {url!r} could not be read to its end ({error!r}): {read} sample(s) read, {lost_text} lost"
+        if not self.tolerate_shard_errors:
+            raise ShardReadError(
+                f"{what}. Re-create or re-download the shard, or set tolerate_shard_errors=True (config: "
+                "data.tolerate_shard_errors: true, or per dataset data.datasets.<name>.tolerate_shard_errors) "
+                "to evaluate without those samples; tolerated errors are recorded in metrics.json (shard_errors)"
+            ) from error
+        self._warn(f"{what} (tolerated)")
+
+    def shard_error_report(self) -> dict[str, Any]:
+        """The failed shard reads recorded in ``counter``, by shard URL (see :func:`shard_error_report`)."""
+        return shard_error_report(self.counter.shard_error_records(), self.urls)
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, nw = self._consumer()
         for part, wanted in self.plan(rank, world, worker, nw):
             yield from self.iter_shard(part.shard, part, wanted)
+
+
+def shard_error_report(records: Iterable[tuple[int, int, int | None]], urls: list[str]) -> dict[str, Any]:
+    """``{"shards", "samples_lost", "by_shard": {url: {"errors", "samples_read", "samples_lost"}}}`` of failed reads.
+
+    ``records`` are :meth:`SkipCounter.shard_error_records` (of one or several processes). A shard read
+    by several consumers (each keeping part of its samples) sums their counts. ``samples_lost`` is
+    None (unknown) where a whole shard was being read: its length is written nowhere.
+    """
+    by_shard: dict[str, dict[str, Any]] = {}
+    for shard, read, lost in sorted(records, key=lambda r: r[0]):
+        row = by_shard.setdefault(urls[shard], {"errors": 0, "samples_read": 0, "samples_lost": 0})
+        row["errors"] += 1
+        row["samples_read"] += read
+        row["samples_lost"] = None if lost is None or row["samples_lost"] is None else row["samples_lost"] + lost
+    losses = [r["samples_lost"] for r in by_shard.values()]
+    total = None if None in losses else sum(losses)
+    return {"shards": len(by_shard), "samples_lost": total, "by_shard": by_shard}
 
 
 class EncodedImages:
