@@ -379,7 +379,7 @@ def test_callback_refuses_invalid_grid_values(kw, field):
 
     with pytest.raises(ValueError, match=rf"^{field} "):
         SearchCallback(**kw)
-    assert SearchCallback(taus=[1, 15], delete_ks=[0], l_start_offsets=[0]).taus == [1, 15]
+    assert SearchCallback(taus=[1, 15], delete_ks=[0, 2], l_start_offsets=[0]).taus == [1, 15]
     assert SearchCallback().taus == list(range(1, 16))  # null: the default grid
 
 
