@@ -280,7 +280,7 @@ def test_recorded_attention_outputs_match_the_module_with_prefix():
         attn.tap_probs.register_forward_hook(lambda m, i, o: seen.update(probs=o.detach())),
         attn.out_norm.register_forward_hook(lambda m, i, o: seen.update(out=i[0].detach())),
     ]
-    target = _Prediction(fp, None, PTQ4ViTConfig())
+    target = _Prediction(fp, None, PTQ4ViTConfig(), logits=False)
     units = [
         _Unit("blocks.1.attn.matmul_qk", attn.matmul_qk, 1, attn),
         _Unit("blocks.1.attn.matmul_pv", attn.matmul_pv, 1, attn),

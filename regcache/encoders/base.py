@@ -365,6 +365,11 @@ class VisionEncoder(nn.Module):
         """Residual stream width."""
         return self.blocks[0].attn.qkv.in_features
 
+    @property
+    def outputs_class_logits(self) -> bool:
+        """Whether ``forward`` returns a classifier's logits (a timm ImageNet model) rather than an embedding."""
+        return False
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images → token sequence entering block 0, shape (B, N, width)."""
         raise NotImplementedError

@@ -63,6 +63,11 @@ class TimmVisionEncoder(VisionEncoder):
         self.trunk = trunk
         self.proj_head = proj_head if proj_head is not None else nn.Identity()
 
+    @property
+    def outputs_class_logits(self) -> bool:
+        """A bare timm classifier (no open_clip projection head) with classes returns their logits."""
+        return isinstance(self.proj_head, nn.Identity) and getattr(self.trunk, "num_classes", 0) > 0
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The timm trunk's stem: patch embedding, positions and prefix tokens, patch dropout and norm_pre."""
         t = self.trunk

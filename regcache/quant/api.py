@@ -29,11 +29,19 @@ if TYPE_CHECKING:
 
 FilterFn = Callable[[nn.Module, str], bool]
 METHODS: dict[str, type[QuantConfig]] = {}
+# Where the final projection / classifier ("head") lives in our encoders: open_clip's proj, open_clip's
+# TimmModel head, a timm trunk's classifier.
+HEAD_MODULES = ("proj", "proj_head", "trunk.head")
 
 
 def block_linears_and_matmuls(module: nn.Module, fqn: str) -> bool:
     """Default filter: every linear and attention matmul inside the transformer blocks."""
     return fqn.startswith("blocks.") and isinstance(module, (nn.Linear, MatMul))
+
+
+def head_linear(module: nn.Module, fqn: str) -> bool:
+    """The linear(s) of the encoder's head (:data:`HEAD_MODULES`), which methods quantize on request."""
+    return isinstance(module, nn.Linear) and any(fqn == p or fqn.startswith(p + ".") for p in HEAD_MODULES)
 
 
 def block_linears(module: nn.Module, fqn: str) -> bool:
@@ -198,6 +206,7 @@ def is_calibrated(encoder: nn.Module) -> bool:
 
 
 __all__ = [
+    "HEAD_MODULES",
     "METHODS",
     "CoverageManifest",
     "FilterFn",
@@ -208,6 +217,7 @@ __all__ = [
     "calibrate_",
     "config_from_dict",
     "coverage",
+    "head_linear",
     "is_calibrated",
     "quantize_",
     "set_quant_mode",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from regcache.quant.quantizers import UniformQuantizer
@@ -85,6 +86,57 @@ def percentile_affine_search(
     return best_scale, best_zp
 
 
+def official_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of a 1-D float32 tensor exactly as the official RepQ-ViT code gets it.
+
+    ``torch.quantile`` (whose rank ``q (n - 1)`` is computed in float32, so it can land on another
+    pair of order statistics than the exact rank) where it accepts the size (older torch releases refuse
+    more than 2^24 elements), else numpy's ``percentile`` (float64 ranks) cast to float32: the
+    official ``try`` / ``except``.
+    """
+    try:
+        return torch.quantile(flat, q)
+    except RuntimeError:
+        pass
+    value = np.percentile(flat.detach().cpu().numpy(), q * 100)
+    return torch.tensor(value, device=flat.device, dtype=torch.float32)
+
+
+def official_affine_search(
+    x: torch.Tensor, bits: int, percentiles: Sequence[float] = REPQ_PERCENTILES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepQ-ViT's per-tensor percentile / MSE search op for op as the official code (bit-identical).
+
+    Candidates clip to the [1 - p, p] quantiles (:func:`official_quantile`); the score is the mean
+    of ``|x - Q(x)|^2`` over the flattened tensor; a candidate replaces the best only when strictly
+    better, starting from a score of 1e10. Returns 0-dim (scale, zero point); zero points are
+    ``round(-lo / scale)`` (may fall outside the code range, as in the official code).
+    """
+    flat = x.detach().float().contiguous().reshape(-1)
+    levels = 2**bits
+    best_score, best = 1e10, None
+    for p in percentiles:
+        hi, lo = official_quantile(flat, p), official_quantile(flat, 1.0 - p)
+        scale = (hi - lo) / (levels - 1)
+        zp = (-lo / scale).round()
+        q = torch.clamp(torch.round(flat / scale) + zp, 0, levels - 1)
+        score = (flat - (q - zp) * scale).abs().pow(2.0).mean()
+        if score < best_score:
+            best_score, best = score, (scale, zp)
+    if best is None:  # every candidate gave NaN (a constant tensor): its one value, exactly
+        scale = flat.abs().amax().clamp_min(1e-8) / (levels - 1)
+        best = (scale, (-flat.amin() / scale).round())
+    return best
+
+
+def official_channel_search(
+    x: torch.Tensor, bits: int, axis: int, percentiles: Sequence[float] = REPQ_PERCENTILES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`official_affine_search` on each index of ``axis`` in turn (the official channel loop), shape (C,)."""
+    results = [official_affine_search(x.select(axis, c), bits, percentiles) for c in range(x.shape[axis])]
+    return torch.stack([s for s, _ in results]), torch.stack([z for _, z in results])
+
+
 def quantizer_rows(quantizer: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
     """x as (parameters, elements): one row per scale of the quantizer's granularity."""
     if quantizer.granularity == "tensor":
@@ -97,14 +149,28 @@ def quantizer_rows(quantizer: UniformQuantizer, x: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def percentile_calibrate_(
-    quantizer: UniformQuantizer, x: torch.Tensor, percentiles: Sequence[float] = REPQ_PERCENTILES
+    quantizer: UniformQuantizer,
+    x: torch.Tensor,
+    percentiles: Sequence[float] = REPQ_PERCENTILES,
+    official_arithmetic: bool = False,
 ) -> UniformQuantizer:
-    """Set an asymmetric :class:`UniformQuantizer`'s scale and zero point by the percentile/MSE search on x."""
+    """Set an asymmetric :class:`UniformQuantizer`'s scale and zero point by the percentile/MSE search on x.
+
+    ``official_arithmetic``: one :func:`official_affine_search` per channel (bit-identical to the
+    official RepQ-ViT code, slower); else all channels at once with exact quantile ranks.
+    """
     if quantizer.symmetric:
         raise ValueError("the percentile search sets asymmetric (scale, zero point) pairs")
-    scale, zp = percentile_affine_search(quantizer_rows(quantizer, x), quantizer.bits, percentiles)
-    if quantizer.granularity == "tensor":
-        scale, zp = scale[0], zp[0]
+    if quantizer.granularity not in ("tensor", "channel"):
+        raise NotImplementedError("percentile init supports per-tensor and per-channel quantizers")
+    if official_arithmetic and quantizer.granularity == "tensor":
+        scale, zp = official_affine_search(x, quantizer.bits, percentiles)
+    elif official_arithmetic:
+        scale, zp = official_channel_search(x, quantizer.bits, quantizer.axis % x.ndim, percentiles)
+    else:
+        scale, zp = percentile_affine_search(quantizer_rows(quantizer, x), quantizer.bits, percentiles)
+        if quantizer.granularity == "tensor":
+            scale, zp = scale[0], zp[0]
     quantizer.set_scale(scale, zp)
     return quantizer
 
@@ -112,6 +178,9 @@ def percentile_calibrate_(
 __all__ = [
     "REPQ_PERCENTILES",
     "affine_fake_quant",
+    "official_affine_search",
+    "official_channel_search",
+    "official_quantile",
     "percentile_affine_search",
     "percentile_calibrate_",
     "quantiles",

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from regcache.quant.init import REPQ_PERCENTILES, quantiles
+from regcache.quant.init import REPQ_PERCENTILES, official_quantile, quantiles
 from regcache.quant.quantizers import Quantizer, round_ste
 
 
@@ -75,11 +75,22 @@ class LogSqrt2Quantizer(Quantizer):
         return torch.exp2(-torch.ceil(code / 2)) * (1 + odd * (math.sqrt(2) - 1)) * scale
 
     @torch.no_grad()
-    def calibrate_(self, x: torch.Tensor, percentiles: Sequence[float] = REPQ_PERCENTILES) -> LogSqrt2Quantizer:
-        """RepQ-ViT's init: Δ ∈ {percentile p of x} with the least MSE (earlier candidate on ties)."""
-        flat = x.detach().float().reshape(1, -1)
-        best_err, best = None, None
-        for delta in quantiles(flat, percentiles)[:, 0]:
+    def calibrate_(
+        self, x: torch.Tensor, percentiles: Sequence[float] = REPQ_PERCENTILES, official_arithmetic: bool = False
+    ) -> LogSqrt2Quantizer:
+        """RepQ-ViT's init: Δ ∈ {percentile p of x} with the least MSE (earlier candidate on ties).
+
+        ``official_arithmetic``: quantiles as the official code takes them
+        (:func:`~regcache.quant.init.official_quantile`, float32 ranks) instead of at exact ranks.
+        """
+        flat = x.detach().float().contiguous().reshape(1, -1)
+        if official_arithmetic:  # the official start: Δ = max x, beaten by a candidate of score < 1e10
+            candidates = [official_quantile(flat[0], p) for p in percentiles]
+            best_err, best = 1e10, flat.amax()
+        else:
+            candidates = list(quantiles(flat, percentiles)[:, 0])
+            best_err, best = None, None
+        for delta in candidates:
             err = (self.codes_and_values(flat, delta)[1] - flat).pow(2).mean()
             if best_err is None or err < best_err:
                 best_err, best = err, delta

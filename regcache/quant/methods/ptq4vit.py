@@ -17,11 +17,23 @@ search each step among ``init * (alpha + i (beta - alpha) / n)`` (the softmax sp
 maximizing ``-mean((g * (O - Ô))^2)``, alternating weight / activation (A / B) for ``search_rounds``.
 With ``sequential=False`` (reference) every other module runs in float while one is calibrated.
 
-Our encoders have no classifier. The prediction is ``logit_scale * normalize(f) @ W``, with ``W`` the
-zero-shot classifier passed as ``zero_shot_classifier`` (embed_dim x classes), else the normalized
-float features of the calibration images themselves (each image classifies the calibration set:
-a self-similarity distribution). ``hessian_grad`` picks the loss whose output gradients weight the
-error; see :data:`HESSIAN_GRADS` and ``PTQ4ViTConfig.reference`` for the reference's choices.
+The loss whose output gradients weight the error is taken on a prediction (``prediction``). An
+encoder that returns a classifier's logits (a timm ImageNet model) predicts ``softmax(logits)``, as
+the reference does for its classifiers. An embedding tower (CLIP, SigLIP, DINOv2) has no classes:
+its prediction is ``logit_scale * normalize(f) @ W``, with ``W`` the zero-shot classifier passed as
+``zero_shot_classifier`` (embed_dim x classes), else the normalized float features of the
+calibration images themselves (each image classifies the calibration set: a self-similarity
+distribution). ``hessian_grad`` picks the loss; see :data:`HESSIAN_GRADS` and
+``PTQ4ViTConfig.reference`` for the reference's choices.
+
+The reference's Hessian weighting is numerically degenerate. Its loss is KL(float prediction on the
+whole calibration batch ‖ prediction on sub-batches of 4) while every other module runs in float,
+i.e. the float model against itself: the gradient is the difference of two roundings of one
+function. On a CPU the two forwards round identically and every gradient is exactly zero (the
+search then keeps the first candidate of every grid, as the reference would); on a GPU it is
+rounding noise set by that GPU's kernels (hahnyuan/PTQ4ViT#23), so the reference's outputs are
+not reproducible on another device. ``reference()`` reproduces the procedure, not those numbers;
+the default (``hessian_grad="fisher"``) weights by a proper Fisher estimate instead.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from regcache.quant.api import FilterFn, QuantConfig, block_linears_and_matmuls, swap_linears
+from regcache.quant.api import FilterFn, QuantConfig, block_linears_and_matmuls, head_linear, swap_linears
 from regcache.quant.calibration import iter_images
 from regcache.quant.modules import MatMul, QuantConv2d, QuantLinear, quantizers, set_quant_mode
 from regcache.quant.quantizers import Quantizer, UniformQuantizer
@@ -57,7 +69,6 @@ if TYPE_CHECKING:
 GELU_ACTIVATIONS = ("GELU", "GELUTanh", "QuickGELU")
 # Where the patch-embedding conv and the final projection ("head") live in our encoders.
 STEM_CONVS = ("conv1", "trunk.patch_embed.proj")
-HEAD_MODULES = ("proj", "proj_head", "trunk.head")
 REFERENCE_INITIAL_SPLIT = 0.01  # the reference's split before its first search (overwritten by it)
 
 
@@ -102,7 +113,7 @@ def _cross_entropy(logits: torch.Tensor, fp_probs: torch.Tensor, labels: torch.T
 
 
 def _kl_to_fp(logits: torch.Tensor, fp_probs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    return F.kl_div(logits.log_softmax(dim=-1), fp_probs, reduction="sum")
+    return F.kl_div(logits.log_softmax(dim=-1), fp_probs, reduction="batchmean")  # the reference's reduction
 
 
 @dataclass(frozen=True)
@@ -125,12 +136,21 @@ HESSIAN_GRADS: dict[str, HessianGrad] = {
 }
 
 
-class _Prediction:
-    """``logit_scale * normalize(f) @ W`` and the float model's prediction on the calibration images."""
+PREDICTIONS = ("auto", "logits", "embedding")
 
-    def __init__(self, fp_features: torch.Tensor, classifier: torch.Tensor | None, config: PTQ4ViTConfig) -> None:
+
+class _Prediction:
+    """The prediction (the encoder's logits, or ``logit_scale * normalize(f) @ W``) and its float value."""
+
+    def __init__(
+        self, fp_features: torch.Tensor, classifier: torch.Tensor | None, config: PTQ4ViTConfig, logits: bool
+    ) -> None:
         fp_features = fp_features.float()
-        if classifier is None:
+        self.weights: torch.Tensor | None = None
+        if logits:
+            if classifier is not None:
+                raise ValueError("zero_shot_classifier is for embedding towers; this encoder returns class logits")
+        elif classifier is None:
             self.weights = F.normalize(fp_features, dim=-1).T  # self-similarity over the calibration set
         else:
             if classifier.shape[0] != fp_features.shape[-1]:
@@ -144,6 +164,8 @@ class _Prediction:
         self.labels = None if self.grad.labels is None else self.grad.labels(self.fp_probs, generator)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if self.weights is None:
+            return features.float()
         return self.logit_scale * F.normalize(features.float(), dim=-1) @ self.weights
 
     def loss(self, features: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -162,8 +184,11 @@ class PTQ4ViTConfig(QuantConfig):
     weights per output channel), ``twin_softmax`` / ``twin_gelu`` (False = the reference's
     ``no_softmax`` / ``no_postgelu`` ablations), ``matmul_head_wise`` (per-head Q/K/V steps).
     Search: grid ``eq_alpha, eq_beta, eq_n``, ``softmax_splits`` powers of two, ``search_rounds``.
-    Hessian: ``hessian_grad`` in :data:`HESSIAN_GRADS`, ``logit_scale``, ``zero_shot_classifier``
-    (not serialized), ``seed`` (label sampling), ``grad_batch_size`` images per backward pass.
+    Hessian: ``hessian_grad`` in :data:`HESSIAN_GRADS`, on the ``prediction`` (``"logits"``: softmax of
+    the encoder's output, for classifiers; ``"embedding"``: ``logit_scale`` times cosine to
+    ``zero_shot_classifier`` (not serialized) or to the calibration images; ``"auto"``: logits when
+    :attr:`~regcache.encoders.base.VisionEncoder.outputs_class_logits`), ``seed`` (label sampling),
+    ``grad_batch_size`` images per backward pass.
     ``sequential``: keep calibrated modules quantized while calibrating later ones (reference: False).
     ``candidate_batch_bytes``: memory budget for evaluating candidate steps at once.
     Official-code quirks (all False by default, all True in :meth:`reference`):
@@ -184,6 +209,7 @@ class PTQ4ViTConfig(QuantConfig):
     eq_n: int = 100
     softmax_splits: int = 20
     hessian_grad: str = "fisher"
+    prediction: str = "auto"
     logit_scale: float = 100.0
     seed: int = 0
     sequential: bool = False
@@ -198,6 +224,8 @@ class PTQ4ViTConfig(QuantConfig):
         super().__post_init__()
         if self.hessian_grad not in HESSIAN_GRADS:
             raise ValueError(f"hessian_grad must be one of {sorted(HESSIAN_GRADS)}, got {self.hessian_grad!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.search_rounds < 1 or self.eq_n < 1 or self.softmax_splits < 1 or self.grad_batch_size < 1:
             raise ValueError("search_rounds, eq_n, softmax_splits and grad_batch_size must be >= 1")
 
@@ -224,8 +252,8 @@ class PTQ4ViTConfig(QuantConfig):
         """Block linears and matmuls, plus the projection head and the patch-embedding conv when enabled."""
         if block_linears_and_matmuls(module, fqn):
             return True
-        if self.quantize_head and isinstance(module, nn.Linear):
-            return any(fqn == p or fqn.startswith(p + ".") for p in HEAD_MODULES)
+        if self.quantize_head and head_linear(module, fqn):
+            return True
         return self.quantize_patch_embed and isinstance(module, nn.Conv2d) and fqn in STEM_CONVS
 
     def transform(self, encoder: VisionEncoder, filter_fn: FilterFn) -> None:
@@ -415,6 +443,30 @@ def _weighted_sq(out_q: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> 
     return out_q.sub_(out).mul_(grad).square_()
 
 
+class _Alternation:
+    """Which searches of the alternating rounds can change anything.
+
+    A search's result is a function of the steps of the operands its error depends on; run again
+    against the same steps it picks the same candidate, so it is skipped (the rounds stop early once
+    no search can move). The choices are those of running every round.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[torch.Tensor | None]] = {}
+
+    def needed(self, name: str, *deps: _Operand | None) -> bool:
+        """Whether search ``name`` has not yet run against the current steps of ``deps`` (recorded if not)."""
+        key = [None if d is None else d.step.clone() for d in deps]
+        old = self.seen.get(name)
+        if old is not None and all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(old, key, strict=True)
+        ):
+            return False
+        self.seen[name] = key
+        return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Units: one module calibrated at a time
 # ---------------------------------------------------------------------------------------------
@@ -583,8 +635,11 @@ def _search_linear(unit: _Unit, d: dict[str, torch.Tensor], config: PTQ4ViTConfi
         o = inp @ wt.transpose(-2, -1)
         return o if bias is None else o.add_(bias)
 
+    rounds = _Alternation()
     for _ in range(config.search_rounds):
-        if w is not None:
+        ran = False
+        if w is not None and rounds.needed("w", a):
+            ran = True
             xq = x if a is None else a.quantized()
             groups = w.candidates.shape[1]
 
@@ -593,15 +648,16 @@ def _search_linear(unit: _Unit, d: dict[str, torch.Tensor], config: PTQ4ViTConfi
                 return _group_sum(err, groups)
 
             _search(w, w_error, rows, 4 * n_out, 4 * n_out * n_in, budget)
-        if a is not None:
+        if a is not None and rounds.needed("a", w):
+            ran = True
             wq = weight if w is None else w.quantized()
 
             def a_error(steps: torch.Tensor, r: slice, wq=wq) -> torch.Tensor:
                 return _weighted_sq(linear(a.fake(steps, r), wq), out[r], grad[r]).sum(dim=(1, 2))[:, None]
 
             _search(a, a_error, rows, 4 * (n_in + n_out), 0, budget)
-        if w is None or a is None:
-            break  # a single operand: further rounds repeat the same search
+        if not ran:
+            break
     for op in (w, a):
         if op is not None:
             op.assign()
@@ -637,21 +693,29 @@ def _search_qk(unit: _Unit, d: dict[str, torch.Tensor], config: PTQ4ViTConfig) -
     bsz, heads, n_q, dim = q.shape
     n_k, budget = kt.shape[-1], config.candidate_batch_bytes
     out_tok, grad_tok = out[..., n_pre:], grad[..., n_pre:]
+    rounds = _Alternation()
     for _ in range(config.search_rounds):
-        keys = b.quantized() if pkt is None else torch.cat([pkt, b.quantized()], dim=-1)
+        ran = False
+        if rounds.needed("a", b):
+            ran = True
+            keys = b.quantized() if pkt is None else torch.cat([pkt, b.quantized()], dim=-1)
 
-        def a_error(steps: torch.Tensor, r: slice, keys=keys) -> torch.Tensor:
-            err = _weighted_sq(a.fake(steps, r) @ keys[r], out[r], grad[r]).sum(dim=(1, 3, 4))
-            return _group_sum(err, a.candidates.shape[1])
+            def a_error(steps: torch.Tensor, r: slice, keys=keys) -> torch.Tensor:
+                err = _weighted_sq(a.fake(steps, r) @ keys[r], out[r], grad[r]).sum(dim=(1, 3, 4))
+                return _group_sum(err, a.candidates.shape[1])
 
-        _search(a, a_error, bsz, 4 * heads * n_q * (dim + n_pre + n_k), 0, budget)
-        qq = a.quantized()  # prefix keys stay float: their logits do not depend on the K step
+            _search(a, a_error, bsz, 4 * heads * n_q * (dim + n_pre + n_k), 0, budget)
+        if rounds.needed("b", a):
+            ran = True
+            qq = a.quantized()  # prefix keys stay float: their logits do not depend on the K step
 
-        def b_error(steps: torch.Tensor, r: slice, qq=qq) -> torch.Tensor:
-            err = _weighted_sq(qq[r] @ b.fake(steps, r), out_tok[r], grad_tok[r]).sum(dim=(1, 3, 4))
-            return _group_sum(err, b.candidates.shape[1])
+            def b_error(steps: torch.Tensor, r: slice, qq=qq) -> torch.Tensor:
+                err = _weighted_sq(qq[r] @ b.fake(steps, r), out_tok[r], grad_tok[r]).sum(dim=(1, 3, 4))
+                return _group_sum(err, b.candidates.shape[1])
 
-        _search(b, b_error, bsz, 4 * heads * (dim * n_k + n_q * n_k), 0, budget)
+            _search(b, b_error, bsz, 4 * heads * (dim * n_k + n_q * n_k), 0, budget)
+        if not ran:
+            break
     a.assign()
     b.assign()
 
@@ -678,26 +742,50 @@ def _search_pv(unit: _Unit, d: dict[str, torch.Tensor], config: PTQ4ViTConfig) -
     bsz, heads, n_q, n_cols = probs.shape
     dim, budget = v.shape[-1], config.candidate_batch_bytes
     n_pre = n_cols - v.shape[-2]
+    rounds = _Alternation()
+    float_v = config.softmax_search_float_v_quirk  # the split's error then does not depend on the V step
     for _ in range(config.search_rounds):
-        v_seen = v if config.softmax_search_float_v_quirk else b.quantized()
+        ran = False
+        if rounds.needed("a", *(() if float_v else (b,))):
+            ran = True
+            v_seen = v if float_v else b.quantized()
 
-        def a_error(steps: torch.Tensor, r: slice, v_seen=v_seen) -> torch.Tensor:
-            err = _weighted_sq(_attention_output(a.fake(steps, r), v_seen[r], d, r), out[r], grad[r])
-            return _group_sum(err.sum(dim=(1, 3, 4)), a.candidates.shape[1])
+            def a_error(steps: torch.Tensor, r: slice, v_seen=v_seen) -> torch.Tensor:
+                err = _weighted_sq(_attention_output(a.fake(steps, r), v_seen[r], d, r), out[r], grad[r])
+                return _group_sum(err.sum(dim=(1, 3, 4)), a.candidates.shape[1])
 
-        _search(a, a_error, bsz, 4 * heads * n_q * (n_cols + dim), 0, budget)
-        pq = a.quantized()
-        fixed = _prefix_output(pq, d, slice(None))  # the register part does not depend on the V step
-        p_tok = pq[..., n_pre:]
+            _search(a, a_error, bsz, 4 * heads * n_q * (n_cols + dim), 0, budget)
+        if rounds.needed("b", a):
+            ran = True
+            pq = a.quantized()
+            fixed = _prefix_output(pq, d, slice(None))  # the register part does not depend on the V step
+            p_tok = pq[..., n_pre:]
 
-        def b_error(steps: torch.Tensor, r: slice, p_tok=p_tok, fixed=fixed) -> torch.Tensor:
-            o = p_tok[r] @ b.fake(steps, r)
-            o = o if fixed is None else o.add_(fixed[r])
-            return _group_sum(_weighted_sq(o, out[r], grad[r]).sum(dim=(1, 3, 4)), b.candidates.shape[1])
+            def b_error(steps: torch.Tensor, r: slice, p_tok=p_tok, fixed=fixed) -> torch.Tensor:
+                o = p_tok[r] @ b.fake(steps, r)
+                o = o if fixed is None else o.add_(fixed[r])
+                return _group_sum(_weighted_sq(o, out[r], grad[r]).sum(dim=(1, 3, 4)), b.candidates.shape[1])
 
-        _search(b, b_error, bsz, 4 * heads * (v.shape[-2] * dim + n_q * dim), 0, budget)
+            _search(b, b_error, bsz, 4 * heads * (v.shape[-2] * dim + n_q * dim), 0, budget)
+        if not ran:
+            break
     a.assign()
     b.assign()
+
+
+def _first_candidates(unit: _Unit, d: dict[str, torch.Tensor], config: PTQ4ViTConfig) -> None:
+    """What every search picks when all output gradients are zero: each error is 0, so the first candidate."""
+    m = unit.module
+    if unit.kind in ("linear", "conv"):
+        operands = [(m.weight_quantizer, m.weight.detach().float()), (getattr(m, "input_quantizer", None), d["x"])]
+    else:
+        a, b = ("q", "kt") if unit.kind == "qk" else ("a", "v")
+        operands = [(m.a_quantizer, d[a]), (m.b_quantizer, d[b])]
+    for quantizer, x in operands:
+        if quantizer is not None:
+            op = _Operand(quantizer, x, config)
+            op.step = op.candidates[0]
+            op.assign()
 
 
 _SEARCHES: dict[str, Callable[[_Unit, dict[str, torch.Tensor], PTQ4ViTConfig], None]] = {
@@ -718,11 +806,10 @@ def calibrate_ptq4vit(
     images = torch.cat(images)
     chunk = config.grad_batch_size
     set_quant_mode(encoder, "float")
-    with torch.no_grad():
-        fp_features = torch.cat(
-            [_forward_from(encoder, -1, images[i : i + chunk]) for i in range(0, len(images), chunk)]
-        )
-    target = _Prediction(fp_features, config.zero_shot_classifier, config)
+    with torch.no_grad():  # the target from one forward of the whole calibration batch, as the reference
+        fp_features = _forward_from(encoder, -1, images)
+    logits = config.prediction == "logits" or (config.prediction == "auto" and encoder.outputs_class_logits)
+    target = _Prediction(fp_features, config.zero_shot_classifier, config, logits)
     units = _units(encoder)
     stage, x = -1, images
     bar = tqdm(total=len(units), desc="PTQ4ViT", disable=not progress, leave=False)
@@ -734,7 +821,8 @@ def calibrate_ptq4vit(
         for group in groups:  # sequential: each unit sees the ones before it quantized
             for unit, data in zip(group, _capture(encoder, group, stage, x, target, chunk), strict=True):
                 bar.set_postfix_str(unit.name)
-                if not bool(data["grad"].abs().amax() > 0):
+                zero = not bool(data["grad"].abs().amax() > 0)
+                if zero:
                     warnings.warn(
                         f"PTQ4ViT: output gradients of {unit.name} are all zero (hessian_grad={config.hessian_grad!r}; "
                         "KL to the float prediction vanishes on a float model, hahnyuan/PTQ4ViT#23): "
@@ -742,7 +830,7 @@ def calibrate_ptq4vit(
                         stacklevel=2,
                     )
                 with torch.no_grad():
-                    _SEARCHES[unit.kind](unit, data, config)
+                    (_first_candidates if zero else _SEARCHES[unit.kind])(unit, data, config)
                 for _, q in quantizers(unit.module):
                     q.set_mode("quant" if config.sequential else "float")
                 bar.update()
@@ -754,6 +842,7 @@ def calibrate_ptq4vit(
 __all__ = [
     "GELU_ACTIVATIONS",
     "HESSIAN_GRADS",
+    "PREDICTIONS",
     "HessianGrad",
     "PTQ4ViTConfig",
     "calibrate_ptq4vit",

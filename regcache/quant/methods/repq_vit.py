@@ -6,8 +6,9 @@ What is quantized (coverage manifest):
 - Q·Kᵀ: both operands uniform asymmetric per tensor; P·V: the softmax output with a log-√2
   quantizer, V uniform asymmetric per tensor;
 - the patch embedding (``quantize_patch_embed``): its input (the image) at 8 bits per tensor and
-  its weight at ``w_bits`` per output channel. (The official code also quantizes the classifier
-  head; our encoders end in a projection / pooling head that stays float, like every method here.)
+  its weight at ``w_bits`` per output channel;
+- the head linear (``quantize_head``: a timm classifier, open_clip's projection), as the official
+  code quantizes every ``nn.Linear`` of the model: input per tensor, weight per output channel.
 
 Calibration (one forward pass over all calibration images at once, no backprop, as the reference):
 
@@ -34,6 +35,15 @@ Departures from the official code, each behind a flag that :meth:`RepQViTConfig.
   plain mean of the per-channel zero points, usually fractional, so codes are no longer integers
   and the per-channel → per-tensor equivalence is only approximate. Rounding it makes the
   equivalence exact and the zero point a valid integer.
+- ``quantize_head`` (default False; reference True): the other methods here leave the head float,
+  and so does the default, so that methods are compared on the same tensors.
+- ``official_arithmetic`` (default False; reference True): the official code searches each
+  channel in a Python loop and takes quantiles with ``torch.quantile``, whose rank ``q (n - 1)`` is
+  rounded to float32 (numpy's ``percentile`` above its size limit). The default searches all
+  channels at once at exact ranks: the same method, differently rounded, and much faster on many
+  channels. The difference matters for parity only: a calibration is chaotic at low bits (moving
+  every calibration pixel by one float32 ulp moves a W6A6 ViT-Ti's logits to cosine 0.995 of
+  themselves), so only the official operations in the official order reproduce its outputs.
 - ``reserve_zero_code`` (default False = reference): see :mod:`regcache.quant.log_quantizers`.
 """
 
@@ -48,7 +58,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from regcache.quant.api import FilterFn, QuantConfig, swap_linears
+from regcache.quant.api import FilterFn, QuantConfig, block_linears_and_matmuls, head_linear, swap_linears
 from regcache.quant.calibration import iter_images
 from regcache.quant.init import REPQ_PERCENTILES, percentile_calibrate_
 from regcache.quant.log_quantizers import LogSqrt2Quantizer
@@ -99,33 +109,39 @@ def fold_layernorm_(
     scale, zero_point = scale.reshape(-1).float(), zero_point.reshape(-1).float()
     target_scale = scale.mean()
     target_zp = zero_point.mean().round() if round_zero_point else zero_point.mean()
+    # Operations in the official order (b = Δ̃ (z̃ - z_c), rounded as the official code rounds it)
     r = scale / target_scale
-    b = target_scale * (target_zp - zero_point)  # = (-z_c Δ_c) / r - (-z̃ Δ̃)
+    b = (-zero_point * scale) / r - (-target_zp * target_scale)
     dtype = norm.weight.dtype
     norm.weight.copy_((norm.weight.float() / r).to(dtype))
     norm.bias.copy_((norm.bias.float() / r - b).to(dtype))
     linear.weight.copy_((linear.weight.float() * r).to(linear.weight.dtype))
-    linear.bias.copy_((linear.bias.float() + linear.weight.float() @ b).to(linear.bias.dtype))
+    shift = torch.mm(linear.weight.float(), b.reshape(-1, 1)).reshape(-1)
+    linear.bias.copy_((linear.bias.float() + shift).to(linear.bias.dtype))
     return target_scale, target_zp
 
 
-def percentile_init_(quantizer: Quantizer, x: torch.Tensor, percentiles: Sequence[float]) -> None:
+def percentile_init_(
+    quantizer: Quantizer, x: torch.Tensor, percentiles: Sequence[float], official_arithmetic: bool = False
+) -> None:
     """Initialise a RepQ-ViT quantizer from a tensor by its percentile / MSE search."""
     if isinstance(quantizer, LogSqrt2Quantizer):
-        quantizer.calibrate_(x, percentiles)
+        quantizer.calibrate_(x, percentiles, official_arithmetic=official_arithmetic)
     elif isinstance(quantizer, UniformQuantizer):
-        percentile_calibrate_(quantizer, x, percentiles)
+        percentile_calibrate_(quantizer, x, percentiles, official_arithmetic=official_arithmetic)
     else:
         raise TypeError(f"RepQ-ViT cannot initialise a {type(quantizer).__name__}")
 
 
 @contextmanager
-def calibrate_on_first_use(encoder: nn.Module, percentiles: Sequence[float]) -> Iterator[None]:
+def calibrate_on_first_use(
+    encoder: nn.Module, percentiles: Sequence[float], official_arithmetic: bool = False
+) -> Iterator[None]:
     """All quantizers quantize; an uncalibrated one first initialises itself from its first input."""
 
     def hook(quantizer: Quantizer, args: tuple[Any, ...]) -> None:
         if not quantizer.is_calibrated:
-            percentile_init_(quantizer, args[0], percentiles)
+            percentile_init_(quantizer, args[0], percentiles, official_arithmetic)
 
     saved = [(q, q.mode) for _, q in quantizers(encoder)]
     handles = [q.register_forward_pre_hook(hook) for q, _ in saved]
@@ -148,7 +164,9 @@ class RepQViTConfig(QuantConfig):
     modifies_weights = True
     quantize_patch_embed: bool = True
     patch_embed_input_bits: int = 8
+    quantize_head: bool = False
     round_zero_point: bool = True
+    official_arithmetic: bool = False
     reserve_zero_code: bool = False
     percentiles: tuple[float, ...] = REPQ_PERCENTILES
     num_calibration_images: int = 32  # the reference's single calibration batch; read by the datamodule
@@ -159,8 +177,19 @@ class RepQViTConfig(QuantConfig):
 
     @classmethod
     def reference(cls, w_bits: int = 4, a_bits: int = 4) -> RepQViTConfig:
-        """The official zkkli/RepQ-ViT behaviour, quirks included (fractional per-tensor zero point)."""
-        return cls(w_bits=w_bits, a_bits=a_bits, round_zero_point=False, reserve_zero_code=False)
+        """The official zkkli/RepQ-ViT behaviour: its arithmetic, its coverage (head) and its quirks."""
+        return cls(
+            w_bits=w_bits,
+            a_bits=a_bits,
+            quantize_head=True,
+            round_zero_point=False,
+            official_arithmetic=True,
+            reserve_zero_code=False,
+        )
+
+    def default_filter(self, module: nn.Module, fqn: str) -> bool:
+        """Block linears and matmuls, plus the head linear with ``quantize_head``."""
+        return block_linears_and_matmuls(module, fqn) or (self.quantize_head and head_linear(module, fqn))
 
     def transform(self, encoder: VisionEncoder, filter_fn: FilterFn) -> None:
         """Attach asymmetric quantizers (log-√2 on softmax outputs), give folded linears a bias, quantize the stem."""
@@ -202,7 +231,7 @@ class RepQViTConfig(QuantConfig):
                 per_tensor[linear] = linear.input_quantizer
                 linear.input_quantizer = UniformQuantizer(self.a_bits, symmetric=False, granularity="channel", axis=-1)
             try:
-                with calibrate_on_first_use(encoder, self.percentiles):
+                with calibrate_on_first_use(encoder, self.percentiles, self.official_arithmetic):
                     x = encoder.embed(images)
                     for block in tqdm(encoder.blocks, desc="RepQ-ViT: calibrating blocks", disable=not progress):
                         x = block(x)
@@ -213,7 +242,7 @@ class RepQViTConfig(QuantConfig):
                         norm, linear, channel_q.scale, channel_q.zero_point, self.round_zero_point
                     )
                     per_tensor[linear].set_scale(scale, zp)
-                    percentile_calibrate_(linear.weight_quantizer, linear.weight, self.percentiles)
+                    self._init_weight(linear)
             finally:
                 for linear, q in per_tensor.items():
                     linear.input_quantizer = q
@@ -222,7 +251,10 @@ class RepQViTConfig(QuantConfig):
     def _init_weights(self, encoder: nn.Module) -> None:
         for module in encoder.modules():
             if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_quantizer is not None:
-                percentile_calibrate_(module.weight_quantizer, module.weight, self.percentiles)
+                self._init_weight(module)
+
+    def _init_weight(self, module: QuantLinear | QuantConv2d) -> None:
+        percentile_calibrate_(module.weight_quantizer, module.weight, self.percentiles, self.official_arithmetic)
 
 
 __all__ = [
