@@ -2,8 +2,11 @@
 
 A config may start with ``defaults: [piece.yaml, ...]`` (paths relative to the file): the pieces
 are merged in order, then the file itself on top, so the paper's grid is a few lines per run.
-Everything else is plain LightningCLI: ``--print_config``, dotted overrides (``--data.root /data``,
-``--model.w_bits 6``), several ``--config`` files.
+Several ``--config`` files compose the same way: they are deep-merged in order into one
+configuration (mappings merge key by key, so a piece adds its ``data.datasets`` settings instead of
+replacing the others; lists and scalars are replaced), which takes the place of the first
+``--config``; dotted overrides (``--data.root /data``, ``--model.w_bits 6``) after it apply on top.
+Everything else is plain LightningCLI (``--print_config``, ...).
 """
 
 from __future__ import annotations
@@ -51,29 +54,56 @@ def compose(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(merged, data)
 
 
+def _config_value(argv: list[str], i: int) -> tuple[str | None, int]:
+    """``(FILE, next index)`` where ``argv[i]`` is ``--config FILE`` or ``--config=FILE``, else ``(None, i)``."""
+    arg = argv[i]
+    if arg == "--config":
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a file: --config FILE")
+        return argv[i + 1], i + 2
+    if arg.startswith("--config="):
+        return arg.split("=", 1)[1], i + 1
+    return None, i
+
+
+def compose_all(paths: list[str | Path]) -> dict[str, Any]:
+    """Deep-merge several configs (each with its ``defaults`` resolved) in order, the last one winning."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = deep_merge(merged, compose(path))
+    return merged
+
+
+def default_run_dir(paths: list[str | Path]) -> str:
+    """``runs/<stem>`` for one config, ``runs/<stem1>_<stem2>...`` for a composition (distinct per composition)."""
+    return "runs/" + "_".join(Path(p).stem for p in paths)
+
+
 def _expand_configs(argv: list[str], workdir: Path) -> list[str]:
-    """Replace every ``--config FILE`` by the composed file; default the run dir to runs/<config name>."""
-    out, last_stem = [], None
+    """Merge every ``--config FILE`` into one composed file at the first one's place; default the run dir."""
+    out: list[str] = []
+    paths: list[str] = []
+    first = None
     i = 0
     while i < len(argv):
-        arg = argv[i]
-        value = None
-        if arg == "--config" and i + 1 < len(argv):
-            value, i = argv[i + 1], i + 2
-        elif arg.startswith("--config="):
-            value, i = arg.split("=", 1)[1], i + 1
-        else:
-            out.append(arg)
+        value, nxt = _config_value(argv, i)
+        if value is None:
+            out.append(argv[i])
             i += 1
             continue
-        config = compose(value)
-        last_stem = Path(value).stem
-        if "model" in config and isinstance(config["model"], dict):
-            config["model"].setdefault("run_dir", f"runs/{last_stem}")
-        composed = workdir / f"{len(out)}-{Path(value).name}"
-        composed.write_text(yaml.safe_dump(config, sort_keys=False))
-        out += ["--config", str(composed)]
-    return out
+        if first is None:
+            first = len(out)
+        paths.append(value)
+        i = nxt
+    if not paths:
+        return out
+    config = compose_all(paths)
+    model = config.setdefault("model", {})
+    if isinstance(model, dict):
+        model.setdefault("run_dir", default_run_dir(paths))
+    composed = workdir / "composed.yaml"
+    composed.write_text(yaml.safe_dump(config, sort_keys=False))
+    return [*out[:first], "--config", str(composed), *out[first:]]
 
 
 def _trainer_class() -> type:
