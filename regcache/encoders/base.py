@@ -41,6 +41,22 @@ _FLOAT_SDPA = os.environ.get("REGCACHE_FLOAT_SDPA", "1") != "0"
 # float model 4 % on an H100), while copies only lengthen the key axis by sum(τ) - n, small next to the
 # ~200 tokens of a ViT up to this many extra keys; beyond it the mask is kept.
 _MAX_EXTRA_REPEATED_KEYS = 64
+_EXPLICIT = [False]  # set by explicit_attention()
+
+
+@contextmanager
+def explicit_attention() -> Iterator[None]:
+    """Every :class:`Attention` takes its explicit Q·Kᵀ / softmax / P·V path (no SDPA, no fused kernel).
+
+    For computations that compare two forwards and need them to round alike, such as PTQ4ViT's
+    loss against the float prediction (the official code's attention is explicit throughout).
+    """
+    saved = _EXPLICIT[0]
+    _EXPLICIT[0] = True
+    try:
+        yield
+    finally:
+        _EXPLICIT[0] = saved
 
 
 class Tap(nn.Identity):
@@ -170,9 +186,11 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, bool]:
         """:meth:`attend`, and whether ``out_quantizer`` was applied to the output (by the fused kernel)."""
         prefix = self.prefix
-        if _FLOAT_SDPA and self._plain_float():
+        explicit = _EXPLICIT[0]
+        if _FLOAT_SDPA and not explicit and self._plain_float():
             return self._sdpa(q, k, v, prefix), False
-        out = self._fused_attention(q, k, v, prefix, out_quantizer) if fused_attention.enabled() else None
+        fused = fused_attention.enabled() and not explicit
+        out = self._fused_attention(q, k, v, prefix, out_quantizer) if fused else None
         if out is not None:
             return out
         if prefix is not None:

@@ -800,6 +800,13 @@ def calibrate_ptq4vit(
     encoder: VisionEncoder, batches: Iterable[Any], config: PTQ4ViTConfig, progress: bool = True
 ) -> None:
     """PTQ4ViT calibration of the quantizers ``config.transform`` attached; the model ends in quant mode."""
+    from regcache.encoders.base import explicit_attention
+
+    with explicit_attention():  # the target and every capture through the same attention arithmetic
+        _calibrate(encoder, batches, config, progress)
+
+
+def _calibrate(encoder: VisionEncoder, batches: Iterable[Any], config: PTQ4ViTConfig, progress: bool) -> None:
     images = [x.clone() for x in iter_images(encoder, batches, progress, "loading calibration images")]
     if not images:
         raise ValueError("calibration data is empty: pass at least one batch of images")
