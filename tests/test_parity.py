@@ -13,20 +13,19 @@ output than a one-ulp change of its input moves it from itself.
 PTQ4ViT's official Hessian weights are rounding noise of the GPU that made the fixture (see
 :mod:`regcache.quant.methods.ptq4vit`), so no logits bar can hold against it on another device;
 the deterministic parts of the preset are tested against hand-computed values instead, and the
-fixture comparison is a reported figure (``benchmarks/parity.py``).
+fixture comparison is a reported figure (``benchmarks/parity.py``, which also holds the fixture helpers).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
-from torch.nn import functional as F
 
 import regcache as rc
 from regcache.quant.methods import ptq4vit
@@ -36,33 +35,12 @@ from regcache.quant.modules import QuantLinear, quantizers
 from regcache.quant.quantizers import UniformQuantizer
 from regcache.quant.twin_uniform import ChunkedUniformQuantizer
 
-FIXTURE = Path(__file__).parent / "fixtures" / "parity" / "vit_tiny_official_outputs.safetensors"
-
-
-@functools.cache
-def fixture() -> dict[str, torch.Tensor]:
-    """The fixture's tensors (weights fp16, images uint8, logits fp16)."""
-    return load_file(str(FIXTURE))
-
-
-def images(name: str) -> torch.Tensor:
-    """The fixture's model input: ``(x / 255 - 0.5) / 0.5``."""
-    return (fixture()[name].float() / 255 - 0.5) / 0.5
-
-
-def fixture_encoder() -> rc.VisionEncoder:
-    """The fixture's timm ViT-Ti/16 with its weights, adapted."""
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    model.load_state_dict({k[len("weights.") :]: v.float() for k, v in fixture().items() if k.startswith("weights.")})
-    return rc.adapt(model.eval())
-
-
-def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(cosine of the flattened logits, top-1 agreement)."""
-    a, b = a.float(), b.float()
-    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(), (
-        a.argmax(1) == b.argmax(1)
-    ).float().mean().item()
+_SPEC = importlib.util.spec_from_file_location(
+    "parity", Path(__file__).resolve().parents[1] / "benchmarks" / "parity.py"
+)
+parity = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(parity)
+fixture, images, fixture_encoder, agreement = parity.fixture, parity.images, parity.fixture_encoder, parity.agreement
 
 
 @functools.cache
