@@ -8,12 +8,15 @@
 
 Weights come from the local Hugging Face cache first. When they are not cached and the hub
 cannot be reached, :class:`WeightsUnavailableError` is raised within seconds (instead of a
-minute of retries) with the way to pass a local file.
+minute of retries) with the way to pass a local file. Hugging Face tokenizers (SigLIP, SigLIP2)
+resolve the same way, whatever the weights: ``tokenizer=`` (a local folder), the folder of a local
+checkpoint when it holds the tokenizer files, the Hugging Face cache, then the hub.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -111,7 +114,90 @@ def _open_clip_checkpoint(cfg: dict, what: str, name: str) -> str:
     return open_clip.download_pretrained(cfg)
 
 
-def _open_clip(name: str, pretrained: str | None, device: str, image_size: int | None) -> LoadedModel:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The Hugging Face cache's snapshot folder of ``repo_id`` (None where it is not cached)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or not a repo id: the caller falls back to the hub
+        return None
+
+
+def _hf_tokenizer(source: str | Path, text_cfg: dict, **kwargs: Any) -> Callable[..., torch.Tensor]:
+    """open_clip's HFTokenizer over ``source`` (a folder or hub id) with the model config's settings."""
+    try:
+        from open_clip.tokenizer import HFTokenizer
+    except ImportError as e:  # pragma: no cover - transformers is a dependency
+        raise ImportError(f"{e}: Hugging Face tokenizers (SigLIP, SigLIP2) need `pip install transformers`") from e
+    return HFTokenizer(
+        str(source),
+        context_length=text_cfg.get("context_length", 77),
+        tokenizer_mode=text_cfg.get("tokenizer_mode"),
+        **{**text_cfg.get("tokenizer_kwargs", {}), **kwargs},
+    )
+
+
+def resolve_tokenizer(
+    name: str, text_cfg: dict, tokenizer: str | None = None, local_dirs: tuple[Path, ...] = ()
+) -> Callable[..., torch.Tensor] | None:
+    """The Hugging Face tokenizer a model config names, found locally first; None if it names none.
+
+    Order: ``tokenizer`` (a local folder, or a hub id), the first of ``local_dirs`` holding tokenizer
+    files (a local checkpoint's folder), the Hugging Face cache, the hub. Raises
+    :class:`WeightsUnavailableError` naming the fix where none of them has it.
+    """
+    source = tokenizer or text_cfg.get("hf_tokenizer_name")
+    if not source:
+        return None
+    if tokenizer and (Path(tokenizer).expanduser().exists() or os.sep in tokenizer):
+        folder = Path(tokenizer).expanduser()
+        if not _has_tokenizer_files(folder):
+            raise FileNotFoundError(
+                f"tokenizer folder {folder} holds none of {list(TOKENIZER_FILES)}: pass the folder a Hugging Face "
+                f"tokenizer was saved to (tokenizer.save_pretrained(folder), or a download of the hub repo {source})"
+            )
+        return _hf_tokenizer(folder, text_cfg)
+    for folder in local_dirs:
+        if _has_tokenizer_files(folder):
+            return _hf_tokenizer(folder, text_cfg)
+    cached = _cached_snapshot(source)
+    if cached is not None and _has_tokenizer_files(cached):
+        # loaded as a folder: as a hub id transformers would look for a model config.json the repo may lack
+        return _hf_tokenizer(cached, text_cfg)
+    if not hub_reachable():
+        raise WeightsUnavailableError(
+            f"could not load the tokenizer of {name} ({source}): it is not in the local Hugging Face cache and "
+            f"the hub ({_hub_endpoint()}) cannot be reached. On a machine with network access run "
+            f"`hf download {source}` (or tokenizer.save_pretrained(folder) with transformers) and pass the folder: "
+            f"load_model({name!r}, ..., tokenizer='/path/to/tokenizer') (config: model.tokenizer), put its files "
+            "next to your local checkpoint, or copy the Hugging Face cache (HF_HOME) over"
+        )
+    return _hf_tokenizer(source, text_cfg)
+
+
+def _open_clip_tokenizer(
+    name: str, tokenizer: str | None, local_dirs: tuple[Path, ...] = (), text_cfg: dict | None = None
+) -> Callable[..., torch.Tensor]:
+    """The model's tokenizer: a Hugging Face one resolved locally first, else open_clip's bundled one."""
+    import open_clip
+
+    if text_cfg is None:
+        text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    resolved = resolve_tokenizer(name, text_cfg, tokenizer, local_dirs)
+    return resolved if resolved is not None else open_clip.get_tokenizer(name)
+
+
+def _open_clip(
+    name: str, pretrained: str | None, device: str, image_size: int | None, tokenizer: str | None = None
+) -> LoadedModel:
     import open_clip
 
     if name.startswith(HF_HUB_PREFIX):
@@ -122,11 +208,15 @@ def _open_clip(name: str, pretrained: str | None, device: str, image_size: int |
         model_dir = Path(config).parent
         if Path(weights).parent != model_dir:  # pragma: no cover - hub cache keeps one snapshot dir
             raise WeightsUnavailableError(f"config and weights of {name} resolved to different snapshots")
+        text_cfg = json.loads(Path(config).read_text()).get("model_cfg", {}).get("text_cfg", {})
+        if text_cfg.get("hf_tokenizer_name") or tokenizer:
+            tok = _open_clip_tokenizer(name, tokenizer, (model_dir,), text_cfg)
+        else:
+            tok = open_clip.get_tokenizer(f"local-dir:{model_dir}")
         model, _, preprocess = open_clip.create_model_and_transforms(
             f"local-dir:{model_dir}", device=device, force_image_size=image_size
         )
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{model_dir}")
-        return LoadedModel(model.eval(), preprocess, tokenizer, name, pretrained)
+        return LoadedModel(model.eval(), preprocess, tok, name, pretrained)
 
     if name not in open_clip.list_models():
         raise ValueError(
@@ -153,6 +243,9 @@ def _open_clip(name: str, pretrained: str | None, device: str, image_size: int |
             "image_interpolation": cfg.get("interpolation"),
             "image_resize_mode": cfg.get("resize_mode"),
         }
+    # the tokenizer first: a missing one fails before minutes of building a large model
+    local_dirs = (Path(checkpoint).parent,) if checkpoint else ()  # a hub snapshot or the user's own folder
+    tok = _open_clip_tokenizer(name, tokenizer, local_dirs)
     model, _, preprocess = open_clip.create_model_and_transforms(
         name,
         pretrained=checkpoint,
@@ -160,7 +253,7 @@ def _open_clip(name: str, pretrained: str | None, device: str, image_size: int |
         force_image_size=image_size,
         **{k: v for k, v in kwargs.items() if v is not None},
     )
-    return LoadedModel(model.eval(), preprocess, open_clip.get_tokenizer(name), name, pretrained)
+    return LoadedModel(model.eval(), preprocess, tok, name, pretrained)
 
 
 def _timm(name: str, pretrained: str | None, device: str, image_size: int | None) -> LoadedModel:
@@ -201,17 +294,27 @@ def _timm(name: str, pretrained: str | None, device: str, image_size: int | None
 
 
 def load_model(
-    name: str, pretrained: str | None = None, device: str | torch.device = "cpu", image_size: int | None = None
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
     """Create a model by name with weights from a tag, a hub id or a local file (``None``: random init).
 
     ``image_size`` overrides the input resolution (e.g. 224 for DINOv2, whose default is 518).
+    ``tokenizer`` is a local folder (or hub id) with the Hugging Face tokenizer to use instead of the
+    one the model config names (SigLIP, SigLIP2); see :func:`resolve_tokenizer`.
     """
     device = str(device)
     if name == "regcache-testbed":  # the embedded testbed: committed weights and its own preprocessing
         from regcache.testbed import load_testbed
 
+        if tokenizer is not None:
+            raise ValueError("regcache-testbed uses its own bundled tokenizer (leave tokenizer unset)")
         return load_testbed(pretrained, device)
     if name.startswith(TIMM_PREFIX):
+        if tokenizer is not None:
+            raise ValueError(f"{name} is an image-only timm encoder: it has no tokenizer (leave tokenizer unset)")
         return _timm(name, pretrained, device, image_size)
-    return _open_clip(name, pretrained, device, image_size)
+    return _open_clip(name, pretrained, device, image_size, tokenizer)

@@ -76,6 +76,8 @@ class QuantizedEncoder(pl.LightningModule):
         fidelity: also run the float model on every batch and report feature cosine to it.
         run_dir: where artifacts (calibration, register cache, metrics.json) go.
         matmul_precision: ``torch.set_float32_matmul_precision`` ("high": TF32 matmuls on GPUs).
+        tokenizer: local folder (or hub id) of the Hugging Face tokenizer to use instead of the one the
+            model config names (SigLIP / SigLIP2 where it is not in the Hugging Face cache).
     """
 
     def __init__(
@@ -90,13 +92,14 @@ class QuantizedEncoder(pl.LightningModule):
         fidelity: bool = True,
         run_dir: str = "runs/default",
         matmul_precision: str = "high",
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
         built = time.perf_counter()
         self.add_time("startup.imports", built - IMPORTED_AT)
-        self.loaded = load_model(model, pretrained, image_size=image_size)
+        self.loaded = load_model(model, pretrained, image_size=image_size, tokenizer=tokenizer)
         self._built_at = time.perf_counter()
         self.add_time("startup.model_build", self._built_at - built)
         self.net = self.loaded.model  # registered: moves with the module (text tower included)

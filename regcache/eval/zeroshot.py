@@ -58,7 +58,7 @@ def classifier_cache_spec(
     )
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     autocast = str(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
-    return {
+    spec = {
         "model": model_id,
         "tokenizer": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
         "context_length": getattr(tokenizer, "context_length", None),
@@ -68,6 +68,11 @@ def classifier_cache_spec(
         "templates": [fill_template(t, "{c}") for t in templates],
         "classnames": list(classnames),
     }
+    # a Hugging Face tokenizer's type says nothing of its vocabulary: key on where it was loaded from
+    source = getattr(getattr(tokenizer, "tokenizer", None), "name_or_path", None)
+    if source is not None:
+        spec["tokenizer_source"] = str(source)
+    return spec
 
 
 def classifier_cache_key(spec: dict[str, Any]) -> str:
