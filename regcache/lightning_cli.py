@@ -182,6 +182,35 @@ def run_cli(argv: list[str]) -> Any:
     )
 
 
+class ConfigError(ValueError):
+    """``regcache validate``'s arguments do not parse (unknown key, wrong type, missing file)."""
+
+
+def check_args(argv: list[str]) -> None:
+    """Parse ``regcache validate`` arguments as a run would, building nothing; raise ConfigError if they fail."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with tempfile.TemporaryDirectory(prefix="regcache-config-") as tmp:
+        try:
+            expanded = _expand_configs(list(argv), Path(tmp))
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise ConfigError(str(e)) from e
+        # --print_config stops after the parse: no model, data or trainer is instantiated
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_cli(["validate", *expanded, "--print_config"])
+            except SystemExit as e:
+                if e.code not in (0, None):
+                    text = err.getvalue()
+                    start = text.find("error:")  # jsonargparse prints the usage first
+                    message = (text[start:] if start >= 0 else text).strip()
+                    raise ConfigError(message or f"exit status {e.code}") from None
+                return
+    raise ConfigError("the configuration was not checked (--print_config did not stop the parse)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``regcache validate``."""
     argv = sys.argv[1:] if argv is None else list(argv)

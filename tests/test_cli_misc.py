@@ -1,4 +1,4 @@
-"""`regcache report`, `regcache submit --dry-run` and the command dispatcher."""
+"""`regcache report` and the command dispatcher (`regcache submit`: tests/test_submit.py)."""
 
 from __future__ import annotations
 
@@ -41,18 +41,6 @@ def test_report_table(tmp_path, capsys):
     assert (tmp_path / "t.md").read_text().strip() == "\n".join(out)
     with pytest.raises(FileNotFoundError, match=r"metrics\.json"):
         load_runs([tmp_path / "missing"])
-
-
-def test_submit_dry_run_maps_nodes_and_gpus(capsys):
-    argv = ["submit", "--config", "train_configs/grid/x.yaml", "--nodes", "2", "--gpus-per-node", "4"]
-    assert cli_main([*argv, "--dry-run", "--partition", "gpu", "--data.root=/datasets"]) == 0
-    script = capsys.readouterr().out
-    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
-    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --no-requeue" in script
-    assert "#SBATCH --partition=gpu" in script
-    assert "--trainer.num_nodes=2 --trainer.devices=4 --trainer.strategy=ddp" in script
-    assert '"auto_requeue": false' in script and "--data.root=/datasets" in script
-    assert "srun regcache validate --config train_configs/grid/x.yaml" in script
 
 
 def test_unknown_command(capsys):
