@@ -10,24 +10,53 @@ Plain-PyTorch core (no Lightning needed)::
     features = encoder(images)
 """
 
-from regcache import _clock  # noqa: F401  (first: metrics.json's timings_s["startup"] counts from its import)
-from regcache.encoders import AttentionPrefix, VisionEncoder, adapt, record
-from regcache.loading import LoadedModel, WeightsUnavailableError, load_model
-from regcache.models import register_model_configs
-from regcache.quant import (
-    METHODS,
-    NaiveConfig,
-    QuantConfig,
-    calibrate_,
-    coverage,
-    load_quant_state,
-    quant_mode,
-    quantize_,
-    save_quant_state,
-    set_quant_mode,
-)
+import importlib
+from typing import Any
 
-register_model_configs()
+from regcache import _clock  # noqa: F401  (first: metrics.json's timings_s["startup"] counts from its import)
+
+# Attributes import their module on first use, so `regcache --help` (and any command's own help)
+# answers without importing torch, open_clip or Lightning.
+_LAZY = {
+    "AttentionPrefix": "regcache.encoders",
+    "VisionEncoder": "regcache.encoders",
+    "adapt": "regcache.encoders",
+    "record": "regcache.encoders",
+    "LoadedModel": "regcache.loading",
+    "WeightsUnavailableError": "regcache.loading",
+    "load_model": "regcache.loading",
+    "register_model_configs": "regcache.models",
+    **dict.fromkeys(
+        [
+            "METHODS",
+            "NaiveConfig",
+            "QuantConfig",
+            "calibrate_",
+            "coverage",
+            "load_quant_state",
+            "quant_mode",
+            "quantize_",
+            "save_quant_state",
+            "set_quant_mode",
+        ],
+        "regcache.quant",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public attribute's module on first use (PEP 562)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'regcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """Public names, the lazy ones included."""
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 __all__ = [

@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+import regcache.models  # noqa: F401  (registers the bundled open_clip configs: regcache-tiny-vit, ...)
+
 HF_HUB_PREFIX = "hf-hub:"
 TIMM_PREFIX = "timm:"
 

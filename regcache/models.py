@@ -1,4 +1,4 @@
-"""Model configs that ship with regcache, registered with open_clip at import."""
+"""Model configs that ship with regcache, registered with open_clip when this module is imported."""
 
 from __future__ import annotations
 
@@ -12,3 +12,6 @@ def register_model_configs() -> None:
     import open_clip
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+register_model_configs()  # loading and the testbed import this module before they name a bundled model

@@ -59,3 +59,26 @@ def test_bytecode_cache_hint_only_when_imports_were_slow_and_bytecode_is_not_cac
     assert hint.startswith("start-up imports took 17 s") and "PYTHONPYCACHEPREFIX" in hint
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
     assert bytecode_cache_hint(17.4) is None
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["submit", "--help"]])
+def test_help_answers_without_importing_torch(argv):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, regcache.cli\n"
+        f"try:\n    regcache.cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'lightning', 'timm') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "usage: regcache" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_lazy_package_attributes():
+    import regcache as rc
+
+    assert rc.load_model.__module__ == "regcache.loading" and rc.NaiveConfig.__name__ == "NaiveConfig"
+    assert set(rc.__all__) <= set(dir(rc))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = rc.nope

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+import regcache.models  # noqa: F401  (registers the testbed's open_clip config)
 from regcache.testbed.data import (
     ASSETS_DIR,
     CIFAR10_SAMPLE,
