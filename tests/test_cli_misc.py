@@ -82,3 +82,22 @@ def test_lazy_package_attributes():
     assert set(rc.__all__) <= set(dir(rc))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = rc.nope
+
+
+def test_validate_run_prints_no_lightning_noise(tmp_path):
+    """No advert tips, no LightningCLI args warning, no LeafSpec deprecation in a plain validate run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "regcache.cli", "validate", "--config", str(root / "train_configs" / "demo.yaml")]
+    cmd += ["--trainer.callbacks.init_args.enabled=false", "--model.method=float", "--trainer.limit_val_batches=1"]
+    cmd += [f"--model.run_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"results: {tmp_path / 'run' / 'metrics.json'}"
+    for noise in ("Tip:", "args parameter is intended", "LeafSpec"):
+        assert noise not in proc.stdout + proc.stderr, noise
