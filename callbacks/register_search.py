@@ -309,7 +309,8 @@ class RegisterSearch(pl.Callback):
                     save_every_s=self.save_every_s,
                     # keyed by the settings: a run with another grid does not meet this one's rows
                     state_path=out / f"search_state.{digest}.rank{rank}of{world}.json",
-                    progress=trainer.progress_bar_callback is not None,
+                    # every rank searches its share of the grid: rank 0 alone draws the bar
+                    progress=trainer.progress_bar_callback is not None and trainer.is_global_zero,
                 )
                 search.points = search.points[rank::world]
                 grid_start = time.perf_counter()

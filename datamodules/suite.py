@@ -10,6 +10,7 @@ import torch
 
 from datamodules.webdataset_shards import WebDatasetDataModule
 from regcache._lightning import pl
+from regcache.eval.clip_benchmark import benchmark_dataset_name
 
 
 class ValidationSuite(pl.LightningDataModule):
@@ -20,7 +21,9 @@ class ValidationSuite(pl.LightningDataModule):
             ``builtin`` is the sample data shipped with regcache (``cifar10_sample``,
             ``imagenet1k_sample_small``).
         datasets: ``{name: options}`` where options are :class:`WebDatasetDataModule` arguments
-            plus ``path`` (relative to ``root``; default: the name).
+            plus ``path`` (relative to ``root``; default: the name) and ``clip_benchmark_name``, the
+            dataset's name in the CLIP_benchmark result files (default: ``wds/<x>`` for a ``wds_<x>``
+            folder, ``wds/vtab/flowers`` for ``wds_vtab-flowers``, else ``wds/<name>``).
         calibration: name of the dataset whose ``calib_split`` feeds calibration.
         reference: name of the dataset whose ``ref_split`` feeds the register search / k-NN bank.
         batch_size, num_workers, seed, decode_on_gpu, prefetch_depth: shared loader settings (a
@@ -63,10 +66,12 @@ class ValidationSuite(pl.LightningDataModule):
         self.calibration = calibration
         self.reference = reference
         self.modules: dict[str, WebDatasetDataModule] = {}
+        self.benchmark_names: dict[str, str] = {}
         self._auto_prefetch: list[str] = []  # datasets whose prefetch depth set_model_kind decides
         for name, options in datasets.items():
             options = dict(options)
             path = options.pop("path", name)
+            self.benchmark_names[name] = options.pop("clip_benchmark_name", None) or benchmark_dataset_name(name, path)
             location = path if "://" in path or path.startswith(("/", "pipe:")) else os.path.join(root, path)
             options.setdefault("batch_size", batch_size)
             options.setdefault("num_workers", num_workers)
@@ -99,6 +104,10 @@ class ValidationSuite(pl.LightningDataModule):
     def dataset_task(self, idx: int) -> str:
         """``classification`` or ``retrieval``."""
         return self._module(idx).task
+
+    def benchmark_name(self, idx: int) -> str:
+        """The dataset's name in CLIP_benchmark's result files (``wds/imagenet1k``, ``wds/mscoco_captions``)."""
+        return self.benchmark_names[self.names[idx]]
 
     def classnames(self, idx: int) -> list[str]:
         """Class names of a classification dataset."""

@@ -12,6 +12,7 @@ Everything else is plain LightningCLI (``--print_config``, ...).
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -144,6 +145,13 @@ def _trainer_class() -> type:
     return Trainer
 
 
+def default_logger(run_dir: str | Path) -> Any:
+    """``CSVLogger`` writing ``<run_dir>/logs/version_<n>/{metrics.csv,hparams.yaml}`` (a new version per run)."""
+    from regcache._lightning import pl
+
+    return importlib.import_module(f"{pl.__name__}.loggers").CSVLogger(save_dir=str(run_dir), name="logs")
+
+
 def run_cli(argv: list[str]) -> Any:
     """Instantiate and run the LightningCLI on already-expanded arguments."""
     import callbacks.calibration
@@ -166,18 +174,30 @@ def run_cli(argv: list[str]) -> Any:
                 path = Path(pl_module.run_dir) / self.config_filename
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+                config = {k: v for k, v in self.config.as_dict().items() if k != "config"}  # "config": temp files
+                for logger in trainer.loggers:  # the resolved configuration as the run's hyper-parameters
+                    logger.log_hyperparams({"config": json.loads(json.dumps(config, default=str))})
             self.already_saved = True
+
+    class ValidateCLI(cli_module.LightningCLI):
+        """LightningCLI whose default logger (``trainer.logger`` unset or true) is a CSVLogger in the run directory."""
+
+        def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+            """The trainer, with :func:`default_logger` where the configuration names no logger."""
+            if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
+                kwargs["logger"] = default_logger(self.model.run_dir)
+            return super().instantiate_trainer(**kwargs)
 
     def instantiate(dotted: str):
         module, _, name = dotted.rpartition(".")
         return getattr(sys.modules[module], name)()
 
-    return cli_module.LightningCLI(
+    return ValidateCLI(
         QuantizedEncoder,
         ValidationSuite,
         trainer_class=_trainer_class(),
         args=argv,
-        trainer_defaults={"callbacks": [instantiate(c) for c in DEFAULT_CALLBACKS], "logger": False},
+        trainer_defaults={"callbacks": [instantiate(c) for c in DEFAULT_CALLBACKS]},
         save_config_callback=RunDirConfig,
     )
 

@@ -21,9 +21,11 @@ import torch
 from regcache._clock import IMPORTED_AT
 from regcache._lightning import pl
 from regcache.encoders import adapt
+from regcache.eval.clip_benchmark import clip_benchmark_results, write_clip_benchmark_results
 from regcache.loading import load_model
 from regcache.quant import METHODS, QuantConfig, quantize_
 from regcache.registers import plain_float
+from regcache.tracking import log_run_summary
 from regcache.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -212,6 +214,9 @@ class QuantizedEncoder(pl.LightningModule):
         if datamodule is not None and hasattr(datamodule, "shard_errors"):
             self.results["shard_errors"] = datamodule.shard_errors()
         self.write_results()
+        if self.trainer.is_global_zero:
+            self.write_clip_benchmark_results(datamodule)
+            self.log_summary()
 
     def dataset_name(self, dataloader_idx: int) -> str:
         """Name under which a validation dataloader's metrics are reported."""
@@ -228,6 +233,42 @@ class QuantizedEncoder(pl.LightningModule):
             "a_bits": cfg.a_bits if cfg else None,
             "method_options": cfg.to_dict() if cfg else None,
         }
+
+    def quantization(self) -> dict[str, Any]:
+        """The evaluated variant: method, bits and the installed RegCache configuration (None without RegCache)."""
+        cfg, rc = self.quant_config, self.results.get("regcache")
+        point = ("l_q", "l_start", "tau", "k_delete", "register", "mode", "objective")
+        return {
+            "method": cfg.name if cfg else "float",
+            "w_bits": cfg.w_bits if cfg else None,
+            "a_bits": cfg.a_bits if cfg else None,
+            "regcache": None if rc is None else {k: rc.get(k) for k in point},
+        }
+
+    def write_clip_benchmark_results(self, datamodule: Any) -> list[Path]:
+        """One CLIP_benchmark result JSON per (dataset, task) into ``<run_dir>/clip_benchmark/`` (for
+        ``clip_benchmark build``); datasets without a CLIP_benchmark task (k-NN) have none."""
+        if datamodule is None or not hasattr(datamodule, "benchmark_name"):
+            return []
+        datasets = {
+            self.dataset_name(i): {"task": datamodule.dataset_task(i), "benchmark_name": datamodule.benchmark_name(i)}
+            for i in range(len(self.dataset_names))
+        }
+        results = clip_benchmark_results(self.describe(), self.results["metrics"], datasets, self.quantization())
+        return write_clip_benchmark_results(self.run_dir / "clip_benchmark", results)
+
+    def log_summary(self) -> None:
+        """Hand the loggers what metrics.json holds beside the metrics: configuration of the RegCache result,
+        calibration, ``timings_s`` and the outlier / sensitivity plots (where the logger takes images)."""
+        if not self.loggers:
+            return
+        images = {"outliers": self.run_dir / "outliers.png"}
+        if self.results.get("regcache") is not None:  # the plot of the search whose result is installed
+            images["sensitivity"] = self.run_dir / "regcache" / "sensitivity.png"
+        taken = log_run_summary(self.loggers, self.describe(), self.results, images, step=self.global_step)
+        for logger in self.loggers:
+            logger.save()
+        log.info("logged the run summary to %s", ", ".join(f"{k} (images: {v or 'none'})" for k, v in taken.items()))
 
     def write_results(self, extra: dict[str, Any] | None = None) -> Path:
         """Write ``metrics.json`` into the run directory (rank 0 only) and return its path."""

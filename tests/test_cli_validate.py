@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -93,9 +95,32 @@ def test_validate_naive_writes_metrics_json(tmp_path, shards, capsys, monkeypatc
     expected = {"colors/zeroshot_top1", "colors/zeroshot_top5", "colors/mean_per_class_recall"}
     expected |= {f"captions/{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
     assert expected <= set(metrics)
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
-    assert metrics["colors/zeroshot_top5"] == 1.0  # 3 classes: the true class is always in the top 5
+    assert all(0.0 <= v <= 1.0 for v in metrics.values() if not math.isnan(v))
+    # CLIP_benchmark's convention: no top-k above the classes (3 here), no recall@k above the candidates
+    assert math.isnan(metrics["colors/zeroshot_top5"]) and math.isnan(metrics["captions/image_retrieval_recall@10"])
     assert metrics["captions/text_retrieval_recall@10"] == 1.0  # 12 captions, 2 positives per image
+    # one CLIP_benchmark result per (dataset, task), the variant in its extra field
+    bench = {p.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "clip_benchmark").glob("*.json")}
+    assert sorted(bench) == [
+        "captions__regcache-tiny-vit_en_zeroshot_retrieval.json",  # {dataset}_{pretrained}_{model}_...
+        "colors__regcache-tiny-vit_en_zeroshot_classification.json",
+    ]
+    colors = bench["colors__regcache-tiny-vit_en_zeroshot_classification.json"]
+    assert (colors["dataset"], colors["pretrained"], colors["language"]) == ("wds/colors", "", "en")
+    assert colors["metrics"]["acc1"] == metrics["colors/zeroshot_top1"] and math.isnan(colors["metrics"]["acc5"])
+    quantization = colors["quantization"]
+    assert (quantization["method"], quantization["w_bits"], quantization["regcache"]) == ("naive", 6, None)
+    assert quantization["feature_cosine_to_float"] == metrics["colors/feature_cosine_to_float"]
+    # the default CSV log: the metrics, the configuration and the run summary as hyper-parameters
+    log_dir = tmp_path / "run" / "logs" / "version_0"
+    rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+    logged = {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
+    assert logged["colors/zeroshot_top1"] == pytest.approx(metrics["colors/zeroshot_top1"])
+    assert logged["timings_s/evaluation"] == pytest.approx(result["timings_s"]["evaluation"])
+    assert logged["num_samples/colors"] == 18
+    hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text())
+    assert hparams["config"]["model"]["w_bits"] == 6 and hparams["config"]["data"]["batch_size"] == 4
+    assert hparams["calibration"] == result["calibration"] and hparams["method"] == "naive"
     assert result["num_samples"] == {"colors": 18, "captions": 6}
     assert result["skipped_samples"] == {"colors": 0, "captions": 0}
     assert (tmp_path / "run" / "outliers.png").is_file()
@@ -104,8 +129,9 @@ def test_validate_naive_writes_metrics_json(tmp_path, shards, capsys, monkeypatc
         assert stats["tokens"] == profile["before"][block]["tokens"] == (18 + 6) * 64  # both datasets, CLS skipped
     # the calibration state was saved; a second run reloads it and reproduces every metric
     again = _run(config)
-    assert again["metrics"] == metrics
+    assert again["metrics"] == pytest.approx(metrics, nan_ok=True)
     assert again["calibration"]["loaded"] and not result["calibration"]["loaded"]
+    assert (tmp_path / "run" / "logs" / "version_1" / "metrics.csv").is_file()  # each run logs a version of its own
 
 
 def test_float_zero_shot_matches_direct_computation(tmp_path, shards):
@@ -170,7 +196,7 @@ def test_two_process_run_equals_one_process(tmp_path, shards):
         # Lightning started rank 1 itself: the log says how to start the ranks together
         assert ("torchrun --standalone --nproc_per_node 2" in proc.stderr) == (devices == 2)
         assert "sync_dist=True" not in proc.stderr  # the metrics are global already: no advice to sync them
-    assert outs[2]["metrics"] == pytest.approx(outs[1]["metrics"], abs=1e-6)
+    assert outs[2]["metrics"] == pytest.approx(outs[1]["metrics"], abs=1e-6, nan_ok=True)
     assert outs[2]["num_samples"] == outs[1]["num_samples"]
 
 
@@ -196,7 +222,7 @@ def test_two_process_register_search_equals_one_process(tmp_path, shards):
     assert {k: v for k, v in outs[2]["regcache"].items() if k not in drop} == {
         k: v for k, v in outs[1]["regcache"].items() if k not in drop
     }
-    assert outs[2]["metrics"] == pytest.approx(outs[1]["metrics"], abs=1e-6)
+    assert outs[2]["metrics"] == pytest.approx(outs[1]["metrics"], abs=1e-6, nan_ok=True)
 
 
 def test_compose_defaults(tmp_path):
@@ -256,7 +282,7 @@ def test_register_search_through_the_cli_resumes_after_interruption(tmp_path, sh
     assert {k: v for k, v in resumed["regcache"].items() if k not in drop} == {
         k: v for k, v in rc.items() if k not in drop
     }
-    assert resumed["metrics"] == pytest.approx(reference["metrics"])
+    assert resumed["metrics"] == pytest.approx(reference["metrics"], nan_ok=True)
     # a finished search is reused as is
     again = _run(config)
     assert again["regcache"]["search_seconds"] == resumed["regcache"]["search_seconds"]
@@ -319,3 +345,49 @@ def test_profile_step_profiles_the_clis_own_register_search(tmp_path, shards):
     assert "Self CPU" in out  # the profiler's table
     result = json.loads((tmp_path / "profiled" / "regcache" / "search_result.json").read_text())
     assert len(result["table"]) == 6
+
+
+def test_run_summary_reaches_every_logger_and_images_the_loggers_that_take_them(tmp_path):
+    from PIL import Image
+
+    from regcache._lightning import pl
+    from regcache.tracking import log_run_summary
+
+    class ImageLogger(pl.loggers.Logger):
+        """A logger with W&B's log_image interface, recording what it is given."""
+
+        name, version = "images", 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.params, self.metrics, self.images = {}, {}, []
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            self.params.update(params)
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self.metrics.update(metrics)
+
+        def log_image(self, key, images, step=None, **kwargs) -> None:
+            self.images.append((key, images))
+
+    png = tmp_path / "outliers.png"
+    Image.new("RGB", (8, 4), (200, 30, 30)).save(png)
+    rc = {"l_q": 2, "l_start": 2, "tau": 3, "k_delete": 1, "register": 0, "mode": "both", "objective": "acc_ref"}
+    rc |= {"objective_score": 0.5, "base_score": 0.25, "gain_over_base": 0.25, "result": "search_result.json"}
+    results = {"timings_s": {"evaluation": 1.5}, "regcache": rc, "calibration": {"state": "c.safetensors"}}
+    results |= {"num_samples": {"colors": 18}, "outliers": {"max_l2_after": 3.0, "plot": str(png)}}
+    describe = {"model": "m", "method": "naive", "w_bits": 6, "a_bits": 6}
+    csv_logger, images = pl.loggers.CSVLogger(tmp_path, name="logs"), ImageLogger()
+    missing = tmp_path / "regcache" / "sensitivity.png"
+    taken = log_run_summary([csv_logger, images], describe, results, {"outliers": png, "sensitivity": missing})
+    assert taken == {"CSVLogger": [], "ImageLogger": ["outliers"]}  # CSV takes no images; absent plots are skipped
+    assert images.images == [("outliers", [str(png)])]
+    expected = {"regcache/l_q": 2, "regcache/tau": 3, "regcache/k_delete": 1, "regcache/objective_score": 0.5}
+    expected |= {"timings_s/evaluation": 1.5, "num_samples/colors": 18, "outliers/max_l2_after": 3.0}
+    assert expected.items() <= images.metrics.items()
+    assert images.params["regcache"]["objective"] == "acc_ref"
+    assert images.params["calibration"] == results["calibration"]
+    csv_logger.save()
+    hparams = yaml.safe_load((tmp_path / "logs" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["regcache"]["tau"] == 3 and hparams["w_bits"] == 6

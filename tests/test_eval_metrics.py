@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def test_zeroshot_topk_and_mean_per_class_recall_by_hand():
     out = m.compute()
     assert out["top1"].item() == pytest.approx(3 / 6)  # samples 0, 2, 4
     assert out["top2"].item() == pytest.approx(4 / 6)  # + sample 3
-    assert out["top5"].item() == pytest.approx(1.0)  # k capped at num_classes
+    assert math.isnan(out["top5"].item())  # k above num_classes: NaN, as CLIP_benchmark reports top-5 of < 5 classes
     # per-class top-1 recall: c0 1/2, c1 0/1, c2 1/2, c3 1/1 -> mean 0.5
     assert out["mean_per_class_recall"].item() == pytest.approx((0.5 + 0 + 0.5 + 1) / 4)
     assert out["num_samples"].item() == 6
@@ -105,9 +106,11 @@ def test_retrieval_any_positive_hit_by_hand():
     # 2 images, image 0 has captions t0, t1; image 1 has t2.  Unit vectors in 2-D.
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     txt = torch.tensor([[0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])  # t0 is closest to image 1 (wrong)
-    m = RetrievalRecallAtK(ks=(1, 2))
+    m = RetrievalRecallAtK(ks=(1, 2, 3))
     m.update(img, torch.tensor([0, 1]), txt, torch.tensor([0, 0, 1]))
     out = m.compute()
+    assert math.isnan(out["text_to_image_R@3"].item())  # 3 > 2 candidate images: every query would hit
+    assert out["image_to_text_R@3"].item() == pytest.approx(1.0)  # 3 candidate texts: a real recall@3
     # image->text: img0 best text = t1 (its own) -> hit; img1 best = t0 (1.0) vs t2 (~0.995) -> miss@1
     assert out["image_to_text_R@1"].item() == pytest.approx(0.5)
     assert out["image_to_text_R@2"].item() == pytest.approx(1.0)

@@ -8,6 +8,7 @@ Update them every step, compute once at epoch end: no per-step collectives.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -64,12 +65,22 @@ def _ids_or_none(ids: Tensor | None, n: int, device) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------- zero-shot
+def _hit_rate(hit: Tensor, k: int, num_classes: int) -> Tensor:
+    """Fraction of rows with a hit among their first k predictions; NaN where k exceeds the classes."""
+    if k > num_classes:  # every sample would be a hit: CLIP_benchmark's top-5 of < 5 classes is NaN
+        return torch.tensor(math.nan, device=hit.device)
+    return hit[:, :k].any(1).float().mean()
+
+
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Micro top-k accuracy (fraction of samples whose label is among the k highest logits)."""
+    """Micro top-k accuracy (fraction of samples whose label is among the k highest logits); NaN for k > classes.
+
+    With fewer classes than k every sample would count as a hit: CLIP_benchmark reports top-5 as NaN there.
+    """
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices
     hit = top == labels[:, None]
-    return {k: hit[:, : min(k, kmax)].any(1).float().mean().item() for k in ks}
+    return {k: hit[:, :k].any(1).float().mean().item() if k <= kmax else math.nan for k in ks}
 
 
 class ZeroShotAccuracy(_GatherMetric):
@@ -77,7 +88,10 @@ class ZeroShotAccuracy(_GatherMetric):
 
     ``update(logits (B, K), labels (B,), sample_ids (B,))``; ``compute()`` returns
     ``{"top1", "top5", "mean_per_class_recall", "num_samples"}`` (tensors). Mean per-class recall
-    averages the top-1 recall of the classes that occur in the labels.
+    averages the top-1 recall of the classes that occur in the labels (sklearn's balanced accuracy, as
+    CLIP_benchmark computes it). A top-k with k above the number of classes (``num_classes``, else the
+    logits' width) is NaN: every sample would be a hit, and CLIP_benchmark reports top-5 of a dataset
+    with fewer than 5 classes as NaN.
     """
 
     def __init__(self, num_classes: int | None = None, top_k: tuple[int, ...] = (1, 5), **kwargs) -> None:
@@ -91,6 +105,7 @@ class ZeroShotAccuracy(_GatherMetric):
     def update(self, logits: Tensor, labels: Tensor, sample_ids: Tensor) -> None:
         """Keep the top-k class predictions of these logits with their labels and sample ids."""
         k = min(max(self.top_k), logits.shape[1])
+        self._width = logits.shape[1]
         self.preds.append(logits.detach().topk(k, dim=1).indices)
         self.labels.append(labels.detach().long().flatten())
         self.ids.append(_ids_or_none(sample_ids, logits.shape[0], logits.device))
@@ -102,7 +117,8 @@ class ZeroShotAccuracy(_GatherMetric):
             raise RuntimeError("ZeroShotAccuracy.compute() called before any update()")
         ids, labels, preds = dedupe_by_id(ids, labels, preds)
         hit = preds == labels[:, None]
-        out = {f"top{k}": hit[:, :k].any(1).float().mean() for k in self.top_k}
+        classes = self.num_classes if self.num_classes is not None else getattr(self, "_width", preds.shape[1])
+        out = {f"top{k}": _hit_rate(hit, k, classes) for k in self.top_k}
         correct = hit[:, 0].float()
         classes = labels.unique()
         per_class = torch.stack([correct[labels == c].mean() for c in classes])
@@ -126,6 +142,8 @@ def retrieval_recall_at_k(
     Features are L2-normalised here; scores = text @ image.T.
     image->text: hit at k if ANY of the image's captions is among its k best texts.
     text->image: hit at k if the caption's image is among its k best images.
+    A recall@k with k above the number of candidates (images for text queries, texts for image queries)
+    is NaN: every query would be a hit (CLIP_benchmark fails there; its top-5 of fewer than 5 classes is NaN).
     """
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
@@ -146,9 +164,10 @@ def retrieval_recall_at_k(
         rows = torch.arange(s, min(s + chunk, n_img), device=img.device)
         for k in ks:
             i_hits[k][s : s + chunk] = (owner[:, :k] == rows[:, None]).any(1)
+    nan = torch.tensor(math.nan, device=img.device)
     for k in ks:
-        out[f"image_to_text_R@{k}"] = i_hits[k].float().mean()
-        out[f"text_to_image_R@{k}"] = t_hits[k].float().mean()
+        out[f"image_to_text_R@{k}"] = i_hits[k].float().mean() if k <= n_txt else nan
+        out[f"text_to_image_R@{k}"] = t_hits[k].float().mean() if k <= n_img else nan
     return out
 
 
@@ -234,8 +253,8 @@ class KNNAccuracy(_GatherMetric):
     feature bank (e.g. train-split features gathered with :func:`regcache.eval.gather_by_id`).
 
     ``update(features (B, D), labels (B,), sample_ids (B,))``; ``compute()`` ->
-    ``{"top1", "top5", "num_samples"}``. Predictions are made at update time (the bank is the same on
-    every rank), only (id, label, top-5 prediction) are kept.
+    ``{"top1", "top5", "num_samples"}`` (top-k NaN for k above the classes). Predictions are made at update
+    time (the bank is the same on every rank), only (id, label, top-5 prediction) are kept.
     """
 
     def __init__(
@@ -271,7 +290,7 @@ class KNNAccuracy(_GatherMetric):
             raise RuntimeError("KNNAccuracy.compute() called before any update()")
         ids, labels, preds = dedupe_by_id(ids, self._cat("labels"), self._cat("preds"))
         hit = preds == labels[:, None]
-        out = {f"top{k}": hit[:, :k].any(1).float().mean() for k in self.top_k}
+        out = {f"top{k}": _hit_rate(hit, k, self.num_classes) for k in self.top_k}
         out["num_samples"] = torch.tensor(ids.numel())
         return out
 
