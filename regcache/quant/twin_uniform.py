@@ -31,7 +31,11 @@ def _round(x: torch.Tensor) -> torch.Tensor:
 
 def fake_uniform(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """``clamp(round(x / step), qmin, qmax) * step`` with ``step`` broadcast against x."""
-    return torch.clamp(_round(x / step), qmin, qmax) * step
+    if x.requires_grad or step.requires_grad:
+        return torch.clamp(_round(x / step), qmin, qmax) * step
+    # the same operations in place on the one (candidates x data) result: on a CPU the allocation of
+    # each temporary costs about as much as the pass that fills it
+    return torch.div(x, step).round_().clamp_(qmin, qmax).mul_(step)
 
 
 def fake_twin_softmax(x: torch.Tensor, split: torch.Tensor, bits: int, additive: bool = False) -> torch.Tensor:
@@ -69,7 +73,9 @@ def fake_twin_gelu(x: torch.Tensor, pos_step: torch.Tensor, neg_step: torch.Tens
     """
     half = 2 ** (bits - 1)
     step = torch.where(x >= 0, pos_step, neg_step)
-    return torch.clamp(_round(x / step), -half, half - 1) * step
+    if x.requires_grad or step.requires_grad:
+        return torch.clamp(_round(x / step), -half, half - 1) * step
+    return torch.div(x, step).round_().clamp_(-half, half - 1).mul_(step)  # in place, as fake_uniform
 
 
 def twin_gelu_codes(x: torch.Tensor, pos_step: float, neg_step: float, bits: int) -> torch.Tensor:
