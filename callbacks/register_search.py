@@ -195,6 +195,7 @@ class RegisterSearch(pl.Callback):
                 device=pl_module.device,
                 cache_dir=str(pl_module.run_dir / "cache"),
                 model_id=pl_module.loaded.identity,
+                progress=trainer.progress_bar_callback is not None,
             )
         return lambda subset=labels: make_objective("acc_ref", labels=subset, classifier=classifier)
 

@@ -104,18 +104,20 @@ class ZeroShotValidation(_PerDataset):
     def make_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> ZeroShotAccuracy:
         """Build (or load from cache) this dataset's zero-shot classifier and a fresh accuracy metric."""
         dm = _datamodule(trainer)
+        classnames, templates = dm.zeroshot_texts(idx)
         with pl_module.timed("zeroshot_classifiers"), torch.inference_mode(False), torch.no_grad():
             self.classifiers[idx] = build_zeroshot_classifier(
                 pl_module.net,
                 pl_module.tokenizer,
-                dm.classnames(idx),
-                dm.templates(idx),
+                classnames,
+                templates,
                 device=pl_module.device,
                 batch_size=self.text_batch_size,
                 cache_dir=self.cache_dir or str(pl_module.run_dir / "cache"),
                 model_id=pl_module.loaded.identity,
+                progress=trainer.progress_bar_callback is not None,
             )
-        return ZeroShotAccuracy(num_classes=len(dm.classnames(idx)))
+        return ZeroShotAccuracy(num_classes=len(classnames))
 
     def update(
         self, metric: Any, pl_module: pl.LightningModule, outputs: Mapping[str, Any], batch: dict[str, Any], idx: int

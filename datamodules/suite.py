@@ -117,6 +117,10 @@ class ValidationSuite(pl.LightningDataModule):
         """Zero-shot templates of a classification dataset."""
         return self._module(idx).templates
 
+    def zeroshot_texts(self, idx: int) -> tuple[list[str], list[str]]:
+        """Class names and templates of a classification dataset, checked for a zero-shot head."""
+        return self._module(idx).zeroshot_texts()
+
     def setup(self, stage: str | None = None) -> None:
         """Resolve every dataset's shards, metadata and drawn calibration / reference subsets."""
         for m in self.modules.values():
@@ -151,8 +155,7 @@ class ValidationSuite(pl.LightningDataModule):
 
     def reference_info(self) -> tuple[list[str], list[str]]:
         """Class names and templates of the reference dataset (for the ``acc_ref`` objective)."""
-        module = self.modules[self.reference]
-        return module.classnames, module.templates
+        return self.modules[self.reference].zeroshot_texts()
 
     def bank_dataloader(self, idx: int) -> Iterable[dict]:
         """Labelled k-NN bank of a dataset: its reference split."""

@@ -162,6 +162,11 @@ class WebDatasetDataModule(pl.LightningDataModule):
         """Number of class names (0 without a ``classnames.txt``, as for retrieval datasets)."""
         return len(self.classnames)
 
+    def zeroshot_texts(self) -> tuple[list[str], list[str]]:
+        """Class names and templates for a zero-shot head (an error naming the root's file where one is missing)."""
+        self._ensure_setup()
+        return self.info.zeroshot_texts()
+
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:  # nothing to download
         """No-op: shards are read in place (local or streamed), nothing is downloaded or prepared."""

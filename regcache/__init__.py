@@ -22,6 +22,7 @@ _LAZY = {
     "VisionEncoder": "regcache.encoders",
     "adapt": "regcache.encoders",
     "record": "regcache.encoders",
+    "CheckpointMismatchError": "regcache.loading",
     "LoadedModel": "regcache.loading",
     "WeightsUnavailableError": "regcache.loading",
     "load_model": "regcache.loading",
@@ -62,6 +63,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "AttentionPrefix",
+    "CheckpointMismatchError",
     "LoadedModel",
     "NaiveConfig",
     "QuantConfig",

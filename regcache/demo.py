@@ -29,6 +29,7 @@ from PIL import Image
 
 from regcache.data.reader import make_sample_id
 from regcache.data.sampling import IndexEntry, class_balanced_sample
+from regcache.data.shards import DatasetLayoutError, parse_nshards, read_dataset_info
 from regcache.encoders import VisionEncoder, adapt, record
 from regcache.eval import build_zeroshot_classifier
 from regcache.quant import METHODS, calibrate_, quantize_
@@ -43,7 +44,7 @@ from regcache.registers import (
     sensitivity_sweep,
 )
 from regcache.registers.search import REGCACHE_MODES
-from regcache.testbed import CIFAR10_SAMPLE, load_testbed, read_lines
+from regcache.testbed import CIFAR10_SAMPLE, load_testbed
 from regcache.testbed.data import IMAGE_EXTENSIONS
 from regcache.utils import write_json
 
@@ -71,9 +72,18 @@ def _shard_samples(root: Path, split: str, option: str) -> list[tuple[IndexEntry
     split_dir = root / split
     if not (split_dir / "nshards.txt").is_file():
         raise DemoInputError(f"{option} {root}: no split {split!r} ({split_dir / 'nshards.txt'} is missing; {LAYOUT})")
+    try:
+        nshards = parse_nshards((split_dir / "nshards.txt").read_text(), str(split_dir / "nshards.txt"))
+    except DatasetLayoutError as exc:
+        raise DemoInputError(f"{option} {root}: {exc}") from exc
     out = []
-    for shard in range(int((split_dir / "nshards.txt").read_text().strip())):
+    for shard in range(nshards):
         members: dict[str, dict[str, bytes]] = {}
+        if not (split_dir / f"{shard}.tar").is_file():
+            raise DemoInputError(
+                f"{option} {root}: {split_dir / f'{shard}.tar'} is missing, though {split_dir / 'nshards.txt'} "
+                f"says {nshards} shards; write the shard count of {split_dir} into it ({LAYOUT})"
+            )
         with tarfile.open(split_dir / f"{shard}.tar") as tar:
             for m in tar:
                 if m.isfile():
@@ -109,12 +119,10 @@ def load_images(
 
 def load_texts(root: str | Path, option: str = "--data") -> tuple[list[str], list[str]]:
     """Class names and zero-shot templates of a classification dataset root."""
-    root = Path(root)
-    files = [root / "classnames.txt", root / "zeroshot_classification_templates.txt"]
-    for f in files:
-        if not f.is_file():
-            raise DemoInputError(f"{option} {root}: {f.name} is missing (zero-shot classification needs it; {LAYOUT})")
-    return read_lines(files[0]), read_lines(files[1])
+    try:
+        return read_dataset_info(Path(root)).zeroshot_texts()
+    except DatasetLayoutError as exc:
+        raise DemoInputError(f"{option} {root}: {exc}") from exc
 
 
 @torch.no_grad()
@@ -186,11 +194,13 @@ def run_demo(
     calib_x, _ = load_images(reference, reference_split, loaded.preprocess, calib_size, option="--reference")
     calib = _batches(calib_x)
     with torch.no_grad():
-        classifier = build_zeroshot_classifier(loaded.model, loaded.tokenizer, classnames, templates)
+        classifier = build_zeroshot_classifier(loaded.model, loaded.tokenizer, classnames, templates, progress=progress)
         ref_classifier = (
             classifier
             if (ref_classnames, ref_templates) == (classnames, templates)
-            else build_zeroshot_classifier(loaded.model, loaded.tokenizer, ref_classnames, ref_templates)
+            else build_zeroshot_classifier(
+                loaded.model, loaded.tokenizer, ref_classnames, ref_templates, progress=progress
+            )
         )
     acc_ref = make_objective("acc_ref", labels=ref_y, classifier=ref_classifier)
 

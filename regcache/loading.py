@@ -38,6 +38,24 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights are neither cached nor downloadable."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A local checkpoint whose tensors do not fit the named architecture; the message names the file and the fix."""
+
+
+def _is_mismatch(exc: BaseException) -> bool:
+    # open_clip asserts on resized position embeddings; torch names missing / unexpected / resized tensors
+    return isinstance(exc, (AssertionError, KeyError)) or (
+        isinstance(exc, RuntimeError) and ("state_dict" in str(exc) or "size mismatch" in str(exc))
+    )
+
+
+def _mismatch(checkpoint: str, name: str, exc: BaseException, fix: str) -> CheckpointMismatchError:
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return CheckpointMismatchError(
+        f"checkpoint {checkpoint} does not fit the architecture {name!r} ({type(exc).__name__}: {detail}); {fix}"
+    )
+
+
 @dataclass
 class LoadedModel:
     """A model with what it needs to be evaluated: preprocessing and (for CLIP-like models) a tokenizer."""
@@ -248,13 +266,22 @@ def _open_clip(
     # the tokenizer first: a missing one fails before minutes of building a large model
     local_dirs = (Path(checkpoint).parent,) if checkpoint else ()  # a hub snapshot or the user's own folder
     tok = _open_clip_tokenizer(name, tokenizer, local_dirs)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name,
-        pretrained=checkpoint,
-        device=device,
-        force_image_size=image_size,
-        **{k: v for k, v in kwargs.items() if v is not None},
-    )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=checkpoint,
+            device=device,
+            force_image_size=image_size,
+            **{k: v for k, v in kwargs.items() if v is not None},
+        )
+    except Exception as exc:
+        if checkpoint is None or not _is_mismatch(exc):
+            raise
+        fix = (
+            "pass the open_clip model name the checkpoint was trained as (open_clip.list_models(); e.g. "
+            "'ViT-B-16' for a ViT-B/16, '-quickgelu' for OpenAI weights), or a checkpoint of this architecture"
+        )
+        raise _mismatch(checkpoint, name, exc, fix) from exc
     return LoadedModel(model.eval(), preprocess, tok, name, pretrained)
 
 
@@ -273,8 +300,15 @@ def _timm(name: str, pretrained: str | None, device: str, image_size: int | None
     if image_size:
         kwargs["img_size"] = image_size
     if pretrained and _is_local_file(pretrained):
-        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(pretrained).expanduser())}
-        model = timm.create_model(arch, pretrained=True, **kwargs)
+        checkpoint = str(Path(pretrained).expanduser())
+        kwargs["pretrained_cfg_overlay"] = {"file": checkpoint}
+        try:
+            model = timm.create_model(arch, pretrained=True, **kwargs)
+        except Exception as exc:
+            if not _is_mismatch(exc):
+                raise
+            fix = "pass the timm model name the checkpoint was trained as ('timm:<name>', timm.list_models())"
+            raise _mismatch(checkpoint, name, exc, fix) from exc
     elif pretrained:
         full = f"{arch}.{pretrained}"
         pcfg = timm.models.get_pretrained_cfg(full)

@@ -15,7 +15,14 @@ from .reader import (
     split_sample_id,
 )
 from .sampling import IndexEntry, OverlapError, assert_disjoint, class_balanced_sample, scan_index
-from .shards import DatasetInfo, ShardSourceError, expand_pattern, read_dataset_info, resolve_split_shards
+from .shards import (
+    DatasetInfo,
+    DatasetLayoutError,
+    ShardSourceError,
+    expand_pattern,
+    read_dataset_info,
+    resolve_split_shards,
+)
 from .splitting import Assignment, ShardPart, assign_work, current_consumer, dist_rank_world
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "Assignment",
     "CanonicalBatches",
     "DatasetInfo",
+    "DatasetLayoutError",
     "EncodedImages",
     "IndexEntry",
     "OverlapError",

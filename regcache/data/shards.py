@@ -25,10 +25,12 @@ import braceexpand
 
 __all__ = [
     "DatasetInfo",
+    "DatasetLayoutError",
     "ShardSourceError",
     "expand_pattern",
     "is_remote",
     "open_stream",
+    "parse_nshards",
     "read_dataset_info",
     "read_text",
     "resolve_split_shards",
@@ -43,6 +45,30 @@ _MAKE_SHARDS_HINT = (
 
 class ShardSourceError(FileNotFoundError):
     """Missing dataset root / split / shards. The message names the pattern and how to fix it."""
+
+
+class DatasetLayoutError(ValueError):
+    """A metadata file of a dataset root that cannot be used; the message names the file and the fix."""
+
+
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+
+
+def parse_nshards(text: str, path: str) -> int:
+    """The shard count written in ``nshards.txt`` (at ``path``); a clear error unless it is an integer >= 1."""
+    value = text.strip()
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise DatasetLayoutError(
+            f"{path}: expected the number of shards of the split (an integer >= 1, the tars being "
+            f"{{0..N-1}}.tar beside it), got {value[:40]!r}; write that count into it, or delete it "
+            "to use every *.tar of a local split (`regcache make-shards` writes it)"
+        )
+    return n
 
 
 def is_remote(url: str) -> bool:
@@ -129,8 +155,8 @@ def resolve_split_shards(
     root = str(root)
     split_dir = _join(root, split)
     nshards_txt = read_text(_join(split_dir, "nshards.txt"))
-    if nshards_txt is not None and nshards_txt.strip():
-        n = int(nshards_txt.strip())
+    if nshards_txt is not None:
+        n = parse_nshards(nshards_txt, _join(split_dir, "nshards.txt"))
         pattern = _join(split_dir, f"{{0..{n - 1}}}.tar")
         return resolve_split_shards(None, split, pattern)
     if is_remote(root):
@@ -163,6 +189,29 @@ class DatasetInfo:
         """Number of class names read from ``classnames.txt`` (0 when the file is missing, as for retrieval sets)."""
         return len(self.classnames)
 
+    def zeroshot_texts(self) -> tuple[list[str], list[str]]:
+        """Class names and templates for a zero-shot head; a clear error naming the file where one is missing."""
+        where = self.root if self.root is not None else "<no dataset root>"
+        if not self.classnames:
+            raise DatasetLayoutError(
+                f"{_join(where, CLASSNAMES_FILE)} is missing: zero-shot classification needs the class names, "
+                "one per line in label order (`regcache make-shards imagefolder` writes it; a caption set "
+                "needs 'retrieval' in dataset_type.txt instead)"
+            )
+        if not self.templates:
+            raise DatasetLayoutError(
+                f"{_join(where, TEMPLATES_FILE)} is missing or empty: zero-shot classification needs prompt "
+                "templates, one per line with {c} for the class name (e.g. 'a photo of a {c}.'; "
+                "`regcache make-shards imagefolder` writes CLIP's)"
+            )
+        bad = [t for t in self.templates if "{c}" not in t]
+        if bad:
+            raise DatasetLayoutError(
+                f"{_join(where, TEMPLATES_FILE)}: {len(bad)} template(s) without the {{c}} placeholder "
+                f"(first: {bad[0]!r}) would give every class the same prompt; put {{c}} where the class name goes"
+            )
+        return list(self.classnames), list(self.templates)
+
 
 def _lines(text: str | None) -> list[str]:
     if text is None:
@@ -176,10 +225,19 @@ def read_dataset_info(root: str | os.PathLike | None) -> DatasetInfo:
         return DatasetInfo(root=None)
     root = str(root)
     dtype = (read_text(_join(root, "dataset_type.txt")) or "").strip().lower() or None
-    classnames = _lines(read_text(_join(root, "classnames.txt")))
-    templates = _lines(read_text(_join(root, "zeroshot_classification_templates.txt")))
+    classnames_text = read_text(_join(root, CLASSNAMES_FILE))
+    classnames = _lines(classnames_text)
+    templates = _lines(read_text(_join(root, TEMPLATES_FILE)))
     if dtype is None:
         dtype = "classification"
+    if classnames_text is not None and not classnames and dtype == "classification":
+        raise DatasetLayoutError(
+            f"{_join(root, CLASSNAMES_FILE)} is empty: write the class names into it, one per line in label "
+            "order (line i names label i; `regcache make-shards imagefolder` writes it), or delete it for a "
+            "caption set and write 'retrieval' into dataset_type.txt"
+        )
     if dtype not in ("classification", "retrieval"):
-        raise ValueError(f"{_join(root, 'dataset_type.txt')}: unknown dataset type {dtype!r}")
+        raise DatasetLayoutError(
+            f"{_join(root, 'dataset_type.txt')}: unknown dataset type {dtype!r}; write 'classification' or 'retrieval'"
+        )
     return DatasetInfo(root=root, dataset_type=dtype, classnames=classnames, templates=templates)

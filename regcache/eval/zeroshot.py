@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from regcache.utils import weights_fingerprint
 
@@ -131,7 +132,9 @@ def _gather_batches(mine: dict[int, Tensor], sizes: list[int], world: int) -> li
 
 
 @torch.no_grad()
-def _compute(model, tokenizer, classnames, templates, device, batch_size, rank: int = 0, world: int = 1) -> Tensor:
+def _compute(
+    model, tokenizer, classnames, templates, device, batch_size, rank: int = 0, world: int = 1, progress: bool = False
+) -> Tensor:
     """The classifier; under ``world`` > 1 each rank encodes every world-th text batch and all gather.
 
     The batches are those of the single-process computation (same texts, same shapes), so the
@@ -142,12 +145,22 @@ def _compute(model, tokenizer, classnames, templates, device, batch_size, rank: 
     if len(starts) < world:  # a rank would have no batch: each encodes all (a few texts)
         rank, world = 0, 1
     mine = {}
+    # disable=None: tqdm stays quiet where stderr is not a terminal (logs, CI); only rank 0 draws
+    bar = tqdm(
+        total=len(range(rank, len(starts), world)),
+        desc=f"zero-shot head ({len(classnames)} classes x {len(templates)} templates)",
+        unit="batch",
+        leave=False,
+        disable=None if progress and rank == 0 else True,
+    )
     for i, s in enumerate(starts):
         if i % world == rank:
             tokens = tokenizer(texts[s : s + batch_size])
             if isinstance(tokens, Tensor):
                 tokens = _to_device(tokens, device)
             mine[i] = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            bar.update()
+    bar.close()
     if world > 1:
         batches = _gather_batches(mine, [len(texts[s : s + batch_size]) for s in starts], world)
     else:
@@ -166,6 +179,7 @@ def build_zeroshot_classifier(
     *,
     cache_dir: str | os.PathLike | None = None,
     model_id: str | None = None,
+    progress: bool = True,
 ) -> Tensor:
     """Zero-shot classification head, shape ``(embed_dim, num_classes)``, float32 on ``device``.
 
@@ -175,7 +189,8 @@ def build_zeroshot_classifier(
     ``"ViT-B-16-quickgelu@openai"``, tokenizer, class names, templates) and reused (logged) only when
     the stored spec matches exactly. Collective under torch.distributed: the ranks share the text
     encoding (rank 0 loads a cached classifier and broadcasts it instead); the result does not
-    depend on the number of ranks.
+    depend on the number of ranks. ``progress`` draws a bar over the text batches on rank 0 where
+    stderr is a terminal.
     """
     if not classnames or not templates:
         raise ValueError("need at least one class name and one template")
@@ -192,7 +207,7 @@ def build_zeroshot_classifier(
     if distributed:
         dist.broadcast_object_list(cached, src=0)
     if not cached[0]:  # every rank encodes a share of the text batches
-        W = _compute(model, tokenizer, list(classnames), list(templates), device, batch_size, rank, world)
+        W = _compute(model, tokenizer, list(classnames), list(templates), device, batch_size, rank, world, progress)
         W = W.to(device=device, dtype=torch.float32)
         if rank == 0 and path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

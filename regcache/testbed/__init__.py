@@ -85,14 +85,20 @@ def load_testbed(pretrained: str | Path | None = None, device: str | torch.devic
     """The testbed as a :class:`~regcache.loading.LoadedModel` (default: the committed weights, fp32)."""
     import open_clip
 
-    from regcache.loading import LoadedModel
+    from regcache.loading import LoadedModel, _is_mismatch, _mismatch
     from regcache.models import register_model_configs
 
     register_model_configs()
     path = Path(pretrained or WEIGHTS_PATH)
     if not path.is_file():
         raise FileNotFoundError(f"testbed weights {path} not found (train them: python -m regcache.testbed.train)")
-    model = open_clip.create_model(TESTBED_NAME, pretrained=str(path), device=str(device)).eval()
+    try:
+        model = open_clip.create_model(TESTBED_NAME, pretrained=str(path), device=str(device)).eval()
+    except Exception as exc:
+        if not _is_mismatch(exc):
+            raise
+        fix = "pass weights saved from the testbed (regcache.testbed.save_testbed), or leave pretrained unset"
+        raise _mismatch(str(path), TESTBED_NAME, exc, fix) from exc
     spec = loaded_spec(path)
     preprocess = CanvasTransform(spec.canvas_size, spec.content_size)
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(TESTBED_NAME), TESTBED_NAME, str(path))
