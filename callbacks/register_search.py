@@ -88,7 +88,7 @@ class RegisterSearch(pl.Callback):
             the whole reference set at once is fastest where memory allows).
         compile_tail: ``torch.compile`` the search's tail forward (one compilation for the grid;
             scores agree with eager to float tolerance, not bit for bit). None: on where the model
-            is on a GPU (1.8x per configuration on an H200, compile included), off on CPU, where
+            is on a GPU (faster per configuration, compile included: BENCHMARKS.md §1), off on CPU, where
             compiling costs more than it saves.
         fused_attention: run the quantized attention as one Triton kernel during the grid (None: the
             process setting, on by default where the kernel applies, CUDA; scores to float tolerance).

@@ -32,8 +32,7 @@ class ValidationSuite(pl.LightningDataModule):
             :class:`~datamodules.webdataset_shards.WebDatasetDataModule`). ``prefetch_depth=None``
             picks by model (:meth:`set_model_kind`): 2 for a quantized model, 0 for a float-only one,
             whose model is fast enough that the decode thread costs more than it hides
-            (BENCHMARKS.md §4: 0.90 vs 0.81 of model-only with and without it for naive W8A8 +
-            fidelity, 0.44 vs 0.61 for the float model, on an H100).
+            (BENCHMARKS.md §4).
         tolerate_shard_errors: shared default of every dataset's option (a dataset's own wins):
             false fails the run on a shard that cannot be read to its end, naming it; true
             evaluates without the rest of it and records it (``shard_errors`` in metrics.json).

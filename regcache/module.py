@@ -36,8 +36,7 @@ def bytecode_cache_hint(import_seconds: float, slow_s: float = 8.0) -> str | Non
     if not sys.dont_write_bytecode or import_seconds < slow_s:
         return None
     # Without cached bytecode each process compiles torch, open_clip (timm, torchvision, transformers) and
-    # Lightning from source: `import regcache.cli` took 15.9-17.8 s that way on a 2-core machine, 5.8-6.5 s
-    # with a bytecode cache (and 17.6-20.4 s on an H100 host whose bytecode was not cached).
+    # Lightning from source, about three times the import time with a bytecode cache (BENCHMARKS.md §5).
     return (
         f"start-up imports took {import_seconds:.0f} s with Python's bytecode cache off (PYTHONDONTWRITEBYTECODE "
         "is set): where the installed packages carry no compiled bytecode, every process compiles torch, "

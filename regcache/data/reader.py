@@ -437,8 +437,8 @@ class EncodedImages:
     """A batch's encoded images (``bytes``, in batch order) held as one object, not as a list.
 
     Lightning's ``apply_to_collection`` (device transfer, precision conversion) recurses into every
-    ``Sequence``, and ``bytes`` is one: a plain list of JPEGs is rebuilt int by int (measured on a
-    shared CI core: 0.3 s per 100 KB JPEG, tens of seconds per batch of 256). This class is no
+    ``Sequence``, and ``bytes`` is one: a plain list of JPEGs is rebuilt int by int, slow enough to
+    time a GPU-decoding validate out (BENCHMARKS.md §4). This class is no
     ``Sequence`` and has no ``to``, so the walk returns it untouched; it still has ``len``,
     iteration and indexing.
     """
@@ -496,7 +496,7 @@ class CanonicalBatches:
     Each worker of a DataLoader over a :class:`ShardDataset` batches its own share of the shards, so
     32 calibration images at batch size 128 over 6 workers arrive as six batches of 5-6, in an order
     that depends on the worker count. Calibration then runs six small forwards (the register search's
-    per-configuration re-calibration took 1.7x as long as with one batch on an H200, BENCHMARKS.md §1) and any
+    per-configuration re-calibration then cost far more than with one batch, BENCHMARKS.md §1) and any
     method that depends on batch boundaries or order would change with ``num_workers``. This
     collects the (small) subset, sorts it by ``sample_id`` (stable across runs, ranks and workers)
     and re-batches it to ``batch_size``. A whole split (``ordered=False``: unbounded, not collected)

@@ -37,8 +37,8 @@ from regcache.quant.modules import MatMul, QuantLinear
 # float attention (nothing quantized or hooked) runs through SDPA; REGCACHE_FLOAT_SDPA=0 keeps it explicit (A/B)
 _FLOAT_SDPA = os.environ.get("REGCACHE_FLOAT_SDPA", "1") != "0"
 # In float SDPA a prefix with integer multiplicities is given as τ physical copies of each entry instead of
-# an ``ln τ`` mask: any attn_mask moves SDPA off the flash kernel (with the mask, RegCache cost the compiled
-# float model 4 % on an H100), while copies only lengthen the key axis by sum(τ) - n, small next to the
+# an ``ln τ`` mask: any attn_mask moves SDPA off the flash kernel (with the mask RegCache cost the compiled
+# float model more, BENCHMARKS.md §3), while copies only lengthen the key axis by sum(τ) - n, small next to the
 # ~200 tokens of a ViT up to this many extra keys; beyond it the mask is kept.
 _MAX_EXTRA_REPEATED_KEYS = 64
 _EXPLICIT = [False]  # set by explicit_attention()
@@ -258,10 +258,10 @@ class Attention(nn.Module):
             return None
         operands = (self.matmul_qk.a_quantizer, self.matmul_qk.b_quantizer, self.matmul_pv.b_quantizer, out_quantizer)
         # Per-tensor uniform (or no) quantizers run inside the kernel, saving the pass that writes each quantized
-        # tensor. Eager: Q, K, V and the output (naive W8A8 6,398 -> 7,457 img/s on an H100 for Q, K, V).
+        # tensor. Eager: Q, K, V and the output (BENCHMARKS.md §3).
         # Compiled: Q and the output only; the kernel re-reads every K / V tile once per query block, so
         # quantizing those in registers repeats work that Inductor's one pass does once (folding Q, K and V
-        # measured 3-4 % slower than none, BENCHMARKS.md §3)
+        # measured slower than none, BENCHMARKS.md §3)
         rows = (0, 3) if torch.compiler.is_compiling() else (0, 1, 2, 3)
         fold = fused_attention.operand_fold(self, operands, q.device, rows)
         inside = 0 if fold is None else fold[1]  # bit 1 << row: that quantizer runs in the kernel

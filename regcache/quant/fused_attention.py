@@ -12,15 +12,15 @@ registers (no rounding to the activation dtype between ops, reciprocals instead 
 ``exp2``), as Inductor computes a compiled explicit attention; for bfloat16 activations that is
 more precise than the eager path, which rounds scores, probabilities and every quantizer op to
 bfloat16, so codes near a boundary differ from eager's (RepQ-ViT's 4-bit log-√2 levels are a factor
-√2 apart: one flipped top-level probability moves an output by up to ~30 %, BENCHMARKS.md §1).
-Exact (``REGCACHE_FUSED_ATTENTION_EXACT=1``): the eager ops with their rounding, op for op, 1.7×
-slower. Either way the softmax is computed differently (online row sums), so a probability on a
+√2 apart: one flipped top-level probability moves an output by up to ~30 %, docs/kernels.md).
+Exact (``REGCACHE_FUSED_ATTENTION_EXACT=1``): the eager ops with their rounding, op for op, slower
+(BENCHMARKS.md §3). Either way the softmax is computed differently (online row sums), so a probability on a
 quantization boundary can land on the neighbouring code: tests/test_fused_attention.py bounds the
 fraction of flipped codes and the output difference in steps, the fast kernel against the
 explicit path in float32, the exact one against the eager path. Float32 activations multiply in
 TF32 where torch's own matmuls do (``torch.backends.cuda.matmul.allow_tf32``, set by
 ``torch.set_float32_matmul_precision("high")``, the CLI's default) and in full float32 otherwise:
-full-float32 ``tl.dot`` runs on CUDA cores, 18× the bf16 kernel's time on an H200 (BENCHMARKS.md §3).
+full-float32 ``tl.dot`` runs on CUDA cores, many times the bf16 kernel's time (BENCHMARKS.md §3).
 
 Probability quantizers handled in registers: none / ``float`` mode, :class:`UniformQuantizer`
 (per tensor or per head, the formula of ``plain_fake_quant``), :class:`LogSqrt2Quantizer` (RepQ-ViT)
@@ -80,7 +80,7 @@ def _tile_from_env(default: tuple[int, int]) -> list[int]:
 # default (query rows, keys) per tile: the fastest on an H100 at ViT-B/16 shapes (bench_attention --tune)
 TILE = _tile_from_env((64, 16))
 # exact: the eager path's rounding op for op; fast (default): float32 registers, reciprocals, exp2, as
-# Inductor computes; 1.7x faster on an H100 (BENCHMARKS.md §1)
+# Inductor computes; the faster of the two (BENCHMARKS.md §3)
 EXACT = [os.environ.get("REGCACHE_FUSED_ATTENTION_EXACT", "0") == "1"]
 _LOG2E = 1.4426950408889634
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -113,8 +113,8 @@ def patchify_conv2d(
     """``conv``'s output as one matmul over non-overlapping patches, or None where it is not a patchify conv.
 
     A ViT stem (kernel = stride, no padding, dilation or groups) is a linear map of each patch. cuDNN
-    runs it as a general convolution with layout conversions: 2.1 ms against 0.25 ms for this
-    reshape + matmul at batch 256 on an H100 (bf16, BENCHMARKS.md). Returns the (B, O, H/p, W/p)
+    runs it as a general convolution with layout conversions, several times slower than this
+    reshape + matmul (BENCHMARKS.md §3). Returns the (B, O, H/p, W/p)
     result as a view of a (B, H/p, W/p, O) tensor, so the usual ``flatten(2).transpose(1, 2)`` into
     tokens costs no copy. Trailing rows/columns a strided conv would skip are skipped.
     """
@@ -140,9 +140,9 @@ class PatchConv2d(nn.Conv2d):
     """``nn.Conv2d`` that runs a patchify convolution (the ViT stem) as one matmul (:func:`patchify_conv2d`).
 
     Only on the device types in ``matmul_devices`` (CUDA). On CPU the gain is mixed (oneDNN's
-    convolution 0.84 vs 1.23 ms for the testbed's stem at batch 64, 22 vs 17 ms for ViT-B/16's at
-    batch 16, 2 cores), and keeping the convolution keeps the CPU numbers (tests, demo) those of the
-    original model: the W6A6 testbed rows move by points under ~1e-6 changes (README).
+    convolution is faster for the testbed's stem and slower for ViT-B/16's, BENCHMARKS.md §3), and
+    keeping the convolution keeps the CPU numbers (tests, demo) those of the original model: the W6A6
+    testbed rows move by points under ~1e-6 changes (docs/testbed.md).
     """
 
     matmul_devices: tuple[str, ...] = ("cuda",)

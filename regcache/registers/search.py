@@ -248,7 +248,7 @@ class RegisterSearch:
 
     ``calibration`` / ``reference``: re-iterable image batches (tensors, tuples or dicts); each
     calibration batch is one forward per configuration, so pass full batches (the datamodules'
-    ``CanonicalBatches``: six per-worker batches of 5 cost 1.7× one of 32, BENCHMARKS.md §1);
+    ``CanonicalBatches``: six per-worker batches of 5 cost far more than one of 32, BENCHMARKS.md §1);
     ``objective`` scores the reference images' final embeddings (labels in reference order).
     Register caches come from ``caches`` ({l_start: cache}) or are derived from ``candidates``.
     ``prefix_only_at``: install the prefix only in that block (DINOv2 v4: l_q).
@@ -260,7 +260,7 @@ class RegisterSearch:
     scores to float tolerance; None: on for a compiled tail on CUDA, where it was measured faster).
     ``dtype``: run the grid (float embeddings, quantized copy, calibration, streams) on a copy of the
     encoder cast to this dtype (None: the encoder's own); register caches still come from the given
-    encoder. ``torch.bfloat16`` on GPUs is the fast setting (BENCHMARKS.md §5); scores then carry
+    encoder. ``torch.bfloat16`` on GPUs is the fast setting (BENCHMARKS.md §1); scores then carry
     bf16 rounding.
     """
 

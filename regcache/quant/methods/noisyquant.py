@@ -688,7 +688,7 @@ class NoisyQuantConfig(QuantConfig):
 
     def _chunk_elements(self, device: torch.device) -> int:
         """``search_chunk_elements``, with None = 2^28 on CUDA (fewer, larger matmuls: the search is then
-        GPU-bound, 8 % faster than 2^26 on an H100 for +1.1 GiB, BENCHMARKS.md §2) and 2^26 elsewhere."""
+        GPU-bound and faster than 2^26 for about a GiB more, BENCHMARKS.md §2) and 2^26 elsewhere."""
         if self.search_chunk_elements is not None:
             return self.search_chunk_elements
         return 1 << 28 if device.type == "cuda" else 1 << 26
