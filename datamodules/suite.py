@@ -11,6 +11,7 @@ import torch
 from datamodules.webdataset_shards import WebDatasetDataModule
 from regcache._lightning import pl
 from regcache.eval.clip_benchmark import benchmark_dataset_name
+from regcache.threads import configure_threads
 
 
 class ValidationSuite(pl.LightningDataModule):
@@ -121,7 +122,15 @@ class ValidationSuite(pl.LightningDataModule):
         return self._module(idx).zeroshot_texts()
 
     def setup(self, stage: str | None = None) -> None:
-        """Resolve every dataset's shards, metadata and drawn calibration / reference subsets."""
+        """Resolve every dataset's shards, metadata and drawn calibration / reference subsets.
+
+        On a CPU trainer it also sets torch's threads from the idle cores and the loader workers
+        (:func:`regcache.threads.configure_threads`; ``OMP_NUM_THREADS`` wins).
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.strategy.root_device.type == "cpu":
+            workers = max(m.num_workers for m in self.modules.values())
+            configure_threads(workers, processes=trainer.num_devices)
         for m in self.modules.values():
             m.setup(stage)
 

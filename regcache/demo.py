@@ -46,6 +46,7 @@ from regcache.registers import (
 from regcache.registers.search import REGCACHE_MODES
 from regcache.testbed import CIFAR10_SAMPLE, load_testbed
 from regcache.testbed.data import IMAGE_EXTENSIONS
+from regcache.threads import configure_threads
 from regcache.utils import write_json
 
 DEMO_TAUS = (1, 2, 3, 4, 6, 8, 12, 15)  # a thinned 1..15 so the demo stays at a few CPU minutes
@@ -377,8 +378,18 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--taus", type=_ints, default=DEMO_TAUS, help="τ values, e.g. 1,2,4 (default: the demo's)")
     grid.add_argument("--delete-ks", type=_ints, default=DEMO_DELETE_KS, help="k̃ values (default 0,1,2,3,4)")
     grid.add_argument("--num-candidates", type=int, default=DEMO_CANDIDATES, help="registers curated (default 4)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: OMP_NUM_THREADS if set, else the idle cores; see the README)",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    threads, chosen_by = configure_threads(explicit=args.threads)
+    if not args.quiet:
+        print(f"torch threads: {threads} ({chosen_by})", flush=True)
     try:
         path = run_demo(
             args.out,
