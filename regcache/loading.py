@@ -50,7 +50,8 @@ def _is_mismatch(exc: BaseException) -> bool:
 
 
 def _mismatch(checkpoint: str, name: str, exc: BaseException, fix: str) -> CheckpointMismatchError:
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    # torch's first line only says "Error(s) in loading state_dict"; the second names the tensor
+    detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300]
     return CheckpointMismatchError(
         f"checkpoint {checkpoint} does not fit the architecture {name!r} ({type(exc).__name__}: {detail}); {fix}"
     )
