@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 from regcache._lightning import pl
+from regcache.artifacts import Artifact, canonical, spec_diff
 from regcache.quant import calibrate_
 from regcache.quant.state import apply_quant_state, quant_state, read_quant_state, write_quant_state
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.safetensors"
+# the installed RegCache configuration, as far as the calibration depends on it
+REGCACHE_POINT = ("l_q", "l_start", "tau", "k_delete", "register", "mode", "prefix_only_at_lq", "search_key")
 
 
 class Calibration(pl.Callback):
     """Calibrate the module's PTQ method on the datamodule's calibration split, once.
 
     The state is computed on rank 0 and broadcast (calibration data and any search randomness
-    then cannot make ranks disagree), saved to ``state_path`` (default: in the run directory,
-    keyed by method, bits and register configuration) and reloaded by later runs unless
-    ``force``. Runs after :class:`~callbacks.register_search.RegisterSearch` in the callback
-    list, so the registers are installed before calibration sees the activations.
+    then cannot make ranks disagree), saved as an artifact keyed by what it depends on
+    (:meth:`spec`: model and weights fingerprint, method config and bits, the installed RegCache
+    configuration and its search's key, the calibration selection) in
+    ``<artifacts_dir>/calibration/<key>/state.safetensors``, and reloaded by later runs of the same
+    key unless ``force``. ``state_path`` names the file instead; its spec is kept beside it
+    (``<state_path>.spec.json``) and a file of another spec is an error. Runs after
+    :class:`~callbacks.register_search.RegisterSearch` in the callback list, so the registers are
+    installed before calibration sees the activations.
     """
 
     def __init__(self, state_path: str | None = None, force: bool = False) -> None:
@@ -27,11 +39,38 @@ class Calibration(pl.Callback):
         self.loaded_from: str | None = None
         self.done = False
 
-    def default_path(self, pl_module: pl.LightningModule) -> Path:
-        """``<run_dir>/calibration/<method tag>-<hash of config + registers>.safetensors``."""
-        key = json.dumps([pl_module.quant_config.to_dict(), pl_module.results.get("regcache")], sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-        return pl_module.run_dir / "calibration" / f"{pl_module.quant_config.tag}-{digest}.safetensors"
+    def spec(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Everything the calibrated state depends on (the artifact key's input)."""
+        rc = pl_module.results.get("regcache")
+        datamodule = trainer.datamodule
+        return {
+            "model": pl_module.model_spec(),
+            "method": pl_module.quant_config.to_dict(),
+            "regcache": None if rc is None else {k: rc.get(k) for k in REGCACHE_POINT},
+            "calibration": datamodule.calib_selection() if hasattr(datamodule, "calib_selection") else None,
+        }
+
+    def _artifact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Artifact:
+        spec = self.spec(trainer, pl_module)
+        if self.state_path is None:
+            return pl_module.artifacts.open("calibration", spec, complete=STATE_FILE, force=self.force)
+        path = Path(self.state_path)
+        sidecar = path.with_name(path.name + ".spec.json")
+        spec = canonical(spec)
+        reused = False
+        if path.is_file() and not (self.force or pl_module.artifacts.force):
+            stored = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+            if stored != spec:
+                differ = "no spec beside it" if stored is None else "differs in " + ", ".join(spec_diff(stored, spec))
+                raise ValueError(
+                    f"calibration state_path {path} was calibrated for another configuration ({differ}): "
+                    "name another state_path, leave it unset (keyed artifacts), or set force: true to recalibrate"
+                )
+            reused = True
+            log.info("reusing calibration %s", path)
+        artifact = Artifact("calibration", path.stem, spec, path.parent, reused)
+        pl_module.artifacts.used[f"calibration/{path}"] = artifact
+        return artifact
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Once per run: load or compute the calibration on rank 0, broadcast it and apply it on every rank."""
@@ -39,10 +78,11 @@ class Calibration(pl.Callback):
             return
         with pl_module.timed("calibration"):
             pl_module.attach_method()
-            path = Path(self.state_path) if self.state_path else self.default_path(pl_module)
+            artifact = self._artifact(trainer, pl_module)
+            path = Path(self.state_path) if self.state_path else artifact.path(STATE_FILE)
             state = None
             if trainer.is_global_zero:
-                if path.is_file() and not self.force:
+                if artifact.reused:
                     state = read_quant_state(path)
                     self.loaded_from = str(path)
                 else:
@@ -50,7 +90,15 @@ class Calibration(pl.Callback):
                     calibrate_(pl_module.encoder, loader, progress=trainer.progress_bar_callback is not None)
                     state = quant_state(pl_module.encoder)
                     write_quant_state(path, state)
+                    if self.state_path:
+                        Path(str(path) + ".spec.json").write_text(json.dumps(artifact.spec, indent=2) + "\n")
+                    else:
+                        artifact.commit()
             state = trainer.strategy.broadcast(state, src=0)
             apply_quant_state(pl_module.encoder, *state)
-        pl_module.results["calibration"] = {"state": str(path), "loaded": self.loaded_from is not None}
+        pl_module.results["calibration"] = {
+            "state": str(path),
+            "loaded": self.loaded_from is not None,
+            "key": artifact.key,
+        }
         self.done = True

@@ -4,8 +4,12 @@ Multi-GPU: the sweep, the curation and the register caches are computed on rank 
 (they are cheap next to the search, and one source rules out rank disagreement); the grid
 search's configurations are split across ranks (rank r takes configurations r, r+W, ...), each
 rank saving its own resumable state, and the rows are gathered so every rank picks the same
-winner. The winner (its register cache and the search table) is saved in the run directory
-and reused by later runs unless ``force`` (or the run's grid settings differ from the saved search's).
+winner. The search (sweep, candidates, register caches, resumable states, table and winner) is an artifact
+keyed by everything it depends on (:meth:`RegisterSearch.spec`: model and weights fingerprint,
+method config and bits, grid settings, calibration and reference selections) in
+``<artifacts_dir>/register_search/<key>/``, reused only by a run of the same key (or, since the table
+holds every mode it searched, by one that differs only in ``modes`` and asks for modes it holds)
+unless ``force``.
 
 What is installed is the best configuration *of the run's modes* (``modes``): an ablation with
 ``modes: [prefix]`` installs the best prefix-only configuration even where it scores below the
@@ -18,7 +22,6 @@ scores no better than it, says so in a warning and in metrics.json (``warning``)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -29,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from regcache._lightning import pl
+from regcache.artifacts import Artifact, canonical
 from regcache.eval import build_zeroshot_classifier
 from regcache.quant.calibration import batch_images
 from regcache.registers import (
@@ -48,6 +52,8 @@ from regcache.registers.search import MODES, REGCACHE_MODES, SEARCH_DTYPES, chec
 from regcache.utils import write_json
 
 log = logging.getLogger(__name__)
+
+RESULT_FILE = "search_result.json"
 
 
 def _gather_rows(
@@ -155,14 +161,48 @@ class RegisterSearch(pl.Callback):
         self.enabled = enabled
         self.done = False
 
-    def settings(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """What defines the grid and its scores (saved with the result; a saved search is reused for equal ones)."""
+    def settings(self) -> dict[str, Any]:
+        """What defines the grid and its scores (part of the search's artifact key)."""
         fields = ("objective_name", "l_q", "sweep_bits", "sweep_images", "search_images", "num_candidates")
         fields += ("curation_layers_before", "taus", "delete_ks", "l_start_offsets", "modes", "derivation")
         fields += ("prefix_only_at_lq", "recalibrate", "search_dtype")
-        out = {name: getattr(self, name) for name in fields}
-        out["method"] = pl_module.quant_config.to_dict()
-        return json.loads(json.dumps(out))  # tuples as lists: comparable with the saved JSON
+        return canonical({name: getattr(self, name) for name in fields})
+
+    def spec(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Everything the search's result depends on: model and weights, method and bits, grid, data selection."""
+        datamodule = trainer.datamodule
+        return {
+            "model": pl_module.model_spec(),
+            "method": pl_module.quant_config.to_dict(),
+            "search": self.settings(),
+            "calibration": datamodule.calib_selection(),
+            "reference": datamodule.reference_selection(),
+        }
+
+    def _artifact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Artifact:
+        """This run's search artifact: the exact key's, else a finished search that differs only in
+        ``modes`` and whose table holds the run's modes (rank 0 decides, every rank follows)."""
+        store = pl_module.artifacts
+        spec = self.spec(trainer, pl_module)
+        artifact = store.open("register_search", spec, complete=RESULT_FILE, force=self.force)
+        if not artifact.reused and not self.force:
+
+            def answers(stored: dict[str, Any]) -> bool:
+                other = {**stored, "search": {k: v for k, v in stored["search"].items() if k != "modes"}}
+                mine = {**artifact.spec, "search": {k: v for k, v in artifact.spec["search"].items() if k != "modes"}}
+                # the base is scored in every search
+                return other == mine and set(self.modes) <= {"base", *stored["search"]["modes"]}
+
+            for found in store.candidates("register_search", RESULT_FILE, answers):
+                store.forget(artifact)
+                artifact = store.adopt(found)
+                break
+        choice = trainer.strategy.broadcast((artifact.key, str(artifact.dir), artifact.reused), src=0)
+        if choice != (artifact.key, str(artifact.dir), artifact.reused):  # another rank saw other files
+            store.forget(artifact)
+            artifact = Artifact("register_search", choice[0], artifact.spec, Path(choice[1]), choice[2])
+            store.used[f"register_search/{artifact.key}"] = artifact
+        return artifact
 
     # ------------------------------------------------------------------ data
     def _reference(self, trainer, pl_module, limit: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -233,22 +273,6 @@ class RegisterSearch(pl.Callback):
         """compile_tail as given, or (None) whether the model is on a GPU."""
         return self.compile_tail if self.compile_tail is not None else pl_module.device.type == "cuda"
 
-    def _saved(self, result_path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-        """The saved search if it can answer this run (same settings; its table holds the run's modes), else None."""
-        if self.force or not result_path.is_file():
-            return None
-        data = json.loads(result_path.read_text())
-        saved = data.get("settings")
-        if saved is not None:
-            same = {k: v for k, v in saved.items() if k != "modes"} == {
-                k: v for k, v in settings.items() if k != "modes"
-            }
-            if same and set(self.modes) <= {row["mode"] for row in data["table"]}:  # the table holds these modes
-                return data
-        changed = sorted(k for k in settings if saved is None or saved.get(k) != settings[k])
-        log.warning("%s was searched with other settings (%s): searching again", result_path, ", ".join(changed))
-        return None
-
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Search (or reuse a saved search of) the grid across ranks and install the best of the run's modes."""
         if self.done or pl_module.quant_config is None:
@@ -258,21 +282,21 @@ class RegisterSearch(pl.Callback):
                 log.warning("RegisterSearch: enabled is false, the method runs without RegCache")
             self.done = True
             return
-        out = pl_module.run_dir / "regcache"
-        result_path = out / "search_result.json"
-        settings = self.settings(pl_module)
-        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        settings = self.settings()
         encoder = pl_module.encoder
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
+            artifact = self._artifact(trainer, pl_module)
+            out = artifact.dir
+            result_path = artifact.path(RESULT_FILE)
             with pl_module.timed("register_search.reference"):
                 reference, labels = self._reference(trainer, pl_module, self.search_images)
             with pl_module.timed("register_search.objective"):
                 make = self._objective(trainer, pl_module, labels)
                 objective = make()
             steady = None  # this rank's steady seconds per configuration (None: the grid did not run here)
-            data = self._saved(result_path, settings)
-            if data is not None:  # a finished search of this grid: reuse its table
+            if artifact.reused:  # a finished search of this key (or of a superset of the run's modes)
+                data = json.loads(result_path.read_text())
                 result = SearchResult(data["spec"], data["table"], objective.greater_is_better, data["stats"])
                 best, l_q, seconds = result.best_of(self.modes), data["spec"]["l_q"], data.get("search_seconds")
                 cache = RegisterCache.load(out / f"cache_lstart{best['l_start']}.safetensors", encoder)
@@ -308,8 +332,8 @@ class RegisterSearch(pl.Callback):
                     fused_attention=self.fused_attention,
                     dtype=SEARCH_DTYPES.get(self.search_dtype),
                     save_every_s=self.save_every_s,
-                    # keyed by the settings: a run with another grid does not meet this one's rows
-                    state_path=out / f"search_state.{digest}.rank{rank}of{world}.json",
+                    # in the artifact's folder: a run of another key does not meet this one's rows
+                    state_path=out / f"search_state.rank{rank}of{world}.json",
                     # every rank searches its share of the grid: rank 0 alone draws the bar
                     progress=trainer.progress_bar_callback is not None and trainer.is_global_zero,
                 )
@@ -334,8 +358,9 @@ class RegisterSearch(pl.Callback):
                 best = result.best_of(self.modes)
                 seconds = time.perf_counter() - start
                 if trainer.is_global_zero:
-                    saved = {**result.to_dict(), "installed": best, "settings": settings}
+                    saved = {**result.to_dict(), "installed": best, "settings": settings, "key": artifact.key}
                     write_json(result_path, {**saved, "search_seconds": seconds, "sweep": artifacts["sweep"]})
+                    artifact.commit()
                 cache = caches[best["l_start"]]
         if best["register"] is not None and best["tau"] > 0:
             install_prefix(
@@ -363,6 +388,9 @@ class RegisterSearch(pl.Callback):
             "search_seconds": seconds,
             "steady_ms_per_config": None if steady is None else round(1e3 * steady, 2),
             "result": str(result_path),
+            "search_key": artifact.key,
+            "reused": artifact.reused,
+            "prefix_only_at_lq": self.prefix_only_at_lq,
         }
         self.done = True
 

@@ -161,6 +161,28 @@ class ValidationSuite(pl.LightningDataModule):
         finally:
             module.ref_split_by_rank = saved
 
+    def calib_selection(self) -> dict[str, Any] | None:
+        """The calibration images' selection (dataset, split, shards, size, seed, draw): for artifact keys."""
+        if self.calibration is None:
+            return None
+        return {"dataset": self.calibration, **(self.modules[self.calibration].selection("calib") or {})}
+
+    def reference_selection(self) -> dict[str, Any] | None:
+        """The reference images' selection (dataset, split, shards, size, seed, draw): for artifact keys."""
+        if self.reference is None:
+            return None
+        return {"dataset": self.reference, **(self.modules[self.reference].selection("ref") or {})}
+
+    def selections(self) -> dict[str, Any]:
+        """Every split the run reads (``<name>/eval``, ``<name>/calib``, ``<name>/ref``), for the run record."""
+        out = {}
+        for name, module in self.modules.items():
+            for stage in ("eval", "calib", "ref"):
+                sel = module.selection(stage)
+                if sel is not None:
+                    out[f"{name}/{stage}"] = sel
+        return out
+
     def reference_info(self) -> tuple[list[str], list[str]]:
         """Class names and templates of the reference dataset (for the ``acc_ref`` objective)."""
         return self.modules[self.reference].zeroshot_texts()

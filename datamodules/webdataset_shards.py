@@ -17,6 +17,8 @@ Ranks may receive different numbers of evaluation batches: log metrics at epoch 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import warnings
@@ -50,6 +52,19 @@ STAGES = ("eval", "calib", "ref")
 
 def _identity(url: str) -> str:
     return url if is_remote(url) else os.path.realpath(url.removeprefix("file://"))
+
+
+def _shard_record(url: str, root: str | None) -> dict[str, Any]:
+    """A shard's name under ``root`` (the URL where remote) and its size in bytes (None where unknown)."""
+    if is_remote(url):
+        return {"name": url, "bytes": None}
+    path = url.removeprefix("file://")
+    name = os.path.relpath(path, root) if root is not None and not is_remote(root) else os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    return {"name": name, "bytes": size}
 
 
 class WebDatasetDataModule(pl.LightningDataModule):
@@ -231,6 +246,32 @@ class WebDatasetDataModule(pl.LightningDataModule):
         if sel is None:
             return None
         return {(_identity(self.urls[stage][e.shard]), e.key) for e in sel}
+
+    def selection(self, stage: str) -> dict[str, Any] | None:
+        """What ``stage`` reads, for artifact keys and the run record (None: no such split).
+
+        Split, shards (names under the root with their byte sizes: the data, not where it lies), the
+        drawn size, seed and draw (class-balanced), the number drawn and the batch size; no absolute paths.
+        """
+        self._ensure_setup()
+        if stage != "eval" and stage not in self.urls:
+            return None
+        split = {"eval": self.eval_split, "calib": self.calib_split, "ref": self.ref_split}[stage]
+        size = {"eval": None, "calib": self.calib_size, "ref": self.ref_size}[stage]
+        sel = None if stage == "eval" else self.selected.get(stage)
+        info = self.info
+        return {
+            "split": split,
+            "shards": [_shard_record(u, self.root) for u in self.urls[stage]],
+            "size": size,
+            "seed": self.seed if size is not None else None,
+            "draw": "class_balanced" if size is not None else "whole_split",
+            "drawn": None if sel is None else len(sel),
+            "batch_size": self.eval_batch_size if stage == "eval" else self.batch_size,
+            "classes_sha256": None
+            if info is None
+            else hashlib.sha256(json.dumps([info.classnames, info.templates]).encode()).hexdigest()[:16],
+        }
 
     def check_disjoint(self) -> None:
         """Raise :class:`OverlapError` if calibration/reference can overlap the evaluation samples."""

@@ -160,6 +160,7 @@ def run_cli(argv: list[str]) -> Any:
     from datamodules.suite import ValidationSuite
     from regcache._lightning import pl
     from regcache.module import QuantizedEncoder
+    from regcache.runrecord import claim_run_dir, run_identity, write_run_identity
 
     cli_module = importlib.import_module(f"{pl.__name__}.cli")
 
@@ -175,6 +176,7 @@ def run_cli(argv: list[str]) -> Any:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
                 config = {k: v for k, v in self.config.as_dict().items() if k != "config"}  # "config": temp files
+                write_run_identity(pl_module.run_dir, run_identity(json.loads(json.dumps(config, default=str))))
                 for logger in trainer.loggers:  # the resolved configuration as the run's hyper-parameters
                     logger.log_hyperparams({"config": json.loads(json.dumps(config, default=str))})
             self.already_saved = True
@@ -183,7 +185,16 @@ def run_cli(argv: list[str]) -> Any:
         """LightningCLI whose default logger (``trainer.logger`` unset or true) is a CSVLogger in the run directory."""
 
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-            """The trainer, with :func:`default_logger` where the configuration names no logger."""
+            """The trainer, with :func:`default_logger` where the configuration names no logger.
+
+            First the run directory is claimed (:func:`regcache.runrecord.claim_run_dir`): one holding
+            another configuration's results is refused here, before the logger or anything else writes into it.
+            """
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            config = {k: v for k, v in config.as_dict().items() if k != "config"}
+            self.model.run_key = claim_run_dir(
+                self.model.run_dir, run_identity(json.loads(json.dumps(config, default=str)))
+            )
             if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
                 kwargs["logger"] = default_logger(self.model.run_dir)
             return super().instantiate_trainer(**kwargs)
@@ -234,8 +245,14 @@ def check_args(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``regcache validate``."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    from regcache.runrecord import RunDirConflict
+
     with tempfile.TemporaryDirectory(prefix="regcache-config-") as tmp:
-        cli = run_cli(["validate", *_expand_configs(argv, Path(tmp))])
+        try:
+            cli = run_cli(["validate", *_expand_configs(argv, Path(tmp))])
+        except RunDirConflict as e:
+            print(f"regcache validate: error: {e}", file=sys.stderr)
+            return 2
     module = cli.model
     if cli.trainer.is_global_zero:
         print(f"results: {module.run_dir / 'metrics.json'}")

@@ -20,11 +20,13 @@ import torch
 
 from regcache._clock import IMPORTED_AT
 from regcache._lightning import pl
+from regcache.artifacts import ArtifactStore
 from regcache.encoders import adapt
 from regcache.eval.clip_benchmark import clip_benchmark_results, write_clip_benchmark_results
 from regcache.loading import load_model
 from regcache.quant import METHODS, QuantConfig, quantize_
 from regcache.registers import plain_float
+from regcache.registers._common import float_fingerprint
 from regcache.tracking import log_run_summary
 from regcache.utils import write_json
 
@@ -75,7 +77,11 @@ class QuantizedEncoder(pl.LightningModule):
         w_bits, a_bits: bit widths.
         method_options: extra fields of the method's config.
         fidelity: also run the float model on every batch and report feature cosine to it.
-        run_dir: where artifacts (calibration, register cache, metrics.json) go.
+        run_dir: where the run's results (metrics.json, config.yaml, logs) go; a folder holding the results of
+            another configuration is refused (``regcache.runrecord``).
+        artifacts_dir: where the keyed artifacts (register search, calibration) go (None: the run directory);
+            several runs may share one: each artifact's folder is keyed by what it depends on.
+        force: recompute every artifact even where one of the same key exists.
         matmul_precision: ``torch.set_float32_matmul_precision`` ("high": TF32 matmuls on GPUs).
         tokenizer: local folder (or hub id) of the Hugging Face tokenizer to use instead of the one the
             model config names (SigLIP / SigLIP2 where it is not in the Hugging Face cache).
@@ -94,6 +100,8 @@ class QuantizedEncoder(pl.LightningModule):
         run_dir: str = "runs/default",
         matmul_precision: str = "high",
         tokenizer: str | None = None,
+        artifacts_dir: str | None = None,
+        force: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -105,13 +113,36 @@ class QuantizedEncoder(pl.LightningModule):
         self.add_time("startup.model_build", self._built_at - built)
         self.net = self.loaded.model  # registered: moves with the module (text tower included)
         self.encoder = adapt(self.net)
+        # before anything is installed or quantized: the float weights' identity, for artifact keys
+        self.weights_fingerprint = float_fingerprint(self.encoder)
         self.quant_config = build_quant_config(method, w_bits, a_bits, method_options)
         self.manifest = None  # attached by attach_method(), after any register search on the float model
         self.fidelity = fidelity and self.quant_config is not None
         self.run_dir = Path(run_dir)
+        self._artifacts_dir = artifacts_dir
+        self._artifacts: ArtifactStore | None = None
+        self.run_key: str | None = None  # the configuration's key, set where the run directory is claimed
         self.dataset_names: list[str] = []
 
     # ---------------------------------------------------------------- model info
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """The keyed artifact store of the run (``artifacts_dir``, else the run directory)."""
+        if self._artifacts is None:
+            root = self._artifacts_dir if self._artifacts_dir is not None else self.run_dir
+            self._artifacts = ArtifactStore(root, force=self.hparams.force)
+        return self._artifacts
+
+    def model_spec(self) -> dict[str, Any]:
+        """What identifies the float model in artifact keys: name, weights tag, size, tokenizer, weights fingerprint."""
+        return {
+            "model": self.hparams.model,
+            "pretrained": self.hparams.pretrained,
+            "image_size": self.hparams.image_size,
+            "tokenizer": self.hparams.tokenizer,
+            "weights_fingerprint": self.weights_fingerprint,
+        }
+
     @property
     def preprocess(self) -> Callable[[Any], torch.Tensor]:
         """The encoder's own image preprocessing (PIL → tensor)."""
@@ -207,6 +238,7 @@ class QuantizedEncoder(pl.LightningModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         self.results["num_samples"] = {self.dataset_name(i): int(c) for i, c in enumerate(counts.tolist())}
+        self.results["artifacts"] = self.artifacts.records()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "skipped_samples"):
             self.results["skipped_samples"] = datamodule.skipped_samples(self.device)
@@ -263,7 +295,7 @@ class QuantizedEncoder(pl.LightningModule):
             return
         images = {"outliers": self.run_dir / "outliers.png"}
         if self.results.get("regcache") is not None:  # the plot of the search whose result is installed
-            images["sensitivity"] = self.run_dir / "regcache" / "sensitivity.png"
+            images["sensitivity"] = Path(self.results["regcache"]["result"]).parent / "sensitivity.png"
         taken = log_run_summary(self.loggers, self.describe(), self.results, images, step=self.global_step)
         for logger in self.loggers:
             logger.save()

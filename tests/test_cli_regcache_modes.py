@@ -55,28 +55,32 @@ def test_ablations_through_validate_install_their_modes_configuration(tmp_path, 
     if "warning" in prefix:  # a prefix alone can score below the base: installed anyway, and said so
         assert prefix["warning"] in caplog.text
 
-    # one search of every ablation; the single-mode runs then reuse its table
-    full = tmp_path / "ablations"
-    both = _validate(full, "--trainer.callbacks.init_args.modes=[prefix,delete,both]")["regcache"]
-    assert set(both["best_by_mode"]) == {"base", "prefix", "delete", "both"}
-    assert both["mode"] in ("prefix", "delete", "both")
-    delete = _validate(full, "--trainer.callbacks.init_args.modes=[delete]")["regcache"]
+    # one search of every ablation; the single-mode runs (each in its own run directory) then reuse its table
+    store = f"--model.artifacts_dir={tmp_path / 'artifacts'}"
+    both = _validate(tmp_path / "ablations", store, "--trainer.callbacks.init_args.modes=[prefix,delete,both]")
+    assert set(both["regcache"]["best_by_mode"]) == {"base", "prefix", "delete", "both"}
+    assert both["regcache"]["mode"] in ("prefix", "delete", "both") and both["regcache"]["reused"] is False
+    delete = _validate(tmp_path / "delete", store, "--trainer.callbacks.init_args.modes=[delete]")["regcache"]
     _check_installed(delete, "delete")
     assert delete["tau"] == 0 and delete["register"] is None and delete["k_delete"] == 3
-    assert delete["search_seconds"] == both["search_seconds"]  # the saved table answered this run
-    again = _validate(full, "--trainer.callbacks.init_args.modes=[prefix]")["regcache"]
+    assert delete["search_key"] == both["regcache"]["search_key"] and delete["reused"] is True  # its table answered
+    assert delete["search_seconds"] == both["regcache"]["search_seconds"]
+    again = _validate(tmp_path / "prefix2", store, "--trainer.callbacks.init_args.modes=[prefix]")["regcache"]
     _check_installed(again, "prefix")
     assert (again["tau"], again["register"]) == (prefix["tau"], prefix["register"])  # same grid, same winner
 
 
-def test_a_saved_search_of_other_modes_is_searched_again(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="callbacks.register_search")
-    run = tmp_path / "run"
-    first = _validate(run, "--trainer.callbacks.init_args.modes=[prefix]")["regcache"]
-    delete = _validate(run, "--trainer.callbacks.init_args.modes=[delete]")["regcache"]  # not in the saved table
-    assert "searched with other settings (modes)" in caplog.text
-    _check_installed(delete, "delete")
-    assert delete["search_seconds"] != first["search_seconds"]
+def test_a_saved_search_of_other_modes_is_searched_again(tmp_path):
+    store = f"--model.artifacts_dir={tmp_path / 'artifacts'}"
+    first = _validate(tmp_path / "a", store, "--trainer.callbacks.init_args.modes=[prefix]")["regcache"]
+    delete = _validate(tmp_path / "b", store, "--trainer.callbacks.init_args.modes=[delete]")  # not in its table
+    _check_installed(delete["regcache"], "delete")
+    assert delete["regcache"]["search_key"] != first["search_key"] and delete["regcache"]["reused"] is False
+    searches = {a["key"]: a for a in delete["artifacts"] if a["kind"] == "register_search"}
+    assert list(searches) == [delete["regcache"]["search_key"]]
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "register_search").iterdir()) == sorted(
+        [first["search_key"], delete["regcache"]["search_key"]]
+    )  # the new search beside the old one
 
 
 def test_enabled_false_runs_the_method_without_regcache(tmp_path, caplog):
@@ -84,7 +88,7 @@ def test_enabled_false_runs_the_method_without_regcache(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="callbacks.register_search")
     off = _validate(tmp_path / "off", "--trainer.callbacks.init_args.enabled=false")
     assert off["regcache"] is None and off["method"] == "naive"
-    assert not (tmp_path / "off" / "regcache").exists()
+    assert not (tmp_path / "off" / "register_search").exists()
     assert "enabled is false" in caplog.text
     assert "register_search" not in off["timings_s"]
 
