@@ -1,6 +1,6 @@
 """Scale initialisation helpers: exact quantiles of any size and the percentile / MSE search.
 
-``torch.quantile`` refuses inputs above 2^24 elements (a ViT-B fc2 input over 32 images is
+``torch.quantile`` refuses inputs above 2^24 elements in older torch releases (a ViT-B fc2 input over 32 images is
 larger). :func:`quantiles` computes the same linear-interpolation quantiles from the order
 statistics near the tail that holds them (``topk``), so it has no size limit and stays cheap for
 the tail percentiles the PTQ methods use.
