@@ -36,6 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import time_fn, write_results
 
+from regcache import kernels
 from regcache.encoders.base import Attention, AttentionPrefix
 from regcache.quant import UniformQuantizer
 from regcache.quant import fused_attention as fa
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     warmup = 1 if tiny else 3
     compile_explicit = not (tiny or args.no_compile)
     torch.set_grad_enabled(False)
-    fa.EXACT[0] = args.exact
+    kernels.set_kernel_config(fused_attention_exact=args.exact)
 
     rows, tuned = [], set()
     for batch in batches:
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                     tuned.add(pname)
     columns = list(rows[0])
     extra = {"heads": heads, "tokens": tokens, "head_dim": head_dim, "dtype": args.dtype, "interpreter": tiny}
-    extra.update(exact=fa.EXACT[0], tile=list(fa.TILE))
+    extra.update(exact=args.exact, tile=list(kernels.current().fused_attention_tile))
     write_results("bench_attention", rows, columns, extra)
 
 

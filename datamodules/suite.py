@@ -63,6 +63,7 @@ class ValidationSuite(pl.LightningDataModule):
 
             root = str(DATA_DIR)
         self.root = root
+        self.seed = seed  # the default draw seed of every dataset (a dataset's own wins; each selection has its own)
         self.calibration = calibration
         self.reference = reference
         self.modules: dict[str, WebDatasetDataModule] = {}

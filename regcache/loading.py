@@ -66,6 +66,7 @@ class LoadedModel:
     tokenizer: Callable[..., torch.Tensor] | None
     name: str
     pretrained: str | None
+    checkpoint: str | None = None  # the weights file read (None: random weights), for the run record
 
     @property
     def has_text_tower(self) -> bool:
@@ -237,7 +238,7 @@ def _open_clip(
         model, _, preprocess = open_clip.create_model_and_transforms(
             f"local-dir:{model_dir}", device=device, force_image_size=image_size
         )
-        return LoadedModel(model.eval(), preprocess, tok, name, pretrained)
+        return LoadedModel(model.eval(), preprocess, tok, name, pretrained, weights)
 
     if name not in open_clip.list_models():
         raise ValueError(
@@ -283,7 +284,7 @@ def _open_clip(
             "'ViT-B-16' for a ViT-B/16, '-quickgelu' for OpenAI weights), or a checkpoint of this architecture"
         )
         raise _mismatch(checkpoint, name, exc, fix) from exc
-    return LoadedModel(model.eval(), preprocess, tok, name, pretrained)
+    return LoadedModel(model.eval(), preprocess, tok, name, pretrained, checkpoint)
 
 
 def _timm(name: str, pretrained: str | None, device: str, image_size: int | None) -> LoadedModel:
@@ -300,6 +301,7 @@ def _timm(name: str, pretrained: str | None, device: str, image_size: int | None
     kwargs: dict[str, Any] = {"num_classes": 0}
     if image_size:
         kwargs["img_size"] = image_size
+    checkpoint = None
     if pretrained and _is_local_file(pretrained):
         checkpoint = str(Path(pretrained).expanduser())
         kwargs["pretrained_cfg_overlay"] = {"file": checkpoint}
@@ -317,8 +319,8 @@ def _timm(name: str, pretrained: str | None, device: str, image_size: int | None
             raise ValueError(f"unknown pretrained tag {pretrained!r} for timm model {arch}")
         hint = f"load_model('timm:{arch}', '/path/to/model.safetensors')"
         repo = pcfg.hf_hub_id or f"timm/{full}"
-        path = _hf_file(repo, ["model.safetensors", "pytorch_model.bin"], f"timm:{full}", hint)
-        model = timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
+        checkpoint = _hf_file(repo, ["model.safetensors", "pytorch_model.bin"], f"timm:{full}", hint)
+        model = timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": checkpoint}, **kwargs)
     else:
         model = timm.create_model(arch, pretrained=False, **kwargs)
     data_cfg = timm.data.resolve_data_config({}, model=model)
@@ -327,7 +329,7 @@ def _timm(name: str, pretrained: str | None, device: str, image_size: int | None
     if size:
         data_cfg["input_size"] = (data_cfg["input_size"][0], *size)
     preprocess = timm.data.create_transform(**data_cfg)
-    return LoadedModel(model.to(device).eval(), preprocess, None, name, pretrained)
+    return LoadedModel(model.to(device).eval(), preprocess, None, name, pretrained, checkpoint)
 
 
 def load_model(

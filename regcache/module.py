@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,10 +24,14 @@ from regcache._lightning import pl
 from regcache.artifacts import ArtifactStore
 from regcache.encoders import adapt
 from regcache.eval.clip_benchmark import clip_benchmark_results, write_clip_benchmark_results
+from regcache.kernels import KernelConfig, set_kernel_config
+from regcache.kernels import fallbacks as kernel_fallbacks
+from regcache.kernels import record as kernel_record
 from regcache.loading import load_model
 from regcache.quant import METHODS, QuantConfig, quantize_
 from regcache.registers import plain_float
 from regcache.registers._common import float_fingerprint
+from regcache.runrecord import checkpoint_record, device_name, environment_record
 from regcache.tracking import log_run_summary
 from regcache.utils import write_json
 
@@ -82,6 +87,9 @@ class QuantizedEncoder(pl.LightningModule):
         artifacts_dir: where the keyed artifacts (register search, calibration) go (None: the run directory);
             several runs may share one: each artifact's folder is keyed by what it depends on.
         force: recompute every artifact even where one of the same key exists.
+        kernels: the numerics paths (fused attention and its exact mode / tile, fused fake quant, fused
+            NoisyQuant search, float SDPA; :class:`regcache.kernels.KernelConfig`) set for the process; None
+            keeps the process's (the ``REGCACHE_*`` variables, else the defaults). Recorded in metrics.json.
         matmul_precision: ``torch.set_float32_matmul_precision`` ("high": TF32 matmuls on GPUs).
         tokenizer: local folder (or hub id) of the Hugging Face tokenizer to use instead of the one the
             model config names (SigLIP / SigLIP2 where it is not in the Hugging Face cache).
@@ -102,9 +110,13 @@ class QuantizedEncoder(pl.LightningModule):
         tokenizer: str | None = None,
         artifacts_dir: str | None = None,
         force: bool = False,
+        kernels: KernelConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if kernels is not None:
+            set_kernel_config(kernels)
+        self._fallbacks_before = len(kernel_fallbacks())  # the run record holds this run's fallbacks only
         self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
         built = time.perf_counter()
         self.add_time("startup.imports", built - IMPORTED_AT)
@@ -240,6 +252,7 @@ class QuantizedEncoder(pl.LightningModule):
         self.results["num_samples"] = {self.dataset_name(i): int(c) for i, c in enumerate(counts.tolist())}
         self.results["artifacts"] = self.artifacts.records()
         datamodule = getattr(self.trainer, "datamodule", None)
+        self.results["run_record"] = self.run_record(datamodule)
         if datamodule is not None and hasattr(datamodule, "skipped_samples"):
             self.results["skipped_samples"] = datamodule.skipped_samples(self.device)
         if datamodule is not None and hasattr(datamodule, "shard_errors"):
@@ -248,6 +261,35 @@ class QuantizedEncoder(pl.LightningModule):
         if self.trainer.is_global_zero:
             self.write_clip_benchmark_results(datamodule)
             self.log_summary()
+
+    def run_record(self, datamodule: Any) -> dict[str, Any]:
+        """What made the numbers besides the configuration: code, weights, seeds, kernels, devices, data, artifacts.
+
+        A collective under DDP (every rank's device is gathered): call it on every rank.
+        """
+        devices = [device_name(self.device)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, devices[0])
+            devices = gathered
+        kernel = kernel_record()
+        kernel["fallbacks"] = kernel["fallbacks"][self._fallbacks_before :]
+        seed = os.environ.get("PL_GLOBAL_SEED")  # Lightning's seed_everything
+        return {
+            **environment_record(),
+            "run_key": self.run_key,
+            "checkpoint": checkpoint_record(self.loaded.checkpoint),
+            "weights_fingerprint": self.weights_fingerprint,
+            "seeds": {
+                "seed_everything": None if seed is None else int(seed),
+                "data": getattr(datamodule, "seed", None),
+            },
+            "kernels": kernel,
+            "devices": devices,
+            "world_size": self.trainer.world_size if self.trainer is not None else 1,
+            "data": datamodule.selections() if hasattr(datamodule, "selections") else None,
+            "artifacts": self.artifacts.records(),
+        }
 
     def dataset_name(self, dataloader_idx: int) -> str:
         """Name under which a validation dataloader's metrics are reported."""

@@ -38,13 +38,20 @@ def _regcache(run: dict[str, Any]) -> str:
     return cell
 
 
+def _reused(run: dict[str, Any]) -> str:
+    """Which artifacts the run reused (``register_search``, ``calibration``) instead of computing them."""
+    kinds = [a["kind"].replace("_", " ") for a in run.get("artifacts") or [] if a.get("reused")]
+    return ", ".join(kinds) if kinds else "–"
+
+
 def table(runs: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:
-    """Rows: runs (model, bits, method, RegCache); columns: ``<dataset>/<metric>`` present in any run, in %."""
+    """Rows: runs (model, bits, method, RegCache, the artifacts it reused); columns: ``<dataset>/<metric>``
+    present in any run, in %."""
     columns = sorted({k for r in runs for k in r.get("metrics", {}) if k.split("/", 1)[-1] in metrics})
-    head = ["model", "bits", "method", "RegCache", *columns]
+    head = ["model", "bits", "method", "RegCache", "reused", *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(runs, key=lambda r: (r.get("model", ""), _bits(r), r.get("method", ""), bool(r.get("regcache")))):
-        cells = [str(r.get("model")), _bits(r), str(r.get("method")), _regcache(r)]
+        cells = [str(r.get("model")), _bits(r), str(r.get("method")), _regcache(r), _reused(r)]
         cells += [f"{100 * r['metrics'][c]:.2f}" if c in r.get("metrics", {}) else "" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

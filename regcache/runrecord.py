@@ -1,4 +1,4 @@
-"""The run directory's identity: which configuration made its results, and refusing another one's folder.
+"""The run record: which configuration, code, weights, kernels and data made a run's numbers.
 
 ``run.json`` in a run directory holds the *identity* of the configuration that wrote it: the
 resolved configuration without what cannot change a number (the output folders, loader workers,
@@ -6,13 +6,23 @@ progress bars, loggers, ``force``) and its key. A run whose identity differs fro
 folder holds is refused before anything is written there (:func:`claim_run_dir`), with both
 configurations named.
 
+:func:`environment_record`, :func:`checkpoint_record` and :func:`device_name` give the rest of the
+record metrics.json keeps under ``run_record`` (package versions and git commit, the checkpoint's
+sha256, devices).
+
 Plain Python (no Lightning).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
+import importlib.metadata
 import json
+import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,4 +101,93 @@ def write_run_identity(run_dir: str | Path, identity: dict[str, Any]) -> Path:
     return write_json(Path(run_dir) / RUN_FILE, {"key": artifact_key(identity), "identity": identity})
 
 
-__all__ = ["RUN_FILE", "RunDirConflict", "claim_run_dir", "run_identity", "write_run_identity"]
+# distributions whose versions decide the numbers (import name → distribution)
+PACKAGES = {
+    "torch": "torch",
+    "open_clip": "open_clip_torch",
+    "timm": "timm",
+    "lightning": "lightning",
+    "regcache": "regcache",
+}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of torch, open_clip, timm, lightning, regcache (None where not installed) and Python."""
+    out: dict[str, str | None] = {}
+    for name, dist in PACKAGES.items():
+        version = getattr(sys.modules.get(name), "__version__", None)  # torch's carries its CUDA build (+cu130)
+        if version is None:
+            try:
+                version = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                version = None
+        out[name] = None if version is None else str(version)
+    out["python"] = platform.python_version()
+    return out
+
+
+@functools.cache
+def git_commit() -> dict[str, Any] | None:
+    """The commit of regcache's source checkout and whether it had uncommitted changes (None outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+@functools.cache
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_record(path: str | None) -> dict[str, Any] | None:
+    """The weights file: path, size and sha256 (None for random weights)."""
+    if path is None or not Path(path).is_file():
+        return None
+    return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": file_sha256(str(path))}
+
+
+def device_name(device: Any) -> str:
+    """A readable name of a torch device: the GPU's model, else the CPU's."""
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def environment_record() -> dict[str, Any]:
+    """Versions, the source commit and the command line (the part of the run record that is the process's)."""
+    return {"versions": package_versions(), "git": git_commit(), "argv": list(sys.argv)}
+
+
+__all__ = [
+    "PACKAGES",
+    "RUN_FILE",
+    "RunDirConflict",
+    "checkpoint_record",
+    "claim_run_dir",
+    "device_name",
+    "environment_record",
+    "file_sha256",
+    "git_commit",
+    "package_versions",
+    "run_identity",
+    "write_run_identity",
+]

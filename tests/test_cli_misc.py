@@ -10,7 +10,7 @@ from regcache.cli import main as cli_main
 from regcache.report import load_runs
 
 
-def _run(tmp_path, name, method, bits, regcache, top1):
+def _run(tmp_path, name, method, bits, regcache, top1, artifacts=()):
     d = tmp_path / name
     d.mkdir()
     record = {
@@ -21,6 +21,7 @@ def _run(tmp_path, name, method, bits, regcache, top1):
         "a_bits": bits,
         "regcache": regcache,
         "metrics": {"imagenet1k/zeroshot_top1": top1, "imagenet1k/zeroshot_top5": 0.9},
+        "artifacts": [{"kind": kind, "key": "k", "reused": reused} for kind, reused in artifacts],
     }
     (d / "metrics.json").write_text(json.dumps(record))
     return d
@@ -28,16 +29,16 @@ def _run(tmp_path, name, method, bits, regcache, top1):
 
 def test_report_table(tmp_path, capsys):
     runs = [
-        _run(tmp_path, "a", "naive", 6, None, 0.5819),
-        _run(tmp_path, "b", "naive", 6, {"l_q": 6, "tau": 3, "k_delete": 2}, 0.6665),
+        _run(tmp_path, "a", "naive", 6, None, 0.5819, [("calibration", False)]),
+        _run(tmp_path, "b", "naive", 6, {"l_q": 6, "tau": 3, "k_delete": 2}, 0.6665, [("register_search", True)]),
         _run(tmp_path, "c", "float", None, None, 0.70),
     ]
     assert cli_main(["report", *map(str, runs), "--out", str(tmp_path / "t.md")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0] == "| model | bits | method | RegCache | imagenet1k/zeroshot_top1 |"
-    assert out[2] == "| ViT-B-16 | FP | float | – | 70.00 |"
-    assert out[3] == "| ViT-B-16 | W6A6 | naive | – | 58.19 |"
-    assert out[4] == "| ViT-B-16 | W6A6 | naive | l_q=6, τ=3, k̃=2 | 66.65 |"
+    assert out[0] == "| model | bits | method | RegCache | reused | imagenet1k/zeroshot_top1 |"
+    assert out[2] == "| ViT-B-16 | FP | float | – | – | 70.00 |"
+    assert out[3] == "| ViT-B-16 | W6A6 | naive | – | – | 58.19 |"  # computed its calibration
+    assert out[4] == "| ViT-B-16 | W6A6 | naive | l_q=6, τ=3, k̃=2 | register search | 66.65 |"
     assert (tmp_path / "t.md").read_text().strip() == "\n".join(out)
     with pytest.raises(FileNotFoundError, match=r"metrics\.json"):
         load_runs([tmp_path / "missing"])

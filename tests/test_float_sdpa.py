@@ -10,6 +10,7 @@ from torch import nn
 
 import regcache.encoders.base as base
 from regcache.encoders.base import Attention, AttentionPrefix
+from regcache.kernels import kernel_config
 from regcache.quant import UniformQuantizer
 
 
@@ -21,8 +22,7 @@ def _attention(heads: int = 3, head_dim: int = 8) -> Attention:
 
 
 def _explicit(attn: Attention, x: torch.Tensor, monkeypatch) -> torch.Tensor:
-    with monkeypatch.context() as m:
-        m.setattr(base, "_FLOAT_SDPA", False)
+    with kernel_config(float_sdpa=False):
         return attn(x)
 
 

@@ -32,10 +32,11 @@ from regcache.quant.log_quantizers import LogSqrt2Quantizer
 from regcache.quant.twin_uniform import TwinSoftmaxQuantizer
 
 DEVICE, B, H, N, D = {device!r}, {batch}, {heads}, {tokens}, {head_dim}
-fa.TILE[:] = {tile}  # several key tiles per row: the two-pass softmax is exercised
-EXACT = fa.EXACT[0] = {exact}  # eager rounding op for op, or the fast float32 kernel
-import regcache.encoders.base as base
-base._FLOAT_SDPA = False  # the unquantized case runs the kernel (float mode), not SDPA
+from regcache import kernels
+EXACT = {exact}  # eager rounding op for op, or the fast float32 kernel
+# several key tiles per row (the two-pass softmax is exercised); the unquantized case runs the kernel
+# (float mode), not SDPA
+kernels.set_kernel_config(fused_attention_tile=tuple({tile}), fused_attention_exact=EXACT, float_sdpa=False)
 # max flipped-code fraction, and output rounding tolerance relative to max |out|, per dtype
 FLIP_BOUND = {{torch.float32: 1e-3, torch.bfloat16: 2e-3}}
 OUT_RTOL = {{torch.float32: 1e-5, torch.bfloat16: 2.0**-7}}
@@ -279,6 +280,7 @@ print("ok")
 _EPILOGUE = """
 import torch
 from torch import nn
+from regcache import kernels
 from regcache.encoders.base import Attention
 from regcache.quant import QuantLinear, UniformQuantizer, fused_attention as fa
 
@@ -302,7 +304,7 @@ attn.proj.input_quantizer.forward = lambda t: quantized_by_proj.append(t) or rea
 fa.set_enabled(True)
 with torch.no_grad():
     for exact in (True, False):
-        fa.EXACT[0] = exact
+        kernels.set_kernel_config(fused_attention_exact=exact)
         seen.clear()
         out = attn(x)
         assert len(seen) == 1 and not quantized_by_proj, "proj's input quantizer should run in the kernel's epilogue"
@@ -486,15 +488,12 @@ def test_operand_fold_parameters_follow_the_quantizers():
     assert not hasattr(fresh, "_operand_fold_cache")
 
 
-def test_tile_from_environment(monkeypatch):
-    """REGCACHE_FUSED_ATTENTION_TILE overrides the default tile; malformed values name the expected form."""
-    from regcache.quant import fused_attention as fa
+def test_tile_from_environment():
+    """REGCACHE_FUSED_ATTENTION_TILE sets the default tile; malformed values name the expected form."""
+    from regcache.kernels import KernelConfig
 
-    monkeypatch.delenv("REGCACHE_FUSED_ATTENTION_TILE", raising=False)
-    assert fa._tile_from_env((64, 16)) == [64, 16]
-    monkeypatch.setenv("REGCACHE_FUSED_ATTENTION_TILE", " 128,32 ")
-    assert fa._tile_from_env((64, 16)) == [128, 32]
+    assert KernelConfig.from_env({}).fused_attention_tile == (64, 16)
+    assert KernelConfig.from_env({"REGCACHE_FUSED_ATTENTION_TILE": " 128,32 "}).fused_attention_tile == (128, 32)
     for bad in ("128", "128,24", "8,16", "a,b", "64,16,4"):
-        monkeypatch.setenv("REGCACHE_FUSED_ATTENTION_TILE", bad)
         with pytest.raises(ValueError, match="two powers of two"):
-            fa._tile_from_env((64, 16))
+            KernelConfig.from_env({"REGCACHE_FUSED_ATTENTION_TILE": bad})

@@ -391,15 +391,16 @@ for precision in ("bf16x3", "bf16x2"):
     got = nq.search_noise(x, w, 8, scale, base, 40, 100, budget=1 << 14, precision=precision)
     assert torch.equal(got, noise), precision
 # bf16 through the kernels equals bf16 through the op-by-op formulas (the rounded factor's optimum)
-nq._FUSED_DISABLED[0] = True
+from regcache import kernels
+kernels.set_kernel_config(fused_noisyquant=False)
 def bf16_choices():
     return (nq.search_clip_scale(x, w, 8, absmax, 200, 1 << 14, "bf16"),
             nq.search_noise(x, w, 8, scale, base, 40, 100, budget=1 << 14, precision="bf16"))
 ref = bf16_choices()
-nq._FUSED_DISABLED[0] = False
+kernels.set_kernel_config(fused_noisyquant=True)
 got = bf16_choices()
 assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-assert not nq._FUSED_DISABLED[0]
+assert kernels.active("fused_noisyquant") and not kernels.fallbacks()
 print("ok")
 """
 

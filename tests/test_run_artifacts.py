@@ -147,3 +147,56 @@ def test_calibration_selection_names_what_changes(field, tmp_path):
     assert str(DATA_DIR) not in json.dumps(base)
     shard = DATA_DIR / "cifar10_sample" / "train" / "0.tar"
     assert base["shards"] == [{"name": "train/0.tar", "bytes": shard.stat().st_size}]
+
+
+def test_metrics_hold_the_run_record_and_the_kernels_actually_used(tmp_path):
+    from regcache import kernels
+    from regcache.runrecord import file_sha256
+    from regcache.testbed import WEIGHTS_PATH
+
+    off = "--trainer.callbacks.init_args.enabled=false"
+    before = kernels.current()
+    try:
+        on = _validate(tmp_path / "sdpa", off)["run_record"]
+        explicit = _validate(tmp_path / "explicit", off, "--model.kernels.float_sdpa=false")["run_record"]
+    finally:
+        kernels.set_kernel_config(before)
+    assert on["kernels"]["config"]["float_sdpa"] is True and explicit["kernels"]["config"]["float_sdpa"] is False
+    assert {k for k, v in on["kernels"]["config"].items() if explicit["kernels"]["config"][k] != v} == {"float_sdpa"}
+    assert on["kernels"]["fallbacks"] == []
+    import lightning
+    import open_clip
+    import timm
+    import torch
+
+    versions = on["versions"]
+    assert (versions["torch"], versions["timm"]) == (torch.__version__, timm.__version__)
+    assert (versions["lightning"], versions["open_clip"]) == (lightning.__version__, open_clip.__version__)
+    assert versions["regcache"] is not None
+    assert on["checkpoint"]["sha256"] == file_sha256(str(WEIGHTS_PATH)) and on["checkpoint"]["bytes"] > 0
+    assert len(on["weights_fingerprint"]) == 16
+    assert on["seeds"] == {"seed_everything": 0, "data": 0}
+    assert on["devices"] == [on["devices"][0]] and on["devices"][0].startswith("cpu") and on["world_size"] == 1
+    calib = on["data"]["cifar10_sample/calib"]
+    assert (calib["split"], calib["size"], calib["seed"], calib["drawn"]) == ("train", 128, 0, 128)
+    assert calib["shards"][0]["name"] == "train/0.tar" and calib["shards"][0]["bytes"] > 0
+    assert on["run_key"] == json.loads((tmp_path / "sdpa" / "run.json").read_text())["key"]
+    assert [a["kind"] for a in on["artifacts"]] == ["calibration"]
+    assert on["git"] is None or len(on["git"]["commit"]) == 40
+
+
+def test_a_kernel_fallback_is_recorded_and_a_new_config_clears_it():
+    from regcache import kernels
+
+    before = kernels.current()
+    try:
+        kernels.set_kernel_config(fused_fake_quant=True)
+        with pytest.warns(UserWarning, match="fused_fake_quant kernel disabled"):
+            kernels.record_fallback("fused_fake_quant", "RuntimeError('no div_rn')")
+        assert not kernels.active("fused_fake_quant") and kernels.current().fused_fake_quant
+        assert kernels.fallbacks()[-1] == {"kernel": "fused_fake_quant", "reason": "RuntimeError('no div_rn')"}
+        assert kernels.record()["fallbacks"][-1]["kernel"] == "fused_fake_quant"
+        kernels.set_kernel_config(before)
+        assert kernels.active("fused_fake_quant") == before.fused_fake_quant
+    finally:
+        kernels.set_kernel_config(before)

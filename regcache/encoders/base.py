@@ -22,7 +22,6 @@ attention probabilities); :func:`regcache.encoders.record` hooks them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regcache import kernels
 from regcache.quant import fused_attention
 from regcache.quant.modules import MatMul, QuantLinear
 
-# float attention (nothing quantized or hooked) runs through SDPA; REGCACHE_FLOAT_SDPA=0 keeps it explicit (A/B)
-_FLOAT_SDPA = os.environ.get("REGCACHE_FLOAT_SDPA", "1") != "0"
+# float attention (nothing quantized or hooked) runs through SDPA unless KernelConfig.float_sdpa is false
+# (regcache.kernels; REGCACHE_FLOAT_SDPA=0 sets that default, for A/B timing)
 # In float SDPA a prefix with integer multiplicities is given as τ physical copies of each entry instead of
 # an ``ln τ`` mask: any attn_mask moves SDPA off the flash kernel (with the mask RegCache cost the compiled
 # float model more, BENCHMARKS.md §3), while copies only lengthen the key axis by sum(τ) - n, small next to the
@@ -187,7 +187,7 @@ class Attention(nn.Module):
         """:meth:`attend`, and whether ``out_quantizer`` was applied to the output (by the fused kernel)."""
         prefix = self.prefix
         explicit = _EXPLICIT[0]
-        if _FLOAT_SDPA and not explicit and self._plain_float():
+        if kernels.current().float_sdpa and not explicit and self._plain_float():
             return self._sdpa(q, k, v, prefix), False
         fused = fused_attention.enabled() and not explicit
         out = self._fused_attention(q, k, v, prefix, out_quantizer) if fused else None

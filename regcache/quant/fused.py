@@ -21,16 +21,14 @@ than 2^31 - 1 elements.
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 
 import torch
+
+from regcache import kernels
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_NUMEL = 2**31 - 1
 _BLOCK = 1024
-# Set when the kernel failed to build or launch once; REGCACHE_FUSED_FAKE_QUANT=0 turns it off (A/B timing).
-_DISABLED = [os.environ.get("REGCACHE_FUSED_FAKE_QUANT", "1") == "0"]
 
 
 @functools.cache
@@ -92,7 +90,8 @@ def launch(
         return None
     if zero_point.device != x.device or zero_point.shape != scale.shape or not 0 < x.numel() <= _MAX_NUMEL:
         return None
-    kernel = None if _DISABLED[0] else _kernel()
+    # KernelConfig.fused_fake_quant (REGCACHE_FUSED_FAKE_QUANT=0 for A/B timing), unless it fell back once
+    kernel = _kernel() if kernels.active("fused_fake_quant") else None
     if kernel is None:
         return None
     cdiv, fn = kernel
@@ -138,8 +137,7 @@ def launch(
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # a Triton without div_rn / PropagateNan, a compile failure: plain formula from now on
-        warnings.warn(f"fused fake quantization disabled ({exc!r}); using the op-by-op formula", stacklevel=2)
         _kernel.cache_clear()
-        _DISABLED[0] = True
+        kernels.record_fallback("fused_fake_quant", repr(exc))
         return None
     return out

@@ -7,13 +7,14 @@ for the softmax's row max and sum, a second for the probabilities, their fake qu
 all in registers (``_triton_attention.py``): nothing of size N² reaches HBM, at the price of
 computing q·kᵀ twice (cheap next to the per-probability work).
 
-Numerics, two kinds (:data:`EXACT`). Fast (default): the explicit path computed in float32
+Numerics, two kinds (``KernelConfig.fused_attention_exact``). Fast (default): the explicit path computed in float32
 registers (no rounding to the activation dtype between ops, reciprocals instead of divisions,
 ``exp2``), as Inductor computes a compiled explicit attention; for bfloat16 activations that is
 more precise than the eager path, which rounds scores, probabilities and every quantizer op to
 bfloat16, so codes near a boundary differ from eager's (RepQ-ViT's 4-bit log-√2 levels are a factor
 √2 apart: one flipped top-level probability moves an output by up to ~30 %, docs/kernels.md).
-Exact (``REGCACHE_FUSED_ATTENTION_EXACT=1``): the eager ops with their rounding, op for op, slower
+Exact (``KernelConfig.fused_attention_exact``; ``REGCACHE_FUSED_ATTENTION_EXACT=1`` sets the default): the
+eager ops with their rounding, op for op, slower
 (BENCHMARKS.md §3). Either way the softmax is computed differently (online row sums), so a probability on a
 quantization boundary can land on the neighbouring code: tests/test_fused_attention.py bounds the
 fraction of flipped codes and the output difference in steps, the fast kernel against the
@@ -30,8 +31,9 @@ RegCache prefix adds full-precision key/value entries with a per-column logit bi
 probability quantized as ``p/τ`` then times τ.
 
 On by default wherever it applies (CUDA inference with nothing observing the attention: no
-calibration observers, hooks or autograd); ``REGCACHE_FUSED_ATTENTION=0`` or :func:`set_enabled`
-keeps the explicit path, the reference numerics. Under ``torch.compile`` the
+calibration observers, hooks or autograd); ``KernelConfig.fused_attention`` false
+(``regcache.kernels``; ``REGCACHE_FUSED_ATTENTION=0`` sets the default) or :func:`set_enabled` keeps the explicit
+path, the reference numerics. Under ``torch.compile`` the
 kernel runs as the custom op ``regcache::quantized_attention`` (opaque to Inductor, with a fake
 implementation for tracing), so compiled graphs keep the fused attention without a graph break.
 """
@@ -43,12 +45,12 @@ import functools
 import importlib.util
 import math
 import os
-import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from regcache import kernels
 from regcache.quant.log_quantizers import LogSqrt2Quantizer
 from regcache.quant.modules import _same_key
 from regcache.quant.quantizers import Quantizer, UniformQuantizer
@@ -60,33 +62,9 @@ if TYPE_CHECKING:
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def _tile_from_env(default: tuple[int, int]) -> list[int]:
-    """(query rows, keys) per tile from ``REGCACHE_FUSED_ATTENTION_TILE="rows,keys"``, else ``default``."""
-    raw = os.environ.get("REGCACHE_FUSED_ATTENTION_TILE", "").strip()
-    if not raw:
-        return list(default)
-    try:
-        tile = [int(v) for v in raw.split(",")]
-    except ValueError:
-        tile = []
-    if len(tile) != 2 or any(v < 16 or v & (v - 1) for v in tile):
-        raise ValueError(
-            f"REGCACHE_FUSED_ATTENTION_TILE={raw!r}: expected 'rows,keys', two powers of two >= 16 (e.g. '64,16'); "
-            "benchmarks/bench_attention.py --tune times the candidates on your card"
-        )
-    return tile
-
-
-# default (query rows, keys) per tile: the fastest on an H100 at ViT-B/16 shapes (bench_attention --tune)
-TILE = _tile_from_env((64, 16))
-# exact: the eager path's rounding op for op; fast (default): float32 registers, reciprocals, exp2, as
-# Inductor computes; the faster of the two (BENCHMARKS.md §3)
-EXACT = [os.environ.get("REGCACHE_FUSED_ATTENTION_EXACT", "0") == "1"]
 _LOG2E = 1.4426950408889634
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_ENABLED = [os.environ.get("REGCACHE_FUSED_ATTENTION", "1") != "0"]
-_FAILED = [False]  # set when the kernel failed to build or launch once: explicit attention from then on
 
 
 def _rounded_sqrt2_factor(dtype: torch.dtype) -> float:
@@ -100,25 +78,25 @@ _SQRT2_FACTOR = {dt: _rounded_sqrt2_factor(dt) for dt in _DTYPE_CODES}
 
 
 def enabled() -> bool:
-    """Whether Attention.forward may use the fused kernel (default on; REGCACHE_FUSED_ATTENTION=0 or set_enabled)."""
-    return _ENABLED[0] and not _FAILED[0]
+    """Whether Attention.forward may use the fused kernel (``KernelConfig.fused_attention``, no fallback taken)."""
+    return kernels.active("fused_attention")
 
 
 @contextlib.contextmanager
 def enabled_as(flag: bool) -> Iterator[None]:
     """Within the block the fused attention is on (``flag``) or off; the previous setting returns after it."""
-    previous = _ENABLED[0]
-    _ENABLED[0] = bool(flag)
-    try:
+    with kernels.kernel_config(fused_attention=bool(flag)):
         yield
-    finally:
-        _ENABLED[0] = previous
 
 
 def set_enabled(flag: bool) -> None:
     """Turn the fused attention on or off for this process (clears an earlier launch failure)."""
-    _ENABLED[0] = bool(flag)
-    _FAILED[0] = False
+    kernels.set_kernel_config(fused_attention=bool(flag))
+
+
+def _exact() -> bool:
+    """``KernelConfig.fused_attention_exact``: the eager rounding op for op, or the fast float32 kernel."""
+    return kernels.current().fused_attention_exact
 
 
 # whether Triton is installed, known without importing it: supports() runs inside torch.compile
@@ -270,16 +248,17 @@ def launch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel: (output (B, heads, N, D) laid out as (B, N, heads, D), quantized probabilities or None).
 
-    ``exact`` None: :data:`EXACT`. ``operand_params`` / ``operand_mask``: Q / K / V (and output) quantizers
-    applied in the kernel (:func:`operand_fold`); q, k, v are then the unquantized operands.
+    ``exact`` None: ``KernelConfig.fused_attention_exact``. ``operand_params`` / ``operand_mask``: Q / K / V
+    (and output) quantizers applied in the kernel (:func:`operand_fold`); q, k, v are then the unquantized operands.
     """
     kmod = _kernel()
     b, h, n, d = q.shape
-    exact = EXACT[0] if exact is None else bool(exact)
+    exact = _exact() if exact is None else bool(exact)
     npre = 0 if prefix_keys is None else prefix_keys.shape[-2]
     small = max(16, kmod.next_power_of_2(n))
-    block_m = block_m or min(TILE[0], small)
-    block_n = block_n or min(TILE[1], small)
+    tile = kernels.current().fused_attention_tile
+    block_m = block_m or min(tile[0], small)
+    block_n = block_n or min(tile[1], small)
     num_warps = num_warps or 4
     q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
     # (B, N, heads, D) storage: the caller's transpose(1, 2).reshape(B, N, heads·D) is then a view
@@ -387,7 +366,7 @@ def prepare(
     Exact: parameters rounded to q's dtype as the eager quantizers use them; fast: in float32, the
     quantizers' own values (the fast kernel is the explicit path computed in float32).
     """
-    exact = EXACT[0] if exact is None else bool(exact)
+    exact = _exact() if exact is None else bool(exact)
     work = q.dtype if exact else torch.float32
     kind, additive, c0, c1 = prob_quantizer_spec(prob_quantizer, work)
     qparams = _prob_params(prob_quantizer, kind, work, q.device)
@@ -422,12 +401,12 @@ def quantized_attention(
     q, k, v: (B, heads, N, head_dim), already through their matmul quantizers, or raw with
     ``operand_fold`` (:func:`operand_fold`: the kernel quantizes them in registers). The output has
     q's shape and dtype (stored as (B, N, heads, head_dim): transposing it back is a free view).
-    ``exact`` None: :data:`EXACT` (the eager rounding; False: Inductor-like float32 registers).
+    ``exact`` None: ``KernelConfig.fused_attention_exact`` (the eager rounding; False: Inductor-like float32 registers).
     ``checked``: the caller has just run :func:`supports` on these queries, prefix and quantizer.
     """
     if not checked and not supports(q, prefix, prob_quantizer):
         return None
-    exact = EXACT[0] if exact is None else bool(exact)
+    exact = _exact() if exact is None else bool(exact)
     (pk, pv, bias, factor, qparams), c = prepare(q, scale, prob_quantizer, prefix, exact)
     args = (q, k.to(q.dtype), v.to(q.dtype), pk, pv, bias, factor, qparams)
     op_params, op_mask = operand_fold if operand_fold is not None else (None, 0)
@@ -440,8 +419,7 @@ def quantized_attention(
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # a compile or launch failure: explicit attention from now on
-        warnings.warn(f"fused attention disabled ({exc!r}); using the explicit attention", stacklevel=2)
-        _FAILED[0] = True
+        kernels.record_fallback("fused_attention", repr(exc))
         return None
 
 

@@ -101,7 +101,7 @@ def load_testbed(pretrained: str | Path | None = None, device: str | torch.devic
         raise _mismatch(str(path), TESTBED_NAME, exc, fix) from exc
     spec = loaded_spec(path)
     preprocess = CanvasTransform(spec.canvas_size, spec.content_size)
-    return LoadedModel(model, preprocess, open_clip.get_tokenizer(TESTBED_NAME), TESTBED_NAME, str(path))
+    return LoadedModel(model, preprocess, open_clip.get_tokenizer(TESTBED_NAME), TESTBED_NAME, str(path), str(path))
 
 
 __all__ = [

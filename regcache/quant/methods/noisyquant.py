@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -60,6 +59,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from regcache import kernels
 from regcache.quant.api import FilterFn, QuantConfig
 from regcache.quant.calibration import iter_images
 from regcache.quant.modules import QuantLinear, quantized_weight, set_quant_mode
@@ -225,8 +225,8 @@ def _chunk(x: torch.Tensor, weight: torch.Tensor, budget: int) -> int:
 
 # ---- fused Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for the tests) ----------------
 # Building the per-candidate operands op by op costs ~10 full-size float32 passes per chunk; the
-# kernels read x once and write the bfloat16 operand once. REGCACHE_FUSED_NOISYQUANT=0 turns them off.
-_FUSED_DISABLED = [os.environ.get("REGCACHE_FUSED_NOISYQUANT", "1") == "0"]
+# kernels read x once and write the bfloat16 operand once. KernelConfig.fused_noisyquant (default from
+# REGCACHE_FUSED_NOISYQUANT=0) turns them off.
 _LHS_BLOCK = 1024
 _SQ_BLOCK = 4096
 
@@ -243,7 +243,7 @@ def _kernels() -> Any:
 
 def _fused_applies(t: torch.Tensor) -> bool:
     """Whether the Triton kernels run for tensors on t's device."""
-    if _FUSED_DISABLED[0] or torch.compiler.is_compiling():
+    if not kernels.active("fused_noisyquant") or torch.compiler.is_compiling():
         return False
     if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return False
@@ -258,8 +258,7 @@ def _launch(kernel: Any, grid: tuple[int], device: torch.device, *args: Any) -> 
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:
-        warnings.warn(f"fused NoisyQuant search kernels disabled ({exc!r}); using op-by-op formulas", stacklevel=3)
-        _FUSED_DISABLED[0] = True
+        kernels.record_fallback("fused_noisyquant", repr(exc))
         return False
     return True
 
