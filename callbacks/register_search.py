@@ -38,6 +38,7 @@ from regcache.quant.calibration import batch_images
 from regcache.registers import (
     RegisterCache,
     SearchResult,
+    TokenDeletion,
     curate_candidates,
     derive_cache,
     install_deletion,
@@ -104,6 +105,11 @@ class RegisterSearch(pl.Callback):
         save_every_s: at most this many seconds between writes of the resumable search state
             (what a preemption can lose; 0 writes after every configuration).
         force: recompute even if a saved result exists.
+        delete_mode: ``drop`` (default: the paper's deletion, a shorter sequence, for classification /
+            retrieval) or ``keep`` (the deleted tokens are out of every later block and quantizer statistic,
+            and come back at their positions after the last block: the full token grid, for VLM / dense use).
+        refill: what a deleted position holds in ``keep`` mode: ``input`` (the token's own state at l_q)
+            or ``mean`` (the mean kept patch token); see ``regcache.registers.deletion.TokenDeletion``.
         enabled: false runs the method without RegCache (nothing is searched or installed,
             ``regcache`` is null in metrics.json): the switch that turns a RegCache config into
             its baseline, ``--trainer.callbacks.init_args.enabled=false``.
@@ -132,7 +138,10 @@ class RegisterSearch(pl.Callback):
         save_every_s: float = 10.0,
         force: bool = False,
         enabled: bool = True,
+        delete_mode: str = "drop",
+        refill: str = "input",
     ) -> None:
+        TokenDeletion(0, 0, delete_mode, refill)  # an unknown mode / refill is an error naming the choices
         if search_dtype is not None and search_dtype not in SEARCH_DTYPES:
             raise ValueError(f"search_dtype must be one of {sorted(SEARCH_DTYPES)} or null, got {search_dtype!r}")
         check_grid(taus=taus, delete_ks=delete_ks, l_start_offsets=l_start_offsets)  # null = default, [] = error
@@ -159,6 +168,7 @@ class RegisterSearch(pl.Callback):
         self.save_every_s = save_every_s
         self.force = force
         self.enabled = enabled
+        self.delete_mode, self.refill = delete_mode, refill
         self.done = False
 
     def settings(self) -> dict[str, Any]:
@@ -166,6 +176,8 @@ class RegisterSearch(pl.Callback):
         fields = ("objective_name", "l_q", "sweep_bits", "sweep_images", "search_images", "num_candidates")
         fields += ("curation_layers_before", "taus", "delete_ks", "l_start_offsets", "modes", "derivation")
         fields += ("prefix_only_at_lq", "recalibrate", "search_dtype")
+        if self.delete_mode != "drop":  # the default leaves the keys of drop runs as they were
+            fields += ("delete_mode", "refill")
         return canonical({name: getattr(self, name) for name in fields})
 
     def spec(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -331,6 +343,8 @@ class RegisterSearch(pl.Callback):
                     compile_tail=self._compile_tail(pl_module),
                     fused_attention=self.fused_attention,
                     dtype=SEARCH_DTYPES.get(self.search_dtype),
+                    delete_mode=self.delete_mode,
+                    refill=self.refill,
                     save_every_s=self.save_every_s,
                     # in the artifact's folder: a run of another key does not meet this one's rows
                     state_path=out / f"search_state.rank{rank}of{world}.json",
@@ -366,7 +380,7 @@ class RegisterSearch(pl.Callback):
             install_prefix(
                 encoder, cache.entry(best["register"]), best["tau"], only=l_q if self.prefix_only_at_lq else None
             )
-        install_deletion(encoder, l_q, best["delete_k"])
+        install_deletion(encoder, l_q, best["delete_k"], self.delete_mode, self.refill)
         pl_module.add_time("register_search", time.perf_counter() - start)
         comparison, message = compare_with_base(result, best, self.modes)
         if trainer.is_global_zero:
@@ -391,6 +405,7 @@ class RegisterSearch(pl.Callback):
             "search_key": artifact.key,
             "reused": artifact.reused,
             "prefix_only_at_lq": self.prefix_only_at_lq,
+            "delete_mode": self.delete_mode,
         }
         self.done = True
 

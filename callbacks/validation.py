@@ -21,6 +21,7 @@ from regcache.eval import (
     build_zeroshot_classifier,
     zeroshot_logits,
 )
+from regcache.eval.patch_tokens import PatchTokenFidelity
 
 
 def _datamodule(trainer: pl.Trainer):
@@ -233,3 +234,45 @@ class FidelityValidation(_PerDataset):
     def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
         """The mean cosine to the float model's features under its reported name."""
         return {"feature_cosine_to_float": computed["mean_cosine"]}
+
+
+class PatchTokenFidelityValidation(_PerDataset):
+    """Cosine of the quantized model's patch tokens to the float model's, per token and pooled (every dataset).
+
+    What a vision-language model or a dense head consumes: each output patch token against the
+    float model's token at its grid position (``regcache.eval.patch_tokens``). The module then
+    returns the patch tokens with each batch's embeddings (one forward for both).
+    """
+
+    def applies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> bool:
+        """Every dataset, whenever the module runs its float fidelity pass."""
+        return pl_module.fidelity
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Ask the module for patch tokens (where fidelity runs), then build the metrics."""
+        pl_module.patch_token_outputs = bool(pl_module.fidelity)
+        super().on_validation_start(trainer, pl_module)
+
+    def make_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> PatchTokenFidelity:
+        """A fresh patch-token metric (the float tokens come with each batch's outputs)."""
+        return PatchTokenFidelity()
+
+    def update(
+        self, metric: Any, pl_module: pl.LightningModule, outputs: Mapping[str, Any], batch: dict[str, Any], idx: int
+    ) -> None:
+        """Add this batch's token cosines to the float model's tokens."""
+        metric.update(
+            outputs["patch_tokens"],
+            batch["sample_id"],
+            reference=outputs["float_patch_tokens"],
+            positions=outputs.get("patch_positions"),
+        )
+
+    def results(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The patch-token cosines to the float model under their reported names."""
+        return {
+            "patch_token_cosine_to_float": computed["mean_token_cosine"],
+            "patch_token_min_cosine_to_float": computed["min_token_cosine"],
+            "patch_pooled_cosine_to_float": computed["pooled_cosine"],
+            "patch_token_coverage": computed["coverage"],
+        }

@@ -26,6 +26,7 @@ DEFAULT_CALLBACKS = (
     "callbacks.validation.RetrievalValidation",
     "callbacks.validation.KNNValidation",
     "callbacks.validation.FidelityValidation",
+    "callbacks.validation.PatchTokenFidelityValidation",
     "callbacks.outliers.OutlierReport",
 )
 

@@ -4,6 +4,7 @@
     load_model("ViT-B-16", "/ckpt/open_clip_model.safetensors")   # open_clip name + local file
     load_model("hf-hub:timm/ViT-B-16-SigLIP2")             # open_clip config + weights from the hub
     load_model("timm:vit_base_patch14_dinov2", "lvd142m")  # timm name + tag (or a local file)
+    load_model("hf:openai/clip-vit-large-patch14-336")     # transformers vision tower (hub id or folder)
     load_model("ViT-B-16")                                  # random weights
 
 Weights come from the local Hugging Face cache first. When they are not cached and the hub
@@ -338,14 +339,25 @@ def load_model(
     device: str | torch.device = "cpu",
     image_size: int | None = None,
     tokenizer: str | None = None,
+    feature_layer: int | None = None,
 ) -> LoadedModel:
     """Create a model by name with weights from a tag, a hub id or a local file (``None``: random init).
 
     ``image_size`` overrides the input resolution (e.g. 224 for DINOv2, whose default is 518).
     ``tokenizer`` is a local folder (or hub id) with the Hugging Face tokenizer to use instead of the
     one the model config names (SigLIP, SigLIP2); see :func:`resolve_tokenizer`.
+    ``feature_layer`` (``hf:`` models only): the tower ends at ``hidden_states[feature_layer]``
+    (-2: LLaVA's penultimate-layer features), see :mod:`regcache.encoders.hf_vit`.
     """
     device = str(device)
+    if name.startswith("hf:"):  # transformers vision towers (regcache.loading_hf)
+        from regcache.loading_hf import load_hf
+
+        if tokenizer is not None:
+            raise ValueError(f"{name} loads a transformers vision tower only: it has no tokenizer (leave it unset)")
+        return load_hf(name, pretrained, device, image_size, feature_layer)
+    if feature_layer is not None:
+        raise ValueError(f"feature_layer applies to transformers towers ('hf:<id>') only, not {name!r}; leave it unset")
     if name == "regcache-testbed":  # the embedded testbed: committed weights and its own preprocessing
         from regcache.testbed import load_testbed
 

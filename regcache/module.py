@@ -237,6 +237,14 @@ class QuantizedEncoder(pl.LightningModule):
         """Embed the batch's images (and with the float model too for fidelity) for the metric callbacks."""
         images = batch["image"].to(self.device)
         self._counts[dataloader_idx] += images.shape[0]
+        if getattr(self, "patch_token_outputs", False):  # set by PatchTokenFidelityValidation
+            from regcache.eval.patch_tokens import encode_patch_tokens
+
+            features, tokens, positions = encode_patch_tokens(self.encoder, images)
+            out = {"features": features, "patch_tokens": tokens, "patch_positions": positions}
+            with plain_float(self.encoder):
+                out["float_features"], out["float_patch_tokens"], _ = encode_patch_tokens(self.encoder, images)
+            return out
         out = {"features": self.encoder(images)}
         if self.fidelity:
             with plain_float(self.encoder):

@@ -1,6 +1,6 @@
 """Encoder adapters: every supported vision tower in one canonical transformer form."""
 
-from regcache.encoders import open_clip_vit, timm_vit  # noqa: F401  (register adapters)
+from regcache.encoders import hf_vit, open_clip_vit, timm_vit  # noqa: F401  (register adapters)
 from regcache.encoders.base import (
     TAP_NAMES,
     Attention,

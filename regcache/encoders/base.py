@@ -397,9 +397,19 @@ class VisionEncoder(nn.Module):
         raise NotImplementedError
 
     def forward_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Run blocks ``start .. end-1`` on the residual stream x (lets callers cache a prefix of the network)."""
+        """Run blocks ``start .. end-1`` on the residual stream x (lets callers cache a prefix of the network).
+
+        An input filter that keeps token positions (``TokenDeletion(mode="keep")``) and ran in this
+        call gets its tokens back after the last block (``restore``), so the output is the full grid.
+        """
+        keeping = []
         for block in self.blocks[start:end]:
             x = block(x)
+            if getattr(block.input_filter, "keeps_positions", False):
+                keeping.append(block.input_filter)
+        if keeping and (end is None or end >= len(self.blocks)):
+            for filt in reversed(keeping):
+                x = filt.restore(x)
         return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,10 @@ class OpenClipVisionEncoder(VisionEncoder):
             pooled = self.proj(pooled)
         return (pooled, rest) if self.output_tokens else pooled
 
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The patch tokens open_clip returns with ``output_tokens`` (after ln_post unless it follows the pool)."""
+        return (tokens if self.final_ln_after_pool else self.ln_post(tokens))[:, 1:]
+
 
 def _is_open_clip_vit(module: nn.Module) -> bool:
     try:

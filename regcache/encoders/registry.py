@@ -48,5 +48,6 @@ def adapt(model: nn.Module) -> VisionEncoder:
             return encoder
     raise TypeError(
         f"no encoder adapter for {type(tower).__name__}; supported: {', '.join(ADAPTERS)} "
-        "(open_clip VisionTransformer, timm VisionTransformer, open_clip TimmModel with a ViT trunk)"
+        "(open_clip VisionTransformer, timm VisionTransformer, open_clip TimmModel with a ViT trunk, transformers "
+        "CLIPVisionModel(WithProjection) / SiglipVisionModel / Siglip2VisionModel / Dinov2(WithRegisters)Model)"
     )

@@ -77,6 +77,10 @@ class TimmVisionEncoder(VisionEncoder):
         """The trunk's final norm and ``forward_head`` pooling, then the (open_clip) projection head if any."""
         return self.proj_head(self.trunk.forward_head(self.trunk.norm(tokens)))
 
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of the trunk's ``forward_features`` (final norm, without CLS / registers)."""
+        return self.trunk.norm(tokens)[:, self.num_prefix_tokens :]
+
 
 def _is_timm_vit(module: nn.Module) -> bool:
     from timm.models.vision_transformer import VisionTransformer

@@ -81,7 +81,7 @@ from regcache.quant.modules import quant_mode
 from regcache.registers._common import device_dtype, float_fingerprint, plain_float
 from regcache.registers.cache import RegisterCache, derive_cache
 from regcache.registers.curation import Candidates
-from regcache.registers.deletion import install_deletion, remove_deletion
+from regcache.registers.deletion import TokenDeletion, install_deletion, remove_deletion
 from regcache.registers.objectives import Objective
 from regcache.registers.prefix import install_batched_prefix, prefix_layers, remove_prefix
 from regcache.registers.recalibration import Recalibrator
@@ -258,6 +258,8 @@ class RegisterSearch:
     ``save_every_s``: at most this long between writes of the resumable state; ``fused_attention``:
     run the attention of quantized forwards as one Triton kernel (:mod:`regcache.quant.fused_attention`,
     scores to float tolerance; None: on for a compiled tail on CUDA, where it was measured faster).
+    ``delete_mode`` / ``refill``: how k̃ > 0 deletes (:class:`~regcache.registers.deletion.TokenDeletion`:
+    ``"drop"``, the paper's shorter sequence, or ``"keep"``, the full token grid refilled after the last block).
     ``dtype``: run the grid (float embeddings, quantized copy, calibration, streams) on a copy of the
     encoder cast to this dtype (None: the encoder's own); register caches still come from the given
     encoder. ``torch.bfloat16`` on GPUs is the fast setting (BENCHMARKS.md §1); scores then carry
@@ -293,6 +295,8 @@ class RegisterSearch:
         save_every_s: float = 10.0,
         fused_attention: bool | None = None,
         dtype: torch.dtype | None = None,
+        delete_mode: str = "drop",
+        refill: str = "input",
     ) -> None:
         if getattr(encoder, "quant_config", None) is not None:
             raise ValueError("pass the float encoder: the search quantizes its own copy")
@@ -301,6 +305,8 @@ class RegisterSearch:
         if recalibrate not in ("per_config", "once"):
             raise ValueError(f"recalibrate must be 'per_config' or 'once', got {recalibrate!r}")
         check_grid(taus=taus, delete_ks=delete_ks, l_starts=l_starts)  # before any model work
+        TokenDeletion(0, 0, delete_mode, refill)  # a bad mode / refill fails here, before any model work
+        self.delete_mode, self.refill = delete_mode, refill
         self.config = config
         self.calibration = _images(calibration)
         self.reference = _images(reference)
@@ -357,6 +363,8 @@ class RegisterSearch:
             "reference_images": sum(x.shape[0] for x in self.reference),
             "points": [p.key for p in self.points],
         }
+        if delete_mode != "drop":  # the output grid differs (drop's specs stay as they were)
+            self.spec["delete_mode"], self.spec["refill"] = delete_mode, refill
         if dtype is not None:  # scores differ between dtypes: a resumed state must come from the same one
             self.spec["dtype"] = str(self.dtype).removeprefix("torch.")
 
@@ -454,7 +462,7 @@ class RegisterSearch:
         if point.register is not None and point.tau > 0:
             for layer, prefix in self._prefix(point, encoder):
                 encoder.blocks[layer].attn.prefix = prefix
-        install_deletion(encoder, self.l_q, point.delete_k)
+        install_deletion(encoder, self.l_q, point.delete_k, self.delete_mode, self.refill)
 
     def _prefix(self, point: SearchPoint, encoder: VisionEncoder) -> list[tuple[int, Any]]:
         """``(block, AttentionPrefix)`` of ``point``, built once per (l_start, register, τ, device, dtype)."""
@@ -484,11 +492,16 @@ class RegisterSearch:
     def _run_tail_compiled(self, h: torch.Tensor, s: int) -> torch.Tensor:
         """The tail through the shared compiled block; input filters (deletions set the token count) run eagerly."""
         q = self.quantized
+        keeping = []
         for block in q.blocks[s:]:
             if block.input_filter is not None:
                 h = block.input_filter(h)
+                if getattr(block.input_filter, "keeps_positions", False):
+                    keeping.append(block.input_filter)
             torch._dynamo.maybe_mark_dynamic(h, 1)  # one graph for every k̃
             h = self._compiled_block(block, h)
+        for filt in reversed(keeping):  # token-keeping deletion: the full grid again, as forward_blocks gives it
+            h = filt.restore(h)
         return q.pool(h)
 
     @torch.no_grad()

@@ -66,9 +66,11 @@ if TYPE_CHECKING:
     from regcache.encoders.base import Attention, VisionEncoder
 
 # Activations whose output is GELU-shaped (minimum about -0.17), so fc2's input gets the twin quantizer.
-GELU_ACTIVATIONS = ("GELU", "GELUTanh", "QuickGELU")
+# (transformers' own classes: GELUActivation, QuickGELUActivation)
+GELU_ACTIVATIONS = ("GELU", "GELUTanh", "QuickGELU", "GELUActivation", "QuickGELUActivation")
+
 # Where the patch-embedding conv and the final projection ("head") live in our encoders.
-STEM_CONVS = ("conv1", "trunk.patch_embed.proj")
+STEM_CONVS = ("conv1", "trunk.patch_embed.proj", "embeddings.patch_embedding", "embeddings.patch_embeddings.projection")
 REFERENCE_INITIAL_SPLIT = 0.01  # the reference's split before its first search (overwritten by it)
 
 
