@@ -4,39 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from regcache._lightning import pl
 from regcache.eval import OutlierStats
+from regcache.eval.outliers import plot_profile
 from regcache.registers import plain_float
 from regcache.utils import write_json
-
-
-def plot_profile(profiles: dict[str, dict[str, dict]], path: Path, title: str = "") -> Path:
-    """Max and mean token L2 norm per block, one line per profile; saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for label, blocks in profiles.items():
-        names = list(blocks)
-        ax.plot(range(len(names)), [blocks[n]["max_l2"] for n in names], marker="o", label=f"{label}: max")
-        ax.plot(range(len(names)), [blocks[n]["mean_l2"] for n in names], ls="--", label=f"{label}: mean")
-    ax.set_xlabel("block (input residual stream)")
-    ax.set_ylabel("token L2 norm")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 class OutlierReport(pl.Callback):

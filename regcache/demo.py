@@ -329,7 +329,7 @@ def plot_norms(
     path: Path,
 ) -> Path:
     """Per-block max token norm of the float model and of naive + RegCache."""
-    from callbacks.outliers import plot_profile
+    from regcache.eval.outliers import plot_profile
 
     def profile(enc) -> dict[str, dict]:
         with record(enc, ("block_input",)) as taps:

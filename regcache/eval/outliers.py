@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["OutlierStats"]
+__all__ = ["OutlierStats", "plot_profile"]
 
 _SUM_FIELDS = ("tokens", "sum_l2", "sum_linf")
 
@@ -154,3 +155,27 @@ class OutlierStats:
             }
             out[name] = rec
         return out
+
+
+def plot_profile(profiles: dict[str, dict[str, dict]], path: Path, title: str = "") -> Path:
+    """Max and mean token L2 norm per block, one line per profile; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, blocks in profiles.items():
+        names = list(blocks)
+        ax.plot(range(len(names)), [blocks[n]["max_l2"] for n in names], marker="o", label=f"{label}: max")
+        ax.plot(range(len(names)), [blocks[n]["mean_l2"] for n in names], ls="--", label=f"{label}: mean")
+    ax.set_xlabel("block (input residual stream)")
+    ax.set_ylabel("token L2 norm")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
