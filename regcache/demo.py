@@ -300,6 +300,8 @@ def run_demo(
                 "calibration": {"root": str(reference), "split": reference_split, "images": len(calib_x)},
             },
             "l_q": l_q,
+            # float rounding follows the thread count, and the testbed's W6A6 rows move with it (README)
+            "torch_threads": torch.get_num_threads(),
             "seconds": time.perf_counter() - start,
             "rows": rows,
         },

@@ -295,6 +295,7 @@ class QuantizedEncoder(pl.LightningModule):
             "kernels": kernel,
             "devices": devices,
             "world_size": self.trainer.world_size if self.trainer is not None else 1,
+            "torch_threads": torch.get_num_threads(),  # CPU float rounding follows it
             "data": datamodule.selections() if hasattr(datamodule, "selections") else None,
             "artifacts": self.artifacts.records(),
         }

@@ -137,13 +137,17 @@ def test_demo_runs_on_another_dataset(tmp_path, capsys):
     with torch.no_grad():
         text = loaded.model.encode_text(loaded.tokenizer([f"a {c} square." for c in COLORS]))
         text = torch.nn.functional.normalize(text, dim=-1)
-        correct = 0
+        correct = ambiguous = 0
         for _, data, label in iter_shard_samples(evaluation, "test"):
             with Image.open(io.BytesIO(data)) as image:
                 x = loaded.preprocess(image.convert("RGB"))[None]
-            feats = torch.nn.functional.normalize(loaded.model.encode_image(x), dim=-1)
-            correct += int((feats @ text.T).argmax() == label)
-    assert rows["float"]["zeroshot_top1"] == pytest.approx(correct / 12)
+            scores = (torch.nn.functional.normalize(loaded.model.encode_image(x), dim=-1) @ text.T)[0]
+            top2 = scores.topk(2).values
+            if top2[0] - top2[1] < 1e-4:  # a near tie: batching and thread count may round it either way
+                ambiguous += 1
+            else:
+                correct += int(scores.argmax() == label)
+    assert correct <= rows["float"]["zeroshot_top1"] * 12 <= correct + ambiguous + 1e-6
 
 
 @pytest.mark.parametrize(
