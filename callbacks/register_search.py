@@ -73,7 +73,9 @@ class RegisterSearch(pl.Callback):
 
     Args:
         objective: ``acc_ref`` (zero-shot top-1 on the reference split; needs a text tower),
-            ``cosine`` or ``mse`` (label-free, to the float model's final embedding).
+            ``cosine`` or ``mse`` (label-free, to the float model's final embedding), ``patch_cosine``
+            (label-free, mean per-token cosine of the patch tokens to the float model's: VLM features;
+            the kept tokens under ``delete_mode: drop``, the whole grid under ``keep``).
         l_q: sensitive block; None runs the sensitivity sweep.
         sweep_bits: bits of the sweep's one-block quantization (paper: W8A8).
         sweep_images: reference images used by the sweep.
@@ -236,7 +238,9 @@ class RegisterSearch(pl.Callback):
         if self.objective_name != "acc_ref":
             return lambda _labels=None: make_objective(self.objective_name)
         if not pl_module.has_text_tower or labels is None:
-            raise ValueError("objective acc_ref needs a text tower and a labelled reference split; use cosine or mse")
+            raise ValueError(
+                "objective acc_ref needs a text tower and a labelled reference split; use cosine, mse or patch_cosine"
+            )
         classnames, templates = trainer.datamodule.reference_info()
         with torch.inference_mode(False), torch.no_grad():
             classifier = build_zeroshot_classifier(

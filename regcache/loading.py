@@ -357,7 +357,10 @@ def load_model(
             raise ValueError(f"{name} loads a transformers vision tower only: it has no tokenizer (leave it unset)")
         return load_hf(name, pretrained, device, image_size, feature_layer)
     if feature_layer is not None:
-        raise ValueError(f"feature_layer applies to transformers towers ('hf:<id>') only, not {name!r}; leave it unset")
+        raise ValueError(
+            f"feature_layer (model.feature_layer in a config) applies to transformers towers ('hf:<id or folder>') "
+            f"only, not {name!r}: leave it unset (null) for this model"
+        )
     if name == "regcache-testbed":  # the embedded testbed: committed weights and its own preprocessing
         from regcache.testbed import load_testbed
 

@@ -93,6 +93,8 @@ class QuantizedEncoder(pl.LightningModule):
         matmul_precision: ``torch.set_float32_matmul_precision`` ("high": TF32 matmuls on GPUs).
         tokenizer: local folder (or hub id) of the Hugging Face tokenizer to use instead of the one the
             model config names (SigLIP / SigLIP2 where it is not in the Hugging Face cache).
+        feature_layer: ``hf:`` towers only: end the tower at ``hidden_states[feature_layer]`` (``-2``: LLaVA's
+            features); None keeps every block. Other families refuse it. Part of the model spec.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class QuantizedEncoder(pl.LightningModule):
         artifacts_dir: str | None = None,
         force: bool = False,
         kernels: KernelConfig | None = None,
+        feature_layer: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -120,7 +123,9 @@ class QuantizedEncoder(pl.LightningModule):
         self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
         built = time.perf_counter()
         self.add_time("startup.imports", built - IMPORTED_AT)
-        self.loaded = load_model(model, pretrained, image_size=image_size, tokenizer=tokenizer)
+        self.loaded = load_model(
+            model, pretrained, image_size=image_size, tokenizer=tokenizer, feature_layer=feature_layer
+        )
         self._built_at = time.perf_counter()
         self.add_time("startup.model_build", self._built_at - built)
         self.net = self.loaded.model  # registered: moves with the module (text tower included)
@@ -147,13 +152,16 @@ class QuantizedEncoder(pl.LightningModule):
 
     def model_spec(self) -> dict[str, Any]:
         """What identifies the float model in artifact keys: name, weights tag, size, tokenizer, weights fingerprint."""
-        return {
+        spec = {
             "model": self.hparams.model,
             "pretrained": self.hparams.pretrained,
             "image_size": self.hparams.image_size,
             "tokenizer": self.hparams.tokenizer,
             "weights_fingerprint": self.weights_fingerprint,
         }
+        if self.hparams.feature_layer is not None:  # unset leaves the keys of full-tower runs as they were
+            spec["feature_layer"] = self.hparams.feature_layer
+        return spec
 
     @property
     def preprocess(self) -> Callable[[Any], torch.Tensor]:
@@ -307,9 +315,11 @@ class QuantizedEncoder(pl.LightningModule):
     def describe(self) -> dict[str, Any]:
         """The run's identity for metrics.json."""
         cfg = self.quant_config
+        layer = self.hparams.feature_layer
         return {
             "model": self.hparams.model,
             "pretrained": self.hparams.pretrained,
+            **({} if layer is None else {"feature_layer": layer}),
             "method": cfg.name if cfg else "float",
             "w_bits": cfg.w_bits if cfg else None,
             "a_bits": cfg.a_bits if cfg else None,

@@ -10,12 +10,12 @@ IMAGE = 32
 PATCH = 8
 
 
-def make_hf(family: str, seed: int = 0) -> nn.Module:
-    """A tiny random transformers vision model of the given family, in eval mode."""
+def make_hf(family: str, seed: int = 0, num_layers: int = 2) -> nn.Module:
+    """A tiny random transformers vision model of the given family (``num_layers`` blocks), in eval mode."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=PATCH)
+    common = dict(hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2, patch_size=PATCH)
     if family in ("clip", "clip_proj"):
         cfg = tf.CLIPVisionConfig(
             **common, intermediate_size=64, image_size=IMAGE, projection_dim=24, hidden_act="quick_gelu"

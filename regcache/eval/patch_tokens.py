@@ -31,22 +31,14 @@ def encode_patch_tokens(encoder: torch.nn.Module, images: Tensor) -> tuple[Tenso
     ``positions`` (B, N') are the grid indices of the patch tokens where a shortening deletion ran
     (``TokenDeletion(mode="drop")``), None where the output is the whole grid.
     """
-    from regcache.registers.deletion import TokenDeletion
+    from regcache.registers.deletion import TokenDeletion, kept_positions
 
-    filters = [b.input_filter for b in encoder.blocks if isinstance(b.input_filter, TokenDeletion)]
-    for f in filters:  # only this forward's deletions count below
-        f.last_kept = None
+    for b in encoder.blocks:  # only this forward's deletions count below
+        if isinstance(b.input_filter, TokenDeletion):
+            b.input_filter.last_kept = None
     tokens = encoder.forward_blocks(encoder.embed(images))
     pooled = encoder.pool(tokens)
-    out = patch_tokens(encoder, tokens)
-    positions = None
-    npre = encoder.num_prefix_tokens
-    for f in filters:  # in block order: each gathers from the stream the previous one left
-        if f.last_kept is None or f.keeps_positions:
-            continue
-        kept = f.last_kept[:, npre:] - npre  # patch-grid indices into the stream entering this block
-        positions = kept if positions is None else positions.gather(1, kept)
-    return pooled, out, positions
+    return pooled, patch_tokens(encoder, tokens), kept_positions(encoder)[0]
 
 
 class PatchTokenFidelity(_GatherMetric):

@@ -10,12 +10,13 @@ result = search.run()                                                           
 from regcache.registers._common import plain_float
 from regcache.registers.cache import DERIVATIONS, RegisterCache, derive_cache, register_derivation
 from regcache.registers.curation import Candidates, curate_candidates
-from regcache.registers.deletion import TokenDeletion, install_deletion, remove_deletion
+from regcache.registers.deletion import TokenDeletion, install_deletion, kept_positions, remove_deletion
 from regcache.registers.objectives import (
     OBJECTIVES,
     EmbeddingCosine,
     EmbeddingMSE,
     Objective,
+    PatchTokenCosine,
     Predictions,
     ZeroShotTop1,
     make_objective,
@@ -34,6 +35,7 @@ __all__ = [
     "EmbeddingCosine",
     "EmbeddingMSE",
     "Objective",
+    "PatchTokenCosine",
     "Predictions",
     "Recalibrator",
     "RegisterCache",
@@ -50,6 +52,7 @@ __all__ = [
     "install_batched_prefix",
     "install_deletion",
     "install_prefix",
+    "kept_positions",
     "make_objective",
     "plain_float",
     "regcache_flops",

@@ -116,6 +116,25 @@ def install_deletion(encoder: VisionEncoder, layer: int, k: int, mode: str = "dr
     encoder.blocks[layer].input_filter = deletion if k > 0 else None
 
 
+def kept_positions(encoder: VisionEncoder) -> tuple[torch.Tensor | None, int]:
+    """``(positions, deleted)`` of the shortening deletions (``mode="drop"``) that ran in the encoder's last forward.
+
+    ``positions`` (B, N'): the patch-grid index of each patch token left in the output (None where
+    no shortening deletion ran: the output is the whole grid); ``deleted``: how many patch tokens
+    per image the output lacks (N = N' + deleted). Reads each deletion's ``last_kept``, in block order.
+    """
+    positions, deleted = None, 0
+    npre = encoder.num_prefix_tokens
+    for block in encoder.blocks:
+        f = block.input_filter
+        if not isinstance(f, TokenDeletion) or f.last_kept is None or f.keeps_positions:
+            continue
+        kept = f.last_kept[:, npre:] - npre  # patch-grid indices into the stream entering this block
+        positions = kept if positions is None else positions.gather(1, kept)
+        deleted += f.k
+    return positions, deleted
+
+
 def remove_deletion(encoder: VisionEncoder) -> None:
     """Remove token deletion from every block."""
     for block in encoder.blocks:

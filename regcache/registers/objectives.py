@@ -9,6 +9,13 @@ what calling the objective returns. The register search uses it to queue the nex
 work before reading this one's score.
 The data/eval package can wire its own metrics in with :class:`Predictions` (any callable
 mapping embeddings to predicted labels).
+
+What an objective scores is its :meth:`Objective.readout` of the stream after the last block: the
+pooled embedding for every objective but ``patch_cosine``, whose readout is the patch-token grid a
+VLM consumes, ``(N, grid, C)``. Under a shortening deletion (``TokenDeletion(mode="drop")``) the
+positions the output lacks are NaN rows there, so the score compares the kept tokens only; under
+``mode="keep"`` the grid is whole and every token counts. The register search and the sensitivity
+sweep call ``readout`` on the quantized and the float streams alike.
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ class Objective:
         if type(self).__call__ is Objective.__call__:
             raise NotImplementedError(f"{type(self).__name__} defines neither score nor __call__")
         return self(embeddings, float_embeddings)
+
+    def readout(self, encoder: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """What this objective scores, from the stream after the encoder's last block: the pooled embedding."""
+        return encoder.pool(tokens)
 
     def to(self, device: torch.device | str) -> Objective:
         """This objective with its tensor fields (labels, classifier) on ``device``.
@@ -117,6 +128,49 @@ class EmbeddingMSE(Objective):
     def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
         """Mean squared difference to the float model's embeddings (no labels needed; lower is better)."""
         return (embeddings.float() - float_embeddings.float()).pow(2).mean()
+
+
+@dataclass
+class PatchTokenCosine(Objective):
+    """Label-free: mean per-token cosine of the patch tokens to the float model's (VLM features).
+
+    ``score(tokens, float_tokens)`` on (N, grid, C) patch-token grids: per image the mean over grid
+    positions of the cosine between the two tokens at that position, then the mean over images
+    (``mean_token_cosine`` of :class:`regcache.eval.patch_tokens.PatchTokenFidelity`). A row of
+    ``tokens`` that is NaN in every channel is a position the output lacks (a dropped token,
+    :meth:`readout`): it is left out of its image's mean.
+    """
+
+    name: ClassVar[str] = "patch_cosine"
+
+    def readout(self, encoder: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """The patch-token grid (B, grid, C) of the last forward; positions a shortening deletion removed are NaN."""
+        from regcache.eval.patch_tokens import patch_tokens
+        from regcache.registers.deletion import kept_positions
+
+        out = patch_tokens(encoder, tokens)
+        positions, deleted = kept_positions(encoder)
+        if positions is None:
+            return out
+        b, kept, c = out.shape
+        if positions.shape != (b, kept):
+            raise ValueError(f"{tuple(out.shape)} patch tokens, but the last deletion kept {tuple(positions.shape)}")
+        grid = out.new_full((b, kept + deleted, c), float("nan"))
+        return grid.scatter_(1, positions.unsqueeze(-1).expand(b, kept, c), out)
+
+    def score(self, embeddings: torch.Tensor, float_embeddings: torch.Tensor) -> torch.Tensor:
+        """Mean over images of the mean per-token cosine to the float model's tokens (absent positions skipped)."""
+        if embeddings.ndim != 3 or embeddings.shape != float_embeddings.shape:
+            raise ValueError(
+                f"patch_cosine needs two (N, grid, C) patch-token grids of one shape, got {tuple(embeddings.shape)} "
+                f"and {tuple(float_embeddings.shape)}"
+            )
+        tokens = embeddings.float()
+        present = ~tokens.isnan().all(dim=-1)  # (N, grid)
+        filled = torch.where(present.unsqueeze(-1), tokens, 0.0)
+        cos = F.cosine_similarity(filled, float_embeddings.float(), dim=-1)
+        per_image = torch.where(present, cos, 0.0).sum(dim=1) / present.sum(dim=1)
+        return per_image.mean()
 
 
 def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ l_q) are installed on the quantized encoder, the base method is re-calibrated wi
 
 What is computed once (strategy ``"cached"``):
 
-- the float model's reference embeddings (label-free objectives) and the register caches (one
+- the float model's reference embeddings (label-free objectives; the patch tokens for ``patch_cosine``,
+  whatever the objective's ``readout`` gives) and the register caches (one
   batched derivation per l_start);
 - the stream entering block s = min(l_start, l_q), per reference batch, through the *quantized*
   blocks < s, and per calibration batch through the float (or quantized, see
@@ -249,7 +250,8 @@ class RegisterSearch:
     ``calibration`` / ``reference``: re-iterable image batches (tensors, tuples or dicts); each
     calibration batch is one forward per configuration, so pass full batches (the datamodules'
     ``CanonicalBatches``: six per-worker batches of 5 cost far more than one of 32, BENCHMARKS.md §1);
-    ``objective`` scores the reference images' final embeddings (labels in reference order).
+    ``objective`` scores its ``readout`` of the reference images (the final embeddings; ``patch_cosine``:
+    the patch tokens), labels in reference order.
     Register caches come from ``caches`` ({l_start: cache}) or are derived from ``candidates``.
     ``prefix_only_at``: install the prefix only in that block (DINOv2 v4: l_q).
     ``cache_device``: where cached streams live (default: the encoder's device; "cpu" for big pools).
@@ -401,7 +403,7 @@ class RegisterSearch:
         if self._prepared_for == strategy:
             return
         with plain_float(self.encoder):
-            self.float_embeddings = torch.cat([self.encoder(x.to(self.device, self.dtype)) for x in self.reference])
+            self.float_embeddings = torch.cat([self._forward(self.encoder, x) for x in self.reference])
         if self.quantized is None:
             self.quantized = copy.deepcopy(self.encoder)
             quantize_(self.quantized, copy.deepcopy(self.config))
@@ -476,6 +478,10 @@ class RegisterSearch:
         return prefixes
 
     # ---- evaluation --------------------------------------------------------------------------------
+    def _forward(self, encoder: VisionEncoder, x: torch.Tensor) -> torch.Tensor:
+        """The whole model on images ``x``, read out as the objective scores it (pooled embedding or patch tokens)."""
+        return self.objective.readout(encoder, encoder.forward_blocks(encoder.embed(x.to(self.device, self.dtype))))
+
     def _score(self, embeddings: torch.Tensor) -> torch.Tensor | float:
         """The objective, left on the device where it can be (read later: no host sync here)."""
         return self.objective.score(embeddings, self.float_embeddings)
@@ -483,11 +489,11 @@ class RegisterSearch:
     @torch.no_grad()
     def _evaluate_full(self) -> torch.Tensor | float:
         q = self.quantized
-        return self._score(torch.cat([q(x.to(self.device, self.dtype)) for x in self.reference_chunks]))
+        return self._score(torch.cat([self._forward(q, x) for x in self.reference_chunks]))
 
     def _tail(self, h: torch.Tensor, s: int) -> torch.Tensor:
         q = self.quantized
-        return q.pool(q.forward_blocks(h, s))
+        return self.objective.readout(q, q.forward_blocks(h, s))
 
     def _run_tail_compiled(self, h: torch.Tensor, s: int) -> torch.Tensor:
         """The tail through the shared compiled block; input filters (deletions set the token count) run eagerly."""
@@ -502,7 +508,7 @@ class RegisterSearch:
             h = self._compiled_block(block, h)
         for filt in reversed(keeping):  # token-keeping deletion: the full grid again, as forward_blocks gives it
             h = filt.restore(h)
-        return q.pool(h)
+        return self.objective.readout(q, h)
 
     @torch.no_grad()
     def _evaluate_tail(self, s: int, compiled: bool = False) -> torch.Tensor | float:
@@ -561,7 +567,8 @@ class RegisterSearch:
             b = h.shape[0]
             install_batched_prefix(q, caches, taus, repeat=b, only=self.prefix_only_at)
             x = h.to(self.device).repeat(len(points), *([1] * (h.ndim - 1)))  # sample p*b + i = image i
-            emb = q.pool(q.forward_blocks(x, s)).view(len(points), b, -1)
+            out = self.objective.readout(q, q.forward_blocks(x, s))
+            emb = out.view(len(points), b, *out.shape[1:])
             for p in range(len(points)):
                 outs[p].append(emb[p])
         self.stats["batched_runs"] += 1

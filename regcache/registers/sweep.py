@@ -184,13 +184,13 @@ def sensitivity_sweep(
     float_embeddings, embeddings = [], {l: [] for l in blocks}
     with plain_float(encoder), record(encoder, ("block_input",)) as taps:
         for images in iter_images(encoder, reference, progress, desc="sensitivity sweep"):
-            float_embeddings.append(encoder(images))
+            float_embeddings.append(objective.readout(encoder, encoder.forward_blocks(encoder.embed(images))))
             inputs = dict(taps["block_input"])
             for layer, x in inputs.items():
                 profile.update(layer, x)
             for layer in blocks:
                 x = encoder.forward_blocks(quantized[layer](inputs[layer]), layer + 1)
-                embeddings[layer].append(encoder.pool(x))
+                embeddings[layer].append(objective.readout(encoder, x))
     reference_embeddings = torch.cat(float_embeddings)
     scores = [objective(torch.cat(embeddings[l]), reference_embeddings) for l in blocks]
     return SweepResult(
