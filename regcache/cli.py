@@ -8,6 +8,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("regcache.demo", "run the pipeline on the embedded default model"),
     "validate": ("regcache.lightning_cli", "calibrate / search registers / evaluate (LightningCLI, --config FILE)"),
+    "methods": ("regcache.method_listing", "list the quantization methods and their config fields / defaults"),
     "report": ("regcache.report", "turn several runs' metrics.json into the paper-style Markdown table"),
     "submit": ("regcache.slurm", "submit a validate run to SLURM (nodes × GPUs per node), or --dry-run"),
     "make-shards": ("regcache.data.make_shards", "write CLIP_benchmark webdataset shards from images / captions"),

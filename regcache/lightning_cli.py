@@ -6,6 +6,9 @@ Several ``--config`` files compose the same way: they are deep-merged in order i
 configuration (mappings merge key by key, so a piece adds its ``data.datasets`` settings instead of
 replacing the others; lists and scalars are replaced), which takes the place of the first
 ``--config``; dotted overrides (``--data.root /data``, ``--model.w_bits 6``) after it apply on top.
+``model.method_options`` is checked against the method's config dataclass after the parse (an unknown
+key, a value of the wrong type or an unknown method is an error naming it) and replaced by every field's
+effective value, so ``--print_config``, config.yaml and run.json show the method's whole configuration.
 Everything else is plain LightningCLI (``--print_config``, ...).
 """
 
@@ -153,6 +156,22 @@ def default_logger(run_dir: str | Path) -> Any:
     return importlib.import_module(f"{pl.__name__}.loggers").CSVLogger(save_dir=str(run_dir), name="logs")
 
 
+def resolve_method_options(config: Any) -> None:
+    """Set ``model.method_options`` of a parsed configuration (or its subcommand's) to the method's full options.
+
+    Every dataclass field besides the bits, defaults included; raises
+    :class:`~regcache.quant.MethodConfigError` on an unknown method, key or a value of the wrong type.
+    """
+    from regcache.module import resolved_method_options
+
+    if config.get("subcommand"):
+        config = config[config["subcommand"]]
+    model = config["model"]
+    model["method_options"] = resolved_method_options(
+        model["method"], model["w_bits"], model["a_bits"], model.get("method_options")
+    )
+
+
 def run_cli(argv: list[str]) -> Any:
     """Instantiate and run the LightningCLI on already-expanded arguments."""
     import callbacks.calibration
@@ -183,7 +202,24 @@ def run_cli(argv: list[str]) -> Any:
             self.already_saved = True
 
     class ValidateCLI(cli_module.LightningCLI):
-        """LightningCLI whose default logger (``trainer.logger`` unset or true) is a CSVLogger in the run directory."""
+        """LightningCLI whose default logger (``trainer.logger`` unset or true) is a CSVLogger in the run directory.
+
+        After the parse, ``model.method_options`` is checked against the method's config dataclass and
+        replaced by every field's effective value (:func:`resolve_method_options`), before ``--print_config``
+        prints it and before the run directory's identity or config.yaml records it.
+        """
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            """Parse as LightningCLI does, then resolve the method's options; ``--print_config`` prints the result."""
+            from jsonargparse._actions import _ActionPrintConfig
+
+            with _ActionPrintConfig.skip_print_config():
+                super().parse_arguments(parser, args)
+            try:
+                resolve_method_options(self.config)
+            except ValueError as e:
+                parser.error(str(e))
+            _ActionPrintConfig.print_config_if_requested(parser, self.config)
 
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             """The trainer, with :func:`default_logger` where the configuration names no logger.

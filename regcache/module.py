@@ -28,7 +28,7 @@ from regcache.kernels import KernelConfig, set_kernel_config
 from regcache.kernels import fallbacks as kernel_fallbacks
 from regcache.kernels import record as kernel_record
 from regcache.loading import load_model
-from regcache.quant import METHODS, QuantConfig, quantize_
+from regcache.quant import METHODS, MethodConfigError, QuantConfig, method_config, quantize_
 from regcache.registers import plain_float
 from regcache.registers._common import float_fingerprint
 from regcache.runrecord import checkpoint_record, device_name, environment_record
@@ -60,15 +60,32 @@ def launched_by_lightning(trainer: pl.Trainer) -> bool:
     return bool(getattr(getattr(trainer.strategy, "launcher", None), "procs", None))
 
 
+FLOAT_METHODS = ("float", "fp", "none")
+
+
 def build_quant_config(
     method: str, w_bits: int, a_bits: int, options: dict[str, Any] | None = None
 ) -> QuantConfig | None:
-    """The method's config object, or None for the float model."""
-    if method in ("float", "fp", "none"):
+    """The method's config object, or None for the float model; unknown names, keys and bad values raise.
+
+    Raises :class:`~regcache.quant.MethodConfigError` listing the valid method names or the method's
+    fields, or naming the field whose value is wrong.
+    """
+    if method in FLOAT_METHODS:
+        if options:
+            raise MethodConfigError(f"method {method!r} (the float model) takes no options, got {sorted(options)}")
         return None
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose 'float' or one of {sorted(METHODS)}")
-    return METHODS[method](w_bits=w_bits, a_bits=a_bits, **(options or {}))
+        raise MethodConfigError(f"unknown method {method!r}; choose 'float' or one of: {', '.join(sorted(METHODS))}")
+    return method_config(method, w_bits, a_bits, options)
+
+
+def resolved_method_options(
+    method: str, w_bits: int, a_bits: int, options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """``model.method_options`` as the run uses them: every field of the method besides the bits, defaults included."""
+    config = build_quant_config(method, w_bits, a_bits, options)
+    return None if config is None else config.options()
 
 
 class QuantizedEncoder(pl.LightningModule):
@@ -78,9 +95,13 @@ class QuantizedEncoder(pl.LightningModule):
         model: model name (``ViT-B-16``, ``hf-hub:...``, ``timm:...``, ``regcache-testbed``).
         pretrained: tag, local file or None (random init).
         image_size: input resolution override.
-        method: ``float`` or a registered method (``naive``, ``ptq4vit``, ``repq_vit``, ``noisyquant``).
-        w_bits, a_bits: bit widths.
-        method_options: extra fields of the method's config.
+        method: ``float`` or a registered method: ``naive``, ``ptq4vit``, ``repq_vit``, ``noisyquant``
+            (``regcache methods`` lists each method's fields, types and defaults; docs/methods.md).
+        w_bits: weight bit width (2..8).
+        a_bits: activation bit width (2..8).
+        method_options: the method's other fields (``{field: value}``), checked at start-up against its
+            config dataclass: an unknown key or a value of the wrong type is an error naming it. The run
+            records every field's effective value, defaults included (``--print_config`` shows them).
         fidelity: also run the float model on every batch and report feature cosine to it.
         run_dir: where the run's results (metrics.json, config.yaml, logs) go; a folder holding the results of
             another configuration is refused (``regcache.runrecord``).

@@ -218,11 +218,10 @@ def test_noisyquant_beats_naive_with_outlier_channel(family):
 def test_reference_preset_and_registry():
     assert METHODS["noisyquant"] is NoisyQuantConfig
     ref = NoisyQuantConfig.reference(6, 6)
-    assert (ref.seeded_noise, ref.gaussian_noise, ref.class_balanced_calibration) == (False, True, False)
-    assert ref.search_tokens is None and ref.num_calibration_images == 256
+    assert (ref.seeded_noise, ref.gaussian_noise) == (False, True)
+    assert ref.search_tokens is None
     default = NoisyQuantConfig()
-    assert (default.seeded_noise, default.gaussian_noise, default.class_balanced_calibration) == (True, False, True)
-    assert default.num_calibration_images == 1024
+    assert (default.seeded_noise, default.gaussian_noise) == (True, False)
     assert (default.clip_candidates, default.mean_candidates, default.amplitude_candidates) == (1000, 400, 2000)
     assert config_from_dict(json.loads(json.dumps(ref.to_dict()))) == ref
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable
+import numbers
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -99,6 +102,49 @@ def coverage(encoder: nn.Module, method: str = "") -> CoverageManifest:
     return CoverageManifest(method, entries)
 
 
+BITS_FIELDS = ("w_bits", "a_bits")
+
+
+class MethodConfigError(ValueError):
+    """A method name, option key or option value that the method's config does not accept."""
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    """Whether ``value`` fits the type hint (int / float / bool / str, None, unions, tuples, classes)."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(h, value) for h in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(args[0], v) for v in value)
+        return len(args) == len(value) and all(_matches(h, v) for h, v in zip(args, value, strict=True))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def field_types(cls: type[QuantConfig]) -> dict[str, Any]:
+    """The resolved type hint of each dataclass field of a method config, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``int | None``, ``tuple[float, ...]``: a type hint as written."""
+    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint).replace("typing.", "")
+
+
 @dataclass
 class QuantConfig:
     """Base of all PTQ method configs. ``w_bits`` / ``a_bits`` in 2..8 (e.g. W8A8, W6A6, W4A4, W4A8)."""
@@ -114,7 +160,13 @@ class QuantConfig:
             METHODS[cls.name] = cls
 
     def __post_init__(self) -> None:
-        for k in ("w_bits", "a_bits"):
+        for name, hint in field_types(type(self)).items():
+            value = getattr(self, name)
+            if not _matches(hint, value):
+                raise MethodConfigError(
+                    f"{self.name or type(self).__name__}.{name} must be {_type_name(hint)}, got {value!r}"
+                )
+        for k in BITS_FIELDS:
             bits = getattr(self, k)
             if not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"{k} must be an integer in [2, 8], got {bits!r}")
@@ -140,14 +192,62 @@ class QuantConfig:
         """JSON-able form including the method name."""
         return {"method": self.name, **dataclasses.asdict(self)}
 
+    def options(self) -> dict[str, Any]:
+        """The fields of :meth:`to_dict` besides the bits, defaults included, as ``model.method_options`` holds them."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in self.to_dict().items()
+            if k not in ("method", *BITS_FIELDS)
+        }
+
+
+def method_config(
+    method: str, w_bits: int = 8, a_bits: int = 8, options: Mapping[str, Any] | None = None
+) -> QuantConfig:
+    """The registered method's config from its name, bits and options; unknown names, keys and bad values raise.
+
+    Raises :class:`MethodConfigError` naming the method's valid names / fields, or the field whose value
+    is of the wrong type; the method's own ``__post_init__`` checks the values further (bits in 2..8, ...).
+    """
+    if method not in METHODS:
+        raise MethodConfigError(f"unknown quantization method {method!r}; available: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method]
+    options = dict(options or {})
+    valid = [name for name in field_types(cls) if name not in BITS_FIELDS]
+    for key in options:
+        if key in BITS_FIELDS:
+            raise MethodConfigError(f"{key} of method {method!r} is set with the bits (w_bits / a_bits), not an option")
+        if key not in valid:
+            raise MethodConfigError(
+                f"unknown option {key!r} of method {method!r}; its fields: {', '.join(valid) or '(none)'}"
+            )
+    return cls(w_bits=w_bits, a_bits=a_bits, **options)
+
 
 def config_from_dict(d: dict[str, Any]) -> QuantConfig:
     """Inverse of :meth:`QuantConfig.to_dict`."""
     d = dict(d)
     name = d.pop("method")
-    if name not in METHODS:
-        raise KeyError(f"unknown quantization method {name!r}; available: {sorted(METHODS)}")
-    return METHODS[name](**d)
+    return method_config(name, d.pop("w_bits", 8), d.pop("a_bits", 8), d)
+
+
+def describe_methods(names: Iterable[str] | None = None) -> str:
+    """A listing of the methods (all, or ``names``): each one's summary and fields with their types and defaults."""
+    names = list(names) if names is not None else sorted(METHODS)
+    for name in names:
+        if name not in METHODS:
+            raise MethodConfigError(f"unknown quantization method {name!r}; available: {', '.join(sorted(METHODS))}")
+    lines = []
+    for name in names:
+        cls = METHODS[name]
+        defaults = cls()
+        lines.append(f"{name} ({cls.__name__}): {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for field_name, hint in field_types(cls).items():
+            where = "model." + field_name if field_name in BITS_FIELDS else "model.method_options." + field_name
+            value = getattr(defaults, field_name)
+            lines.append(f"  {field_name}: {_type_name(hint)} = {value!r}    ({where})")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def swap_linears(encoder: nn.Module, filter_fn: FilterFn) -> list[tuple[str, nn.Module]]:
@@ -211,14 +311,18 @@ __all__ = [
     "CoverageManifest",
     "FilterFn",
     "ManifestEntry",
+    "MethodConfigError",
     "QuantConfig",
     "block_linears",
     "block_linears_and_matmuls",
     "calibrate_",
     "config_from_dict",
     "coverage",
+    "describe_methods",
+    "field_types",
     "head_linear",
     "is_calibrated",
+    "method_config",
     "quantize_",
     "set_quant_mode",
     "swap_linears",

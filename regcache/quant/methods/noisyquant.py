@@ -38,11 +38,12 @@ Departures from the official code, each behind a flag that :meth:`NoisyQuantConf
 - ``seeded_noise`` (default True; reference False): N₀ is drawn from a generator seeded by
   ``seed`` instead of the unseeded global RNG;
 - ``gaussian_noise`` (default False; reference True): the paper samples N₀ from a uniform
-  distribution, U(-Δ, Δ); the official code draws ``(randn * 2 - 1) · Δ`` (Gaussian, mean -Δ);
-- ``class_balanced_calibration`` (default True; reference False) and ``num_calibration_images``
-  (default 1024 as in the paper; reference 256 as in the repo) are metadata for the datamodule
-  that draws the calibration set: the official loader takes the first N files, i.e. one class.
-  This method just uses the batches it is given.
+  distribution, U(-Δ, Δ); the official code draws ``(randn * 2 - 1) · Δ`` (Gaussian, mean -Δ).
+
+The calibration set is the data configuration's, not the method's: this method uses the batches
+it is given. The paper calibrates on 1024 images (``calib_size: 1024``, drawn class-balanced);
+the official loader takes the first 256 files, i.e. one class (docs/methods.md says how to
+reproduce that by configuration).
 """
 
 from __future__ import annotations
@@ -615,8 +616,6 @@ class NoisyQuantConfig(QuantConfig):
     search_chunk_elements: int | None = None
     search_precision: str = "auto"
     staged_blocks: bool = True
-    num_calibration_images: int = 1024
-    class_balanced_calibration: bool = True
 
     @classmethod
     def reference(cls, w_bits: int = 6, a_bits: int = 6) -> NoisyQuantConfig:
@@ -628,8 +627,6 @@ class NoisyQuantConfig(QuantConfig):
             gaussian_noise=True,
             search_tokens=None,
             search_precision="fp32",
-            num_calibration_images=256,
-            class_balanced_calibration=False,
         )
 
     def default_filter(self, module: nn.Module, fqn: str) -> bool:

@@ -169,7 +169,6 @@ class RepQViTConfig(QuantConfig):
     official_arithmetic: bool = False
     reserve_zero_code: bool = False
     percentiles: tuple[float, ...] = REPQ_PERCENTILES
-    num_calibration_images: int = 32  # the reference's single calibration batch; read by the datamodule
 
     def __post_init__(self) -> None:
         super().__post_init__()
