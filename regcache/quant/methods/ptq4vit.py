@@ -28,12 +28,13 @@ distribution). ``hessian_grad`` picks the loss; see :data:`HESSIAN_GRADS` and
 
 The reference's Hessian weighting is numerically degenerate. Its loss is KL(float prediction on the
 whole calibration batch ‖ prediction on sub-batches of 4) while every other module runs in float,
-i.e. the float model against itself: the gradient is the difference of two roundings of one
-function. On a CPU the two forwards round identically and every gradient is exactly zero (the
-search then keeps the first candidate of every grid, as the reference would); on a GPU it is
-rounding noise set by that GPU's kernels (hahnyuan/PTQ4ViT#23), so the reference's outputs are
-not reproducible on another device. ``reference()`` reproduces the procedure, not those numbers;
-the default (``hessian_grad="fisher"``) weights by a proper Fisher estimate instead.
+i.e. the float model against itself: the gradient is ``softmax(p) - p_fp`` of two roundings of one
+function (and of ``log_softmax``'s backward), rounding noise at least four orders of magnitude
+below a Fisher estimate's, set by the kernels of the device (hahnyuan/PTQ4ViT#23). The
+reference's outputs are therefore not reproducible on another device; where the gradients are all
+exactly zero, every search keeps the first candidate of its grid. ``reference()`` reproduces the
+procedure, not those numbers; the default (``hessian_grad="fisher"``) weights by a proper Fisher
+estimate instead.
 """
 
 from __future__ import annotations
