@@ -191,3 +191,22 @@ def single_thread():
 def calib_batches(family: str, n: int = 2) -> list[torch.Tensor]:
     """n calibration batches of 8 random images (seeds 100, 101, ...) for a family's tiny model."""
     return [images(family, n=8, seed=100 + i) for i in range(n)]
+
+
+# regcache validate on the demo config at CPU-seconds size: a 2 x 2 x 2 grid, one evaluation batch, no float pass
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "train_configs" / "demo.yaml"
+DEMO_SMALL = [
+    "--trainer.callbacks.init_args.taus=[1,3]",
+    "--trainer.callbacks.init_args.delete_ks=[0,3]",
+    "--trainer.callbacks.init_args.num_candidates=2",
+    "--trainer.limit_val_batches=1",
+    "--model.fidelity=false",
+]
+
+
+def demo_validate(run_dir: Path, *extra: str) -> dict:
+    """``regcache validate`` on the small demo config into ``run_dir``; its metrics.json."""
+    from regcache.lightning_cli import main as validate_main
+
+    assert validate_main(["--config", str(DEMO_CONFIG), f"--model.run_dir={run_dir}", *DEMO_SMALL, *extra]) == 0
+    return json.loads((run_dir / "metrics.json").read_text())

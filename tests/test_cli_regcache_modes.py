@@ -8,23 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-
-from regcache.lightning_cli import main as validate_main
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "train_configs" / "demo.yaml"
-SMALL = [  # a 2 × 2 × 2 grid and 100 evaluation images without the float pass: CPU seconds, not minutes
-    "--trainer.callbacks.init_args.taus=[1,3]",
-    "--trainer.callbacks.init_args.delete_ks=[0,3]",
-    "--trainer.callbacks.init_args.num_candidates=2",
-    "--trainer.limit_val_batches=1",
-    "--model.fidelity=false",
-]
-
-
-def _validate(run_dir: Path, *extra: str) -> dict:
-    assert validate_main(["--config", str(DEMO), f"--model.run_dir={run_dir}", *SMALL, *extra]) == 0
-    return json.loads((run_dir / "metrics.json").read_text())
+from conftest import demo_validate as _validate
 
 
 def _table(rc: dict) -> list[dict]:
