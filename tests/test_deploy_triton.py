@@ -55,7 +55,7 @@ def _ulp_bf16(v: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_one_step(got: torch.Tensor, expected: torch.Tensor, step: torch.Tensor | float, max_fraction: float):
-    """Equal, except a fraction <= max_fraction of elements exactly one step away."""
+    """Equal, except a fraction <= max_fraction of elements at most one step away."""
     diff = (got.float() - expected.float()).abs()
     differ = diff > 0
     frac = differ.float().mean().item()
@@ -124,7 +124,10 @@ def test_activation_and_requantization(triton_backend, ref, activation, out_dtyp
     got_y = triton_backend.int8_linear(a, b, alpha, beta, activation=activation, out_dtype=out_dtype)
     exp_y = ref.int8_linear(a, b, alpha, beta, activation=activation, out_dtype=out_dtype)
     if out_dtype == torch.bfloat16:
-        _assert_one_step(got_y, exp_y, _ulp_bf16(exp_y), 1e-3)
+        # one bf16 rounding, plus the negative tail, where 1 + erf(x) (1 + tanh) cancels: a few float32 ulps of
+        # erf near -1 (2^-24 each) times |x| / 2 are many bf16 ulps of the tiny result
+        pre = ref.int8_linear(a, b, alpha, beta, out_dtype=out_dtype).float()
+        _assert_one_step(got_y, exp_y, _ulp_bf16(exp_y) + 2.0**-22 * pre.abs(), 1e-2)
     else:
         torch.testing.assert_close(got_y, exp_y, rtol=1e-5, atol=1e-5)
 

@@ -27,7 +27,7 @@ are Python numbers (or one-element float32 device tensors, read in the kernel: n
 from __future__ import annotations
 
 import contextlib
-import weakref
+import functools
 
 import torch
 import triton
@@ -40,12 +40,14 @@ _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.fl
 _ROUND_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 0, torch.float64: 0}
 _ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, tma): tma = 1 loads the operands through
-# tensor descriptors (the copy engine), 0 through pointers. TUNED per (N, K), the others take the defaults.
-# Picked on an H200 at ViT-B/16 shapes (M = 256 * 197) by benchmarks/bench_deploy.py --tune (BENCHMARKS.md).
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, kind). kind: 0 pointer loads; 1 tensor
+# descriptors (the copy engine); 2 = 1 with the epilogue in two column halves; 3 = 1 persistent (one program
+# per multiprocessor); 4 = 3 with the split epilogue. TUNED per (N, K, heavy epilogue: activation or
+# requantization), the rest take the defaults. Picked on an H200 at ViT-B/16 shapes (M = 256 * 197) by
+# benchmarks/bench_deploy.py --tune, which times each shape with the epilogue it has in the model.
 Config = tuple[int, int, int, int, int, int, int]
-TUNED: dict[tuple[int, int], Config] = {}
-_DEFAULT_CONFIG: Config = (128, 256, 128, 8, 8, 3, 0)
+TUNED: dict[tuple[int, int, bool], Config] = {}
+_DEFAULT_CONFIG: Config = (256, 128, 128, 8, 8, 3, 1)
 _SMALL_M_CONFIG: Config = (64, 128, 128, 8, 4, 4, 0)
 
 
@@ -80,9 +82,8 @@ def _load_qparams(scale_ptr, zp_ptr, scale, zp, QP_PTR: tl.constexpr):
 
 
 @triton.jit
-def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of this program, in grouped order: GROUP_M row tiles share a weight tile in L2."""
-    pid = tl.program_id(0)
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of tile ``pid`` in grouped order: GROUP_M row tiles share a weight tile in L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -190,7 +191,7 @@ def _int8_linear_kernel(
     GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile from pointer loads: int32 tensor-core K loop, then the epilogue."""
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # out-of-range rows / columns read a valid row instead (their results are never stored): unmasked loads
@@ -223,58 +224,88 @@ def _int8_linear_kernel(
 
 
 @triton.jit
-def _int8_linear_tma_kernel(
-    a_desc,
-    b_desc,
-    c_ptr,
-    alpha_ptr,
-    beta_ptr,
-    bzero_ptr,
-    res_ptr,
-    qscale_ptr,
-    qzp_ptr,
-    q_scale,
-    q_zp,
-    q_min,
-    q_max,
-    M,
-    N,
-    K,
-    stride_cm,
-    stride_cn,
-    stride_rm,
-    stride_rn,
-    HAS_BZERO: tl.constexpr,
-    HAS_BETA: tl.constexpr,
-    ACT: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    OUT_QUANT: tl.constexpr,
-    QP_PTR: tl.constexpr,
-    ROUND: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """The same tile with operands through the tensor-memory copy engine (host descriptors; edges read as zeros)."""
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        a = a_desc.load([off_m, k * BLOCK_K])
-        b = b_desc.load([off_n, k * BLOCK_K])
-        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        if HAS_BZERO:
-            rowsum += tl.sum(a.to(tl.int32), axis=1)
+def _store_tile(
+    acc, rowsum, off_m, off_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
+    q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
+    HAS_BZERO: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    OUT_QUANT: tl.constexpr, QP_PTR: tl.constexpr, ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """The epilogue of one tile, whole or (EPI_SPLIT) as two column halves: half the live registers."""
     offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_n = off_n + tl.arange(0, BLOCK_N)
-    _epilogue(
-        acc, rowsum, offs_m, offs_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
-        q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
-        HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND,
-    )  # fmt: skip
+    if EPI_SPLIT:
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        offs_n = off_n + tl.arange(0, BLOCK_N // 2)
+        _epilogue(
+            acc0, rowsum, offs_m, offs_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
+            q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
+            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND,
+        )  # fmt: skip
+        _epilogue(
+            acc1, rowsum, offs_m, offs_n + BLOCK_N // 2, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr,
+            qzp_ptr, q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
+            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND,
+        )  # fmt: skip
+    else:
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        _epilogue(
+            acc, rowsum, offs_m, offs_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
+            q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
+            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND,
+        )  # fmt: skip
+
+
+@triton.jit
+def _int8_linear_tma_kernel(
+    a_desc, b_desc, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
+    q_scale, q_zp, q_min, q_max, M, N, K, stride_cm, stride_cn, stride_rm, stride_rn,
+    HAS_BZERO: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    OUT_QUANT: tl.constexpr, QP_PTR: tl.constexpr, ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, PERSISTENT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):  # fmt: skip
+    """Tiles with operands through the tensor-memory copy engine (host descriptors; edges read as zeros).
+
+    PERSISTENT: NUM_PROGRAMS programs walk the tiles, the tile loop flattened with the K loop so the
+    next tile's loads are in flight during this tile's epilogue (ViT's K = 768 is only 6 steps of 128).
+    """
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for k in range(k_tiles):
+                a = a_desc.load([off_m, k * BLOCK_K])
+                b = b_desc.load([off_n, k * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+                if HAS_BZERO:
+                    rowsum += tl.sum(a.to(tl.int32), axis=1)
+            _store_tile(
+                acc, rowsum, off_m, off_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
+                q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
+                HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BLOCK_M, BLOCK_N, EPI_SPLIT,
+            )  # fmt: skip
+    else:
+        pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            b = b_desc.load([off_n, k * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            if HAS_BZERO:
+                rowsum += tl.sum(a.to(tl.int32), axis=1)
+        _store_tile(
+            acc, rowsum, off_m, off_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
+            q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
+            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BLOCK_M, BLOCK_N, EPI_SPLIT,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -360,20 +391,17 @@ def _qparams(scale, zero_point, device: torch.device) -> tuple[torch.Tensor | No
     return None, None, float(scale), float(zero_point)
 
 
-_F32_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    """t as contiguous float32; a cast of a module's (float64) buffer is made once and kept while t is unchanged."""
+    """t as contiguous float32; a cast of a module's (float64) buffer is made once, kept on it while t is unchanged."""
     if t.dtype == torch.float32 and t.is_contiguous():
         return t
     if t.is_inference() or torch.compiler.is_compiling():  # no version counter to key a cache on
         return t.to(torch.float32).contiguous()
-    hit = _F32_CACHE.get(t)
+    hit = getattr(t, "_regcache_f32", None)
     if hit is not None and hit[0] == t._version:
         return hit[1]
     out = t.to(torch.float32).contiguous()
-    _F32_CACHE[t] = (t._version, out)
+    t._regcache_f32 = (t._version, out)
     return out
 
 
@@ -390,11 +418,16 @@ def _tma_ok(a: torch.Tensor, b: torch.Tensor, k: int) -> bool:
     )
 
 
-def config_for(m: int, n: int, k: int) -> Config:
-    """The tile configuration for an (M, N, K) product: the tuned one of (N, K), else a default by size."""
-    if (n, k) in TUNED and m >= 1024:
-        return TUNED[(n, k)]
-    return _DEFAULT_CONFIG if m >= 1024 else _SMALL_M_CONFIG
+def config_for(m: int, n: int, k: int, heavy: bool = False) -> Config:
+    """The tile configuration of an (M, N, K) product: the tuned one of (N, K, heavy), else a default by size."""
+    if m < 1024:
+        return _SMALL_M_CONFIG
+    return TUNED.get((n, k, heavy), _DEFAULT_CONFIG)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def int8_linear(
@@ -448,10 +481,12 @@ def int8_linear(
         sp, zpp, s, z = _qparams(scale, zp, a.device)
     else:
         sp, zpp, s, z, qmin, qmax = None, None, 1.0, 0.0, -128, 127
-    bm, bn, bk, gm, warps, stages, tma = config or config_for(m, n, k)
-    if tma and not _tma_ok(a2, b, k):
-        tma = 0
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    heavy = activation is not None or out_quant is not None
+    bm, bn, bk, gm, warps, stages, kind = config or config_for(m, n, k, heavy)
+    if kind and not _tma_ok(a2, b, k):
+        kind = 0
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    programs = min(tiles, _num_sms(a.device)) if kind >= 3 else tiles
     epilogue_args = (
         out,
         alpha,
@@ -485,15 +520,18 @@ def int8_linear(
         "num_stages": stages,
     }
     with _device(a):
-        if tma:
+        if kind:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             a_desc = TensorDescriptor.from_tensor(a2, [bm, bk])
             b_desc = TensorDescriptor.from_tensor(b, [bn, bk])
-            _int8_linear_tma_kernel[grid](a_desc, b_desc, *epilogue_args, *out_strides, **flags)
+            _int8_linear_tma_kernel[(programs,)](
+                a_desc, b_desc, *epilogue_args, *out_strides, EPI_SPLIT=kind in (2, 4), PERSISTENT=kind >= 3,
+                NUM_PROGRAMS=programs, **flags,
+            )  # fmt: skip
         else:
             strides = (a2.stride(0), a2.stride(1), b.stride(0), b.stride(1))
-            _int8_linear_kernel[grid](a2, b, *epilogue_args, *strides, *out_strides, EVEN_K=k % bk == 0, **flags)
+            _int8_linear_kernel[(tiles,)](a2, b, *epilogue_args, *strides, *out_strides, EVEN_K=k % bk == 0, **flags)
     out = out.reshape(*lead, n)
     return out.to(out_dtype) if out.dtype != out_dtype and out_quant is None else out
 
