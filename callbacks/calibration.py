@@ -15,8 +15,14 @@ from regcache.quant.state import apply_quant_state, quant_state, read_quant_stat
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
-# the installed RegCache configuration, as far as the calibration depends on it
+# the installed RegCache configuration, as far as the calibration depends on it (the key's field names)
 REGCACHE_POINT = ("l_q", "l_start", "tau", "k_delete", "register", "mode", "prefix_only_at_lq", "search_key")
+
+
+def point_spec(point: Any, search_key: str | None) -> dict[str, Any]:
+    """The installed :class:`~regcache.registers.SearchPoint` as the calibration key sees it, and its search's key."""
+    values = (point.l_q, point.l_start, point.tau, point.delete_k, point.register, point.mode)
+    return dict(zip(REGCACHE_POINT, (*values, point.prefix_only_at is not None, search_key), strict=True))
 
 
 class Calibration(pl.Callback):
@@ -41,12 +47,13 @@ class Calibration(pl.Callback):
 
     def spec(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Everything the calibrated state depends on (the artifact key's input)."""
-        rc = pl_module.results.get("regcache")
+        point = getattr(pl_module, "regcache_point", None)
+        search_key = (pl_module.results.get("regcache") or {}).get("search_key")
         datamodule = trainer.datamodule
         return {
             "model": pl_module.model_spec(),
             "method": pl_module.quant_config.to_dict(),
-            "regcache": None if rc is None else {k: rc.get(k) for k in REGCACHE_POINT},
+            "regcache": None if point is None else point_spec(point, search_key),
             "calibration": datamodule.calib_selection() if hasattr(datamodule, "calib_selection") else None,
         }
 

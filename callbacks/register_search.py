@@ -21,7 +21,6 @@ scores no better than it, says so in a warning and in metrics.json (``warning``)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -36,20 +35,19 @@ from regcache.artifacts import Artifact, canonical
 from regcache.eval import build_zeroshot_classifier
 from regcache.quant.calibration import batch_images
 from regcache.registers import (
+    RegCacheConfig,
+    RegCachePrep,
     RegisterCache,
     SearchResult,
-    TokenDeletion,
-    curate_candidates,
-    derive_cache,
-    install_deletion,
-    install_prefix,
+    choose,
+    compare_with_base,
     make_objective,
-    sensitivity_sweep,
+    prepare_regcache,
+    regcache_summary,
+    search_regcache,
 )
-from regcache.registers import (
-    RegisterSearch as GridSearch,
-)
-from regcache.registers.search import MODES, REGCACHE_MODES, SEARCH_DTYPES, check_grid
+from regcache.registers.pipeline import check_modes, check_settings
+from regcache.registers.search import REGCACHE_MODES
 from regcache.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -143,12 +141,31 @@ class RegisterSearch(pl.Callback):
         delete_mode: str = "drop",
         refill: str = "input",
     ) -> None:
-        TokenDeletion(0, 0, delete_mode, refill)  # an unknown mode / refill is an error naming the choices
-        if search_dtype is not None and search_dtype not in SEARCH_DTYPES:
-            raise ValueError(f"search_dtype must be one of {sorted(SEARCH_DTYPES)} or null, got {search_dtype!r}")
-        check_grid(taus=taus, delete_ks=delete_ks, l_start_offsets=l_start_offsets)  # null = default, [] = error
         modes = list(modes) if modes is not None else list(REGCACHE_MODES)
-        _check_modes(modes, delete_ks if delete_ks is not None else [0, 2, 4, 8])
+        # RegCacheConfig's checks, before any model work: an error names the field and the valid values
+        check_settings(
+            objective=objective,
+            l_q=l_q,
+            sweep_bits=sweep_bits,
+            sweep_images=sweep_images,
+            search_images=search_images,
+            num_candidates=num_candidates,
+            curation_layers_before=curation_layers_before,
+            taus=taus,
+            delete_ks=delete_ks,
+            l_start_offsets=l_start_offsets,
+            modes=modes,
+            derivation=derivation,
+            prefix_only_at_lq=prefix_only_at_lq,
+            recalibrate=recalibrate,
+            eval_batch_size=eval_batch_size,
+            compile_tail=compile_tail,
+            fused_attention=fused_attention,
+            search_dtype=search_dtype,
+            save_every_s=save_every_s,
+            delete_mode=delete_mode,
+            refill=refill,
+        )
         self.objective_name = objective
         self.l_q = l_q
         self.sweep_bits = sweep_bits
@@ -181,6 +198,18 @@ class RegisterSearch(pl.Callback):
         if self.delete_mode != "drop":  # the default leaves the keys of drop runs as they were
             fields += ("delete_mode", "refill")
         return canonical({name: getattr(self, name) for name in fields})
+
+    def regcache_config(self, pl_module: pl.LightningModule) -> RegCacheConfig:
+        """This callback's settings over the module's method (``compile_tail`` None: on for a model on a GPU)."""
+        names = ("l_q", "sweep_bits", "sweep_images", "search_images", "num_candidates", "curation_layers_before")
+        names += ("taus", "delete_ks", "l_start_offsets", "modes", "derivation", "prefix_only_at_lq", "recalibrate")
+        names += ("eval_batch_size", "fused_attention", "search_dtype", "save_every_s", "delete_mode", "refill")
+        return RegCacheConfig(
+            base_config=pl_module.quant_config,
+            objective=self.objective_name,
+            compile_tail=self._compile_tail(pl_module),
+            **{name: getattr(self, name) for name in names},
+        )
 
     def spec(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Everything the search's result depends on: model and weights, method and bits, grid, data selection."""
@@ -234,9 +263,9 @@ class RegisterSearch(pl.Callback):
         return images, torch.cat(labels) if labels else None
 
     def _objective(self, trainer, pl_module, labels: torch.Tensor | None):
-        """The search objective; ``_objective(...)(labels[:n])`` scores a prefix of the reference."""
+        """The search objective on the reference images (the pipeline cuts its labels for the sweep's subset)."""
         if self.objective_name != "acc_ref":
-            return lambda _labels=None: make_objective(self.objective_name)
+            return make_objective(self.objective_name)
         if not pl_module.has_text_tower or labels is None:
             raise ValueError(
                 "objective acc_ref needs a text tower and a labelled reference split; use cosine, mse or patch_cosine"
@@ -253,37 +282,7 @@ class RegisterSearch(pl.Callback):
                 model_id=pl_module.loaded.identity,
                 progress=trainer.progress_bar_callback is not None,
             )
-        return lambda subset=labels: make_objective("acc_ref", labels=subset, classifier=classifier)
-
-    # ------------------------------------------------------------------ steps
-    def _rank0_artifacts(
-        self, trainer, pl_module, calibration, reference, labels, make_objective_for, out: Path
-    ) -> dict[str, Any]:
-        """Sweep (unless l_q is given), curation and register caches: computed on rank 0 only."""
-        encoder, config = pl_module.encoder, pl_module.quant_config
-        out.mkdir(parents=True, exist_ok=True)
-        progress = trainer.progress_bar_callback is not None
-        l_q = self.l_q
-        sweep_summary = None
-        if l_q is None:
-            sweep_config = dataclasses.replace(config, w_bits=self.sweep_bits, a_bits=self.sweep_bits)
-            subset = reference[: max(1, self.sweep_images // max(1, reference[0].shape[0]))]
-            n_images = sum(x.shape[0] for x in subset)
-            objective = make_objective_for(None if labels is None else labels[:n_images])
-            sweep = sensitivity_sweep(encoder, sweep_config, calibration, subset, objective, progress=progress)
-            sweep.save(out)
-            l_q = sweep.l_q
-            sweep_summary = sweep.table()
-        layers = list(range(max(0, l_q - self.curation_layers_before), l_q + 1))
-        candidates = curate_candidates(encoder, reference, layers, k=self.num_candidates, progress=progress)
-        candidates.save(out / "candidates.safetensors")
-        caches = {}
-        for offset in self.l_start_offsets:
-            l_start = max(0, l_q - offset)
-            caches[l_start] = derive_cache(encoder, candidates, l_start, self.derivation)
-            caches[l_start].save(out / f"cache_lstart{l_start}.safetensors")
-        # on the host for the broadcast: GPU tensors would unpickle onto rank 0's device on every rank
-        return {"l_q": l_q, "caches": {s: c.to("cpu") for s, c in caches.items()}, "sweep": sweep_summary}
+        return make_objective("acc_ref", labels=labels, classifier=classifier)
 
     def _compile_tail(self, pl_module: pl.LightningModule) -> bool:
         """compile_tail as given, or (None) whether the model is on a GPU."""
@@ -299,7 +298,9 @@ class RegisterSearch(pl.Callback):
             self.done = True
             return
         settings = self.settings()
+        cfg = self.regcache_config(pl_module)
         encoder = pl_module.encoder
+        progress = trainer.progress_bar_callback is not None
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
             artifact = self._artifact(trainer, pl_module)
@@ -308,57 +309,39 @@ class RegisterSearch(pl.Callback):
             with pl_module.timed("register_search.reference"):
                 reference, labels = self._reference(trainer, pl_module, self.search_images)
             with pl_module.timed("register_search.objective"):
-                make = self._objective(trainer, pl_module, labels)
-                objective = make()
+                objective = self._objective(trainer, pl_module, labels)
             steady = None  # this rank's steady seconds per configuration (None: the grid did not run here)
             if artifact.reused:  # a finished search of this key (or of a superset of the run's modes)
                 data = json.loads(result_path.read_text())
-                result = SearchResult(data["spec"], data["table"], objective.greater_is_better, data["stats"])
-                best, l_q, seconds = result.best_of(self.modes), data["spec"]["l_q"], data.get("search_seconds")
-                cache = RegisterCache.load(out / f"cache_lstart{best['l_start']}.safetensors", encoder)
+                result = SearchResult.from_dict(data, objective.greater_is_better)
+                l_start, seconds = result.best_of(self.modes)["l_start"], data.get("search_seconds")
+                cache = RegisterCache.load(out / f"cache_lstart{l_start}.safetensors", encoder)
+                point = choose(result, cfg, RegCachePrep(data["spec"]["l_q"], {l_start: cache}))
             else:
                 with pl_module.timed("register_search.calibration_images"):
                     calibration = list(trainer.datamodule.calib_dataloader())
                 with pl_module.timed("register_search.rank0_artifacts"):  # sweep, curation, caches
-                    artifacts = (
-                        self._rank0_artifacts(trainer, pl_module, calibration, reference, labels, make, out)
-                        if trainer.is_global_zero
-                        else None
-                    )
-                    artifacts = trainer.strategy.broadcast(artifacts, src=0)
-                l_q = artifacts["l_q"]
-                caches = {s: c.to(pl_module.device) for s, c in artifacts["caches"].items()}
+                    prep = None
+                    if trainer.is_global_zero:
+                        prep = prepare_regcache(
+                            encoder, cfg, calibration, reference, objective, out=out, progress=progress
+                        ).to("cpu")  # on the host for the broadcast (see RegCachePrep.to)
+                    prep = trainer.strategy.broadcast(prep, src=0).to(pl_module.device)
                 rank, world = trainer.global_rank, trainer.world_size
-                search = GridSearch(
-                    encoder,
-                    pl_module.quant_config,
-                    calibration,
-                    reference,
-                    objective,
-                    l_q,
-                    caches=caches,
-                    taus=self.taus,
-                    delete_ks=self.delete_ks,
-                    l_starts=sorted(caches),
-                    modes=self.modes,
-                    prefix_only_at=l_q if self.prefix_only_at_lq else None,
-                    recalibrate=self.recalibrate,
-                    eval_batch_size=self.eval_batch_size,
-                    compile_tail=self._compile_tail(pl_module),
-                    fused_attention=self.fused_attention,
-                    dtype=SEARCH_DTYPES.get(self.search_dtype),
-                    delete_mode=self.delete_mode,
-                    refill=self.refill,
-                    save_every_s=self.save_every_s,
-                    # in the artifact's folder: a run of another key does not meet this one's rows
-                    state_path=out / f"search_state.rank{rank}of{world}.json",
-                    # every rank searches its share of the grid: rank 0 alone draws the bar
-                    progress=trainer.progress_bar_callback is not None and trainer.is_global_zero,
-                )
-                search.points = search.points[rank::world]
                 grid_start = time.perf_counter()
                 try:
-                    partial = search.run()
+                    partial = search_regcache(
+                        encoder,
+                        cfg,
+                        prep,
+                        calibration,
+                        reference,
+                        objective,
+                        shard=(rank, world),  # every rank searches its share of the grid
+                        # in the artifact's folder: a run of another key does not meet this one's rows
+                        state_path=out / f"search_state.rank{rank}of{world}.json",
+                        progress=progress and trainer.is_global_zero,  # rank 0 alone draws the bar
+                    )
                 finally:  # one clock: rank 0's timings_s and this rank's stats (gathered below)
                     grid_s = time.perf_counter() - grid_start
                     pl_module.add_time("register_search.grid", grid_s)
@@ -373,36 +356,26 @@ class RegisterSearch(pl.Callback):
                 pl_module.add_time("register_search.grid.slowest_rank", max(st["grid_s"] for st in rank_stats))
                 stats = {**partial.stats, "ranks": rank_stats}  # rank 0's, then every rank's
                 result = SearchResult(partial.spec, rows, objective.greater_is_better, stats)
-                best = result.best_of(self.modes)
+                point = choose(result, cfg, prep)
                 seconds = time.perf_counter() - start
                 if trainer.is_global_zero:
-                    saved = {**result.to_dict(), "installed": best, "settings": settings, "key": artifact.key}
-                    write_json(result_path, {**saved, "search_seconds": seconds, "sweep": artifacts["sweep"]})
+                    saved = {**result.to_dict(), "installed": point.to_dict(), "settings": settings}
+                    saved["key"] = artifact.key
+                    sweep = None if prep.sweep is None else prep.sweep.table()
+                    write_json(result_path, {**saved, "search_seconds": seconds, "sweep": sweep})
                     artifact.commit()
-                cache = caches[best["l_start"]]
-        if best["register"] is not None and best["tau"] > 0:
-            install_prefix(
-                encoder, cache.entry(best["register"]), best["tau"], only=l_q if self.prefix_only_at_lq else None
-            )
-        install_deletion(encoder, l_q, best["delete_k"], self.delete_mode, self.refill)
+        point.install(encoder)
+        pl_module.regcache_point = point  # the typed winner, for the calibration's key
         pl_module.add_time("register_search", time.perf_counter() - start)
-        comparison, message = compare_with_base(result, best, self.modes)
+        summary = regcache_summary(result, point, cfg)
+        _, message = compare_with_base(result, point.to_dict(), self.modes)
         if trainer.is_global_zero:
-            if "warning" in comparison:
+            if "warning" in summary:
                 log.warning("RegisterSearch: %s", message)
             else:
                 pl.utilities.rank_zero_info(f"RegisterSearch: {message}")
         pl_module.results["regcache"] = {
-            "l_q": l_q,
-            "l_start": best["l_start"],
-            "tau": best["tau"],
-            "k_delete": best["delete_k"],
-            "register": best["register"],
-            "mode": best["mode"],
-            "modes": list(self.modes),
-            "objective": self.objective_name,
-            "objective_score": best["score"],
-            **comparison,
+            **summary,
             "search_seconds": seconds,
             "steady_ms_per_config": None if steady is None else round(1e3 * steady, 2),
             "result": str(result_path),
@@ -414,37 +387,4 @@ class RegisterSearch(pl.Callback):
         self.done = True
 
 
-def _check_modes(modes: list[str], delete_ks: list[int]) -> None:
-    """Raise a ValueError naming the field when ``modes`` is unknown or asks for configurations the grid lacks."""
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown or not modes:
-        raise ValueError(f"modes must be a non-empty list of {list(MODES)}, got {modes!r}")
-    if {"delete", "both"} & set(modes) and not any(k > 0 for k in delete_ks):
-        raise ValueError(f"modes {modes} need a deletion: delete_ks must hold a k̃ > 0, got {delete_ks}")
-
-
-def compare_with_base(result: SearchResult, installed: dict[str, Any], modes: list[str]) -> tuple[dict[str, Any], str]:
-    """The installed configuration against the base on the reference (metrics.json fields), and the log line.
-
-    The fields hold ``warning`` where the run installs the base or a configuration that scores no better.
-    """
-    base = result.best_of(["base"])
-    gain = result.gain(installed, base)
-    out: dict[str, Any] = {
-        "base_score": base["score"],
-        "gain_over_base": gain,
-        "best_by_mode": {m: {"key": r["key"], "score": r["score"]} for m, r in result.best_by_mode().items()},
-    }
-    scores = f"{installed['score']:.4g} against the base's {base['score']:.4g} on the reference"
-    if installed["mode"] == "base":
-        out["warning"] = (
-            f"RegCache result is the base: no configuration of modes {modes} scored above the method without "
-            f"RegCache ({scores}); nothing is installed and the numbers are the base method's"
-        )
-    elif gain <= 0:
-        out["warning"] = (
-            f"the installed {installed['mode']} configuration {installed['key']} (modes {modes}) scores no better "
-            f"than the method without RegCache ({scores})"
-        )
-    message = out.get("warning", f"installed the best {installed['mode']} configuration {installed['key']} ({scores})")
-    return out, message
+_check_modes = check_modes  # the name this module had for it

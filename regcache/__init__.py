@@ -27,6 +27,8 @@ _LAZY = {
     "WeightsUnavailableError": "regcache.loading",
     "load_model": "regcache.loading",
     "register_model_configs": "regcache.models",
+    "RegCacheConfig": "regcache.registers",
+    "apply_regcache": "regcache.registers",
     **dict.fromkeys(
         [
             "METHODS",
@@ -67,9 +69,11 @@ __all__ = [
     "LoadedModel",
     "NaiveConfig",
     "QuantConfig",
+    "RegCacheConfig",
     "VisionEncoder",
     "WeightsUnavailableError",
     "adapt",
+    "apply_regcache",
     "calibrate_",
     "coverage",
     "load_model",

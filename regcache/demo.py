@@ -33,16 +33,7 @@ from regcache.data.shards import DatasetLayoutError, parse_nshards, read_dataset
 from regcache.encoders import VisionEncoder, adapt, record
 from regcache.eval import build_zeroshot_classifier
 from regcache.quant import METHODS, calibrate_, quantize_
-from regcache.registers import (
-    RegisterCache,
-    RegisterSearch,
-    curate_candidates,
-    derive_cache,
-    install_deletion,
-    install_prefix,
-    make_objective,
-    sensitivity_sweep,
-)
+from regcache.registers import RegCacheConfig, SearchPoint, apply_regcache, calibrate_regcache, make_objective
 from regcache.registers.search import REGCACHE_MODES
 from regcache.testbed import CIFAR10_SAMPLE, load_testbed
 from regcache.testbed.data import IMAGE_EXTENSIONS
@@ -141,17 +132,16 @@ def evaluate(
     return correct / len(labels), max_norm
 
 
-def _quantized(float_encoder: VisionEncoder, method: str, bits: int, calib, point: dict | None, caches, l_q: int):
+def _quantized(float_encoder: VisionEncoder, method: str, bits: int, calib, point: SearchPoint | None):
     """A calibrated copy of the float encoder, with a RegCache configuration installed first."""
     encoder = copy.deepcopy(float_encoder)
+    if method == "float":
+        return encoder
+    config = METHODS[method](w_bits=bits, a_bits=bits)
     if point is not None:
-        if point["register"] is not None and point["tau"] > 0:
-            install_prefix(encoder, caches[point["l_start"]].entry(point["register"]), point["tau"])
-        install_deletion(encoder, l_q, point["delete_k"])
-    if method != "float":
-        quantize_(encoder, METHODS[method](w_bits=bits, a_bits=bits))
-        calibrate_(encoder, calib, progress=False)
-    return encoder
+        return calibrate_regcache(encoder, point, config, calib, progress=False)
+    quantize_(encoder, config)
+    return calibrate_(encoder, calib, progress=False)
 
 
 def run_demo(
@@ -206,47 +196,35 @@ def run_demo(
     acc_ref = make_objective("acc_ref", labels=ref_y, classifier=ref_classifier)
 
     start = time.perf_counter()
-    sweep = sensitivity_sweep(
-        encoder, METHODS["naive"](w_bits=8, a_bits=8), calib, _batches(ref_x), acc_ref, progress=progress
+    ref_batches = _batches(ref_x)
+    config = RegCacheConfig(
+        base_config=METHODS["naive"](w_bits=bits, a_bits=bits),
+        objective="acc_ref",
+        # the sweep and the search score every reference image (the sweep counts whole batches)
+        sweep_images=BATCH_SIZE * len(ref_batches),
+        search_images=len(ref_y),
+        num_candidates=num_candidates,
+        taus=list(taus),
+        delete_ks=list(delete_ks),
+        modes=["prefix", "delete", "both"],  # one search for the RegCache row and both ablations
     )
-    l_q = sweep.l_q
-    candidates = curate_candidates(encoder, _batches(ref_x), l_q, k=num_candidates, progress=progress)
-    caches = {l_q: derive_cache(encoder, candidates, l_q)}
-
-    def search(method: str) -> tuple[dict[str, dict], float]:
-        t0 = time.perf_counter()
-        grid = RegisterSearch(
-            encoder,
-            METHODS[method](w_bits=bits, a_bits=bits),
-            calib,
-            _batches(ref_x),
-            acc_ref,
-            l_q,
-            caches=caches,
-            taus=taus,
-            delete_ks=delete_ks,
-            modes=("prefix", "delete", "both"),
-            progress=progress,
-        ).run()
-        # "regcache": what RegisterSearch installs by default (a prefix, k̃ from delete_ks, 0 included)
-        best = {mode: grid.best_of([mode]) for mode in ("prefix", "delete")}
-        best["regcache"] = grid.best_of(REGCACHE_MODES)
-        return best, time.perf_counter() - t0
+    # the float encoder stays as it is (calibrate=False): each row installs its winner on a copy
+    regcache = apply_regcache(encoder, config, calib, ref_batches, acc_ref, calibrate=False, progress=progress)
+    seconds = time.perf_counter() - start
+    l_q = regcache.l_q
+    # "regcache": what RegisterSearch installs by default (a prefix, k̃ from delete_ks, 0 included)
+    best = {"regcache": regcache.point_of(REGCACHE_MODES)}
+    best |= {mode: regcache.point_of([mode]) for mode in ("prefix", "delete")}
 
     rows: list[dict[str, Any]] = []
 
-    def row(name: str, method: str, point: dict | None, seconds: float | None = None) -> None:
-        enc = _quantized(encoder, method, bits, calib, point, caches, l_q)
+    def row(name: str, method: str, point: SearchPoint | None, seconds: float | None = None) -> None:
+        enc = _quantized(encoder, method, bits, calib, point)
         top1, norm = evaluate(enc, test_x, test_y, classifier, l_q)
         rc = None
         if point is not None:
-            rc = {"l_q": l_q, "l_start": point["l_start"], "tau": point["tau"], "k_delete": point["delete_k"]}
-            rc |= {
-                "register": point["register"],
-                "mode": point["mode"],
-                "objective": "acc_ref",
-                "search_seconds": seconds,
-            }
+            rc = {"l_q": point.l_q, "l_start": point.l_start, "tau": point.tau, "k_delete": point.delete_k}
+            rc |= {"register": point.register, "mode": point.mode, "objective": "acc_ref", "search_seconds": seconds}
         rows.append(
             {
                 "name": name,
@@ -263,7 +241,6 @@ def run_demo(
 
     row("float", "float", None)
     row(f"naive W{bits}A{bits}", "naive", None)
-    best, seconds = search("naive")
     row(f"naive W{bits}A{bits} + RegCache", "naive", best["regcache"], seconds)
     row(f"naive W{bits}A{bits} + prefix only", "naive", best["prefix"], seconds)
     row(f"naive W{bits}A{bits} + delete only", "naive", best["delete"], seconds)
@@ -287,8 +264,8 @@ def run_demo(
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    sweep.save(out)
-    plot_norms(encoder, test_x[:100], rows, caches, l_q, calib, bits, out / "norm_profile.png")
+    regcache.sweep.save(out)
+    plot_norms(encoder, test_x[:100], best["regcache"], calib, bits, out / "norm_profile.png")
     return write_json(
         out / "results.json",
         {
@@ -323,14 +300,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def plot_norms(
     encoder: VisionEncoder,
     images: torch.Tensor,
-    rows: list[dict[str, Any]],
-    caches: dict[int, RegisterCache],
-    l_q: int,
+    point: SearchPoint,
     calib: Iterable[torch.Tensor],
     bits: int,
     path: Path,
 ) -> Path:
-    """Per-block max token norm of the float model and of naive + RegCache."""
+    """Per-block max token norm of the float model and of naive + RegCache (``point`` installed)."""
     from regcache.eval.outliers import plot_profile
 
     def profile(enc) -> dict[str, dict]:
@@ -341,15 +316,13 @@ def plot_norms(
             for i, t in sorted(taps["block_input"].items())
         }
 
-    best = next(r["regcache"] for r in rows if r["name"].endswith("+ RegCache"))
-    point = {"register": best["register"], "tau": best["tau"], "delete_k": best["k_delete"], "l_start": best["l_start"]}
     return plot_profile(
         {
             "float": profile(encoder),
-            "naive + RegCache": profile(_quantized(encoder, "naive", bits, calib, point, caches, l_q)),
+            "naive + RegCache": profile(_quantized(encoder, "naive", bits, calib, point)),
         },
         path,
-        title=f"regcache-testbed: token norms at block inputs (l_q = {l_q})",
+        title=f"regcache-testbed: token norms at block inputs (l_q = {point.l_q})",
     )
 
 

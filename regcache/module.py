@@ -142,6 +142,8 @@ class QuantizedEncoder(pl.LightningModule):
             set_kernel_config(kernels)
         self._fallbacks_before = len(kernel_fallbacks())  # the run record holds this run's fallbacks only
         self.results: dict[str, Any] = {"metrics": {}, "outliers": {}, "regcache": None}
+        # the installed RegCache winner (regcache.registers.SearchPoint), set by the register search callback
+        self.regcache_point: Any = None
         built = time.perf_counter()
         self.add_time("startup.imports", built - IMPORTED_AT)
         self.loaded = load_model(

@@ -33,15 +33,18 @@ def test_python_snippet_runs(tmp_path, monkeypatch):
 
 def test_regcache_snippet_runs_at_tiny_scale(tmp_path, monkeypatch, single_thread):
     """The RegCache snippet: self-contained, a small grid, the chosen configuration installed and quantized."""
+    from regcache.registers import SearchPoint
+
     snippet = re.findall(r"```python\n(.*?)```", README, re.S)[1]
-    assert "RegisterSearch" in snippet
+    assert "apply_regcache" in snippet
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(snippet, "README.md", "exec"), scope)
     result, best, encoder = scope["result"], scope["best"], scope["encoder"]
     registers, taus, ks = 4, 3, 2  # k=4 candidates; taus [1, 2, 4]; k̃ in [1, 2] for "both" (0 is prefix-only)
-    assert len(result.rows) == 1 + registers * taus + registers * taus * ks  # base + prefix + both
-    assert best["mode"] in ("prefix", "both") and best == result.best_of(["prefix", "both"])
-    assert all(b.attn.prefix is not None for b in encoder.blocks[best["l_start"] :])
+    assert len(result.search.rows) == 1 + registers * taus + registers * taus * ks  # base + prefix + both
+    assert best.mode in ("prefix", "both") and best == SearchPoint.from_dict(result.search.best_of(["prefix", "both"]))
+    assert all(b.attn.prefix is not None for b in encoder.blocks[best.l_start :])
+    assert encoder.quant_config.tag == "naive-W6A6"
     assert (tmp_path / "search.json").is_file()
     assert scope["features"].shape == (8, 64) and torch.isfinite(scope["features"]).all()

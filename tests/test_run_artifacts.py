@@ -86,16 +86,21 @@ def test_force_recomputes_under_the_same_key(tmp_path):
 
 def test_the_calibration_key_ignores_timings_and_paths():
     from callbacks.calibration import Calibration
+    from regcache.registers import SearchPoint
 
-    def spec(**regcache):
-        point = {"l_q": 2, "l_start": 2, "tau": 1, "k_delete": 4, "register": 0, "mode": "both", "search_key": "k"}
+    def spec(tau=1, search_key="k", **timings):
+        point = {"l_q": 2, "l_start": 2, "tau": tau, "k_delete": 4, "register": 0, "mode": "both"}
+        point |= {"prefix_only_at_lq": False, "search_key": search_key}
         module = SimpleNamespace(
-            results={"regcache": {**point, **regcache}},
+            results={"regcache": {**point, **timings}},
+            regcache_point=SearchPoint(0, tau, 4, 2, l_q=2),  # what the register search installed
             model_spec=lambda: {"model": "m", "weights_fingerprint": "f"},
             quant_config=SimpleNamespace(to_dict=lambda: {"method": "naive", "w_bits": 6, "a_bits": 6}),
         )
         trainer = SimpleNamespace(datamodule=SimpleNamespace(calib_selection=lambda: {"dataset": "d", "size": 8}))
-        return artifact_key(Calibration().spec(trainer, module))
+        calibration_spec = Calibration().spec(trainer, module)
+        assert calibration_spec["regcache"] == point  # the point's fields as metrics.json's regcache names them
+        return artifact_key(calibration_spec)
 
     same = spec(search_seconds=1.0, steady_ms_per_config=2.0, result="/a/search_result.json")
     assert same == spec(search_seconds=9.0, steady_ms_per_config=7.0, result="/b/search_result.json")

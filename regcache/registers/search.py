@@ -66,7 +66,7 @@ import numbers
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +84,7 @@ from regcache.registers.cache import RegisterCache, derive_cache
 from regcache.registers.curation import Candidates
 from regcache.registers.deletion import TokenDeletion, install_deletion, remove_deletion
 from regcache.registers.objectives import Objective
-from regcache.registers.prefix import install_batched_prefix, prefix_layers, remove_prefix
+from regcache.registers.prefix import install_batched_prefix, install_prefix, prefix_layers, remove_prefix
 from regcache.registers.recalibration import Recalibrator
 from regcache.utils import write_json
 
@@ -98,12 +98,24 @@ Strategy = Literal["cached", "naive_loop"]
 
 @dataclass(frozen=True)
 class SearchPoint:
-    """One configuration: register entry (None = no prefix), τ (0 = no prefix), k̃, l_start."""
+    """One configuration: register entry (None = no prefix), τ (0 = no prefix), k̃, l_start.
+
+    A grid point is the first four fields (they alone make its identity, ``==`` and ``hash``). The
+    winner of a search (:func:`regcache.registers.pipeline.choose`) also carries what installing it
+    needs: l_q (where k̃ deletes), ``prefix_only_at``, the deletion's mode / refill, its score and
+    the register's KV entry (``cache``), so :meth:`install` puts it on an encoder by itself.
+    """
 
     register: int | None
     tau: int
     delete_k: int
     l_start: int
+    l_q: int | None = field(default=None, compare=False)
+    prefix_only_at: int | None = field(default=None, compare=False)
+    delete_mode: str = field(default="drop", compare=False)
+    refill: str = field(default="input", compare=False)
+    score: float | None = field(default=None, compare=False)
+    cache: RegisterCache | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -117,6 +129,39 @@ class SearchPoint:
         return {(False, False): "base", (True, False): "prefix", (False, True): "delete", (True, True): "both"}[
             (has_prefix, self.delete_k > 0)
         ]
+
+    def install(self, encoder: VisionEncoder) -> None:
+        """Put this configuration on ``encoder`` (float, before the method is attached): the register prefix
+        (τ copies, blocks >= l_start or only ``prefix_only_at``) and the deletion of k̃ tokens at l_q; any
+        earlier prefix / deletion is removed first."""
+        if self.mode in ("prefix", "both") and self.cache is None:
+            raise ValueError(
+                f"{self.key} has a register prefix but carries no register cache: take the point from "
+                "regcache.registers.choose / RegCacheResult.point, or SearchPoint.from_dict(row, cache=entry)"
+            )
+        if self.delete_k > 0 and self.l_q is None:
+            raise ValueError(f"{self.key} deletes k̃ = {self.delete_k} tokens but carries no l_q: give l_q")
+        remove_prefix(encoder)
+        remove_deletion(encoder)
+        if self.mode in ("prefix", "both"):
+            install_prefix(encoder, self.cache, self.tau, only=self.prefix_only_at)
+        if self.delete_k > 0:
+            install_deletion(encoder, self.l_q, self.delete_k, self.delete_mode, self.refill)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: the search table's row fields (key, register, τ, k̃, l_start, mode, score) plus
+        where it installs (l_q, prefix_only_at, delete_mode, refill); the register's K/V stay in its cache file."""
+        out = {"key": self.key, "register": self.register, "tau": self.tau, "delete_k": self.delete_k}
+        out |= {"l_start": self.l_start, "mode": self.mode, "score": self.score, "l_q": self.l_q}
+        return out | {"prefix_only_at": self.prefix_only_at, "delete_mode": self.delete_mode, "refill": self.refill}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], cache: RegisterCache | None = None) -> SearchPoint:
+        """The point of :meth:`to_dict`'s form or of a search table row (extra keys ignored), with ``cache``
+        (the register's entry) for :meth:`install`."""
+        names = ("l_q", "prefix_only_at", "delete_mode", "refill", "score")
+        context = {n: data[n] for n in names if n in data}
+        return cls(data["register"], data["tau"], data["delete_k"], data["l_start"], cache=cache, **context)
 
 
 # the grid's integer fields: the smallest valid value and what the value means (for the error message)
@@ -229,7 +274,18 @@ class SearchResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {"spec": self.spec, "best": self.best, "table": self.ranked, "stats": self.stats}
+        out = {"spec": self.spec, "best": self.best, "table": self.ranked, "stats": self.stats}
+        return out | {"greater_is_better": self.greater_is_better}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], greater_is_better: bool | None = None) -> SearchResult:
+        """The result of :meth:`to_dict` (a saved ``search_result.json``); ``greater_is_better`` for files
+        written before it was stored."""
+        if greater_is_better is None:
+            if "greater_is_better" not in data:
+                raise ValueError("the saved search result does not say which way its objective ranks: pass it")
+            greater_is_better = data["greater_is_better"]
+        return cls(data["spec"], data["table"], greater_is_better, data.get("stats", {}))
 
     def save(self, path: str | Path) -> Path:
         """Write the ranked table and the winner as JSON (atomically)."""
@@ -387,7 +443,8 @@ class RegisterSearch:
             write_json(self.state_path, {"spec": self.spec, "rows": list(rows.values())})
 
     def _row(self, point: SearchPoint, score: float) -> dict[str, Any]:
-        row = {"key": point.key, **asdict(point), "mode": point.mode, "score": score}
+        row = {"key": point.key, "register": point.register, "tau": point.tau, "delete_k": point.delete_k}
+        row |= {"l_start": point.l_start, "mode": point.mode, "score": score}
         if point.register is not None:
             prov = self.caches[point.l_start].entry(point.register).provenance
             row["register_provenance"] = prov[0] if len(prov) == 1 else prov
