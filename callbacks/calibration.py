@@ -107,5 +107,9 @@ class Calibration(pl.Callback):
             "state": str(path),
             "loaded": self.loaded_from is not None,
             "key": artifact.key,
+            # what the method reports of its calibration (the mixed-precision plan: kept blocks, FLOP share)
+            "summary": getattr(pl_module.encoder, "calibration_summary", None),
         }
         self.done = True
+        if hasattr(pl_module, "deploy_encoder"):  # model.deploy: integer kernels from here on (before later callbacks)
+            pl_module.deploy_encoder()

@@ -95,7 +95,8 @@ class QuantizedEncoder(pl.LightningModule):
         model: model name (``ViT-B-16``, ``hf-hub:...``, ``timm:...``, ``regcache-testbed``).
         pretrained: tag, local file or None (random init).
         image_size: input resolution override.
-        method: ``float`` or a registered method: ``naive``, ``ptq4vit``, ``repq_vit``, ``noisyquant``
+        method: ``float`` or a registered method: ``naive``, ``ptq4vit``, ``repq_vit``, ``noisyquant``,
+            ``qdrop`` (block reconstruction), ``mixed`` (the sweep's mixed-precision plan over a base method)
             (``regcache methods`` lists each method's fields, types and defaults; docs/methods.md).
         w_bits: weight bit width (2..8).
         a_bits: activation bit width (2..8).

@@ -50,7 +50,7 @@ def test_wrong_type_unknown_method_bits_and_float_options():
         method_config("naive", 9, 8)
     with pytest.raises(MethodConfigError, match="set with the bits"):
         method_config("naive", 8, 8, {"w_bits": 4})
-    with pytest.raises(MethodConfigError, match="naive, noisyquant, ptq4vit, repq_vit"):
+    with pytest.raises(MethodConfigError, match="mixed, naive, noisyquant, ptq4vit, qdrop, repq_vit"):
         build_quant_config("nope", 8, 8)
     with pytest.raises(MethodConfigError, match="takes no options"):
         build_quant_config("float", 8, 8, {"seed": 1})
@@ -66,7 +66,7 @@ def test_cli_rejects_unknown_key_and_bad_value_at_start_up():
     assert "'bogus'" in str(info.value) and "quantize_matmuls" in str(info.value)
     with pytest.raises(ConfigError, match=r"naive\.quantize_matmuls must be bool"):
         check_args([*DEMO, "--model.method_options", "{quantize_matmuls: maybe}"])
-    with pytest.raises(ConfigError, match="one of: naive, noisyquant, ptq4vit, repq_vit"):
+    with pytest.raises(ConfigError, match="one of: mixed, naive, noisyquant, ptq4vit, qdrop, repq_vit"):
         check_args([*DEMO, "--model.method", "nope"])
 
 

@@ -188,6 +188,11 @@ class QuantConfig:
         """Set every quantizer's parameters from calibration images, leaving the model in quant mode."""
         raise NotImplementedError
 
+    def adopt_state_config(self, encoder: VisionEncoder, other: QuantConfig) -> bool:
+        """Whether a state calibrated with ``other`` fits this attached config (a config that completes its own
+        fields at calibration, such as the mixed-precision plan's blocks, takes them from ``other`` here)."""
+        return self.to_dict() == other.to_dict()
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form including the method name."""
         return {"method": self.name, **dataclasses.asdict(self)}

@@ -239,7 +239,7 @@ class UniformQuantizer(Quantizer):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x in float32, through the fused CUDA kernel where it applies, else op by op."""
         # Computed in float32 whatever x's dtype: a bf16 scale would move the grid by up to 0.4 %.
-        if self._fusable and x.is_cuda and not torch.compiler.is_compiling():
+        if self._fusable and x.is_cuda and not torch.compiler.is_compiling() and not self.scale.requires_grad:
             # CUDA, eager, no autograd: one kernel with exactly the arithmetic of plain_fake_quant
             out = fake_quant_uniform(
                 x, self.scale, self.zero_point, self.qmin, self.qmax, self.granularity, self.axis, self.group_size
@@ -255,7 +255,9 @@ class UniformQuantizer(Quantizer):
         if self.granularity == "group":
             x = self._grouped(x)
         scale, zp = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
-        rounded = round_ste(x / scale) if x.requires_grad else torch.round(x / scale)
+        scaled = x / scale
+        # straight-through rounding wherever a gradient flows, also to a learned step alone (LSQ: x has none)
+        rounded = round_ste(scaled) if scaled.requires_grad else torch.round(scaled)
         q = torch.clamp(rounded + zp, self.qmin, self.qmax)
         return ((q - zp) * scale).reshape(shape).to(dtype)
 

@@ -36,6 +36,9 @@ def quant_state(encoder: VisionEncoder) -> QuantState:
         "float_fingerprint": encoder.float_fingerprint,
         "manifest": json.dumps(coverage(encoder).tensors),
     }
+    summary = getattr(encoder, "calibration_summary", None)  # what a method reports of its calibration
+    if summary is not None:
+        meta["calibration_summary"] = json.dumps(summary)
     return tensors, meta
 
 
@@ -52,7 +55,7 @@ def apply_quant_state(encoder: VisionEncoder, tensors: dict[str, torch.Tensor], 
         )
     if attached is None:
         quantize_(encoder, config)
-    elif attached.to_dict() != config.to_dict():
+    elif not attached.adopt_state_config(encoder, config):
         raise ValueError(f"the state is for {config.to_dict()}, the encoder has {attached.to_dict()} attached")
     device = next(encoder.parameters()).device
     with torch.inference_mode(False):
@@ -62,6 +65,8 @@ def apply_quant_state(encoder: VisionEncoder, tensors: dict[str, torch.Tensor], 
     uncalibrated = [n for n, q in quantizers(encoder) if not q.is_calibrated]
     if uncalibrated:
         raise ValueError(f"the state lacks parameters for quantizers {uncalibrated[:5]}")
+    if "calibration_summary" in meta:
+        encoder.calibration_summary = json.loads(meta["calibration_summary"])
     set_quant_mode(encoder, "quant")
     return encoder
 
