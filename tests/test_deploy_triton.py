@@ -132,6 +132,18 @@ def test_activation_and_requantization(triton_backend, ref, activation, out_dtyp
         torch.testing.assert_close(got_y, exp_y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+def test_two_pass_epilogue_equals_fused(triton_backend, activation):
+    """Config kind 5 (GEMM stores y in bf16, then activation + requantization) gives the fused epilogue's codes."""
+    a, b = _codes((500, 768), 20), _codes((384, 768), 21)
+    alpha = (torch.rand(384, device="cuda") + 0.5) * 2e-4
+    beta = _rand((384,), 22)
+    kw = {"activation": activation, "out_quant": (0.0125, -107, -128, 127), "out_dtype": torch.bfloat16}
+    fused = triton_backend.int8_linear(a, b, alpha, beta, config=(128, 128, 128, 8, 8, 3, 1), **kw)
+    two_pass = triton_backend.int8_linear(a, b, alpha, beta, config=(128, 128, 128, 8, 8, 3, 5), **kw)
+    assert torch.equal(fused, two_pass)
+
+
 def test_residual_and_leading_dims(triton_backend, ref):
     """residual + y (y rounded to bf16 first, as a bf16 model adds the two) over a (B, N, K) input."""
     a, b = _codes((4, 197, 768), 10), _codes((768, 768), 11)
@@ -147,17 +159,18 @@ def test_residual_and_leading_dims(triton_backend, ref):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("affine", [True, False])
-def test_layernorm_quantize(triton_backend, ref, dtype, affine):
+@pytest.mark.parametrize("rows", [None, 8])
+def test_layernorm_quantize(triton_backend, ref, dtype, affine, rows):
     """Codes of the layer norm in x's dtype: one step away where the statistics' rounding moves the value."""
     from regcache.deploy.kernels import int8_range
 
     c = 768
-    x = (_rand((1000, c), 14, 2.0) + _rand((1000, 1), 15, 3.0)).to(dtype)
+    x = (_rand((1001, c), 14, 2.0) + _rand((1001, 1), 15, 3.0)).to(dtype)  # 1001: a partial last program
     x[0, 3] = 300.0  # a massive activation in one channel, as in ViT residual streams
     w = (_rand((c,), 16) * 0.5 + 1).to(dtype) if affine else None
     bias = (_rand((c,), 17) * 0.2).to(dtype) if affine else None
     zp, qmin, qmax = int8_range(131, 0, 255)
-    got = triton_backend.layernorm_quantize(x, w, bias, 1e-5, 0.0234, zp, qmin, qmax)
+    got = triton_backend.layernorm_quantize(x, w, bias, 1e-5, 0.0234, zp, qmin, qmax, rows_per_program=rows)
     expected = ref.layernorm_quantize(x, w, bias, 1e-5, 0.0234, zp, qmin, qmax)
     assert got.dtype == torch.int8 and got.shape == x.shape
     _assert_one_step(got, expected, 1.0, 1e-3)

@@ -42,11 +42,17 @@ _ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, kind). kind: 0 pointer loads; 1 tensor
 # descriptors (the copy engine); 2 = 1 with the epilogue in two column halves; 3 = 1 persistent (one program
-# per multiprocessor); 4 = 3 with the split epilogue. TUNED per (N, K, heavy epilogue: activation or
+# per multiprocessor); 4 = 3 with the split epilogue; 5 = 1 storing y, then activation + requantization as a
+# second elementwise pass (bit-identical to the fused epilogue). TUNED per (N, K, heavy epilogue: activation or
 # requantization), the rest take the defaults. Picked on an H200 at ViT-B/16 shapes (M = 256 * 197) by
 # benchmarks/bench_deploy.py --tune, which times each shape with the epilogue it has in the model.
 Config = tuple[int, int, int, int, int, int, int]
-TUNED: dict[tuple[int, int, bool], Config] = {}
+TUNED: dict[tuple[int, int, bool], Config] = {
+    (2304, 768, False): (256, 128, 128, 8, 8, 3, 3),  # qkv: 866 TOP/s (H200, 2026-12-02, c2e139a)
+    (768, 768, False): (256, 128, 128, 8, 8, 3, 3),  # proj + residual: 615
+    (3072, 768, True): (256, 128, 128, 8, 8, 3, 4),  # fc1 + GELU + requantization: 177
+    (768, 3072, False): (128, 256, 128, 8, 8, 3, 4),  # fc2 + residual: 1,033
+}
 _DEFAULT_CONFIG: Config = (256, 128, 128, 8, 8, 3, 1)
 _SMALL_M_CONFIG: Config = (64, 128, 128, 8, 4, 4, 0)
 
@@ -368,6 +374,44 @@ def _layernorm_quantize_kernel(
 
 
 @triton.jit
+def _layernorm_quantize_rows_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, qscale_ptr, qzp_ptr, q_scale, q_zp, q_min, q_max, R, C, stride_x, stride_o, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, QP_PTR: tl.constexpr, ROUND: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """ROWS rows a program (fewer, larger programs than one row each), the same arithmetic per row."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < C
+    mask = (rows < R)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / C
+    y = d * tl.math.rsqrt(var + eps)[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    s, z = _load_qparams(qscale_ptr, qzp_ptr, q_scale, q_zp, QP_PTR)
+    out_ptrs = out_ptr + rows[:, None] * stride_o + cols[None, :]
+    tl.store(out_ptrs, _quantize(_round_to(y, ROUND), s, z, q_min, q_max), mask=mask)
+
+
+@triton.jit
+def _activation_quantize_kernel(
+    y_ptr, out_ptr, qscale_ptr, qzp_ptr, q_scale, q_zp, q_min, q_max, n,
+    ACT: tl.constexpr, ROUND: tl.constexpr, QP_PTR: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The epilogue's activation + requantization as its own pass over a stored y (already in out_dtype)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    y = _activation(tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), ACT, ROUND)
+    s, z = _load_qparams(qscale_ptr, qzp_ptr, q_scale, q_zp, QP_PTR)
+    tl.store(out_ptr + offs, _quantize(_round_to(y, ROUND), s, z, q_min, q_max), mask=mask)
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr, out_ptr, qscale_ptr, qzp_ptr, q_scale, q_zp, q_min, q_max, n, QP_PTR: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -483,6 +527,16 @@ def int8_linear(
         sp, zpp, s, z, qmin, qmax = None, None, 1.0, 0.0, -128, 127
     heavy = activation is not None or out_quant is not None
     bm, bn, bk, gm, warps, stages, kind = config or config_for(m, n, k, heavy)
+    if kind == 5 and residual is not None and heavy:
+        kind = 1  # the residual comes after the activation: only the fused epilogue has that order
+    if kind == 5:  # two passes: the GEMM stores y in out_dtype, then activation + requantization
+        cfg1 = (bm, bn, bk, gm, warps, stages, 1)
+        y = int8_linear(a2, b, alpha, beta, b_zero, out_dtype=store_dtype, residual=residual, config=cfg1)
+        if not heavy:
+            return y.reshape(*lead, n).to(out_dtype)
+        if out_quant is None:  # no pass saved: the activation on the stored y, as torch would
+            return _activation_pass(y, activation, None, store_dtype).reshape(*lead, n).to(out_dtype)
+        return _activation_pass(y, activation, out_quant, store_dtype).reshape(*lead, n)
     if kind and not _tma_ok(a2, b, k):
         kind = 0
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -536,6 +590,29 @@ def int8_linear(
     return out.to(out_dtype) if out.dtype != out_dtype and out_quant is None else out
 
 
+def _activation_pass(y: torch.Tensor, activation: str | None, out_quant: tuple | None, dtype: torch.dtype):
+    """activation (and requantization) of a stored ``y`` (in ``dtype``) as one elementwise pass (config kind 5)."""
+    if out_quant is None:  # activation only: torch's own op on the stored dtype (the contract's definition)
+        from regcache.deploy.kernels import ACTIVATIONS
+
+        return ACTIVATIONS[activation](y) if activation is not None else y
+    scale, zp, qmin, qmax = out_quant
+    out = torch.empty(y.shape, device=y.device, dtype=torch.int8)
+    sp, zpp, s, z = _qparams(scale, zp, y.device)
+    n = y.numel()
+    with _device(y):
+        _activation_quantize_kernel[(triton.cdiv(n, _QUANT_BLOCK),)](
+            y, out, sp if sp is not None else y, zpp if zpp is not None else y, s, z, float(qmin), float(qmax), n,
+            ACT=_ACT_CODE[activation], ROUND=_ROUND_CODE[dtype], QP_PTR=sp is not None, BLOCK=_QUANT_BLOCK,
+            num_warps=8,
+        )  # fmt: skip
+    return out
+
+
+# rows per program of layernorm_quantize: 1 is the kernel measured in BENCHMARKS.md section 8
+LN_ROWS = 1
+
+
 def layernorm_quantize(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -545,8 +622,13 @@ def layernorm_quantize(
     zero_point,
     qmin: int,
     qmax: int,
+    *,
+    rows_per_program: int | None = None,
 ) -> torch.Tensor:
-    """int8 codes of ``layer_norm(x)`` over the last dim (float32 statistics, rounded to x's dtype), a row a program."""
+    """int8 codes of ``layer_norm(x)`` over the last dim (float32 statistics, rounded to x's dtype).
+
+    ``rows_per_program`` (a power of two; default ``LN_ROWS``): rows each program normalizes.
+    """
     c = x.shape[-1]
     x2 = x.reshape(-1, c)
     if x2.stride(-1) != 1:
@@ -559,6 +641,16 @@ def layernorm_quantize(
     block = triton.next_power_of_2(c)
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
+    per = LN_ROWS if rows_per_program is None else rows_per_program
+    if per > 1:
+        with _device(x):
+            _layernorm_quantize_rows_kernel[(triton.cdiv(rows, per),)](
+                x2, w, b, out, sp if sp is not None else x2, zpp if zpp is not None else x2, s, z,
+                float(qmin), float(qmax), rows, c, x2.stride(0), out.stride(0), float(eps),
+                HAS_W=weight is not None, HAS_B=bias is not None, QP_PTR=sp is not None,
+                ROUND=_ROUND_CODE.get(x.dtype, 0), ROWS=per, BLOCK=block, num_warps=8,
+            )  # fmt: skip
+        return out.reshape(x.shape)
     with _device(x):
         _layernorm_quantize_kernel[(rows,)](
             x2,
