@@ -154,7 +154,13 @@ def small_kernels_section(m: int) -> list[dict]:
     nbytes = m * c * (2 + 1)
     rows, best = [], []
     for per in (1, 4, 8):
-        t = bench_ms(lambda per=per: ti.layernorm_quantize(x(), w, b, 1e-5, 0.02, -3, -128, 127, rows_per_program=per))
+        try:
+            t = bench_ms(
+                lambda per=per: ti.layernorm_quantize(x(), w, b, 1e-5, 0.02, -3, -128, 127, rows_per_program=per)
+            )
+        except Exception as exc:  # a variant that does not build here: report it, keep the others
+            print(f"  layernorm_quantize rows={per}: {type(exc).__name__}: {exc}", flush=True)
+            continue
         rows.append(
             {"kernel": f"layernorm_quantize bf16 -> int8, {per} row(s) a program", "ms": t, "GB/s": nbytes / t / 1e6}
         )
