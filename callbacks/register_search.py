@@ -33,6 +33,7 @@ import torch.distributed as dist
 from regcache._lightning import pl
 from regcache.artifacts import Artifact, canonical
 from regcache.eval import build_zeroshot_classifier
+from regcache.quant import method_config
 from regcache.quant.calibration import batch_images
 from regcache.registers import (
     RegCacheConfig,
@@ -110,6 +111,10 @@ class RegisterSearch(pl.Callback):
             and come back at their positions after the last block: the full token grid, for VLM / dense use).
         refill: what a deleted position holds in ``keep`` mode: ``input`` (the token's own state at l_q)
             or ``mean`` (the mean kept patch token); see ``regcache.registers.deletion.TokenDeletion``.
+        search_method: the method the sweep and the grid score with (None: the module's method), at the
+            module's bits with ``search_method_options``; the module's method is then calibrated once, at
+            the winner (``RegCacheConfig.search_config``: an expensive method searched with a cheaper one).
+        search_method_options: that method's options (its dataclass fields, checked).
         enabled: false runs the method without RegCache (nothing is searched or installed,
             ``regcache`` is null in metrics.json): the switch that turns a RegCache config into
             its baseline, ``--trainer.callbacks.init_args.enabled=false``.
@@ -140,6 +145,8 @@ class RegisterSearch(pl.Callback):
         enabled: bool = True,
         delete_mode: str = "drop",
         refill: str = "input",
+        search_method: str | None = None,
+        search_method_options: dict[str, Any] | None = None,
     ) -> None:
         modes = list(modes) if modes is not None else list(REGCACHE_MODES)
         # RegCacheConfig's checks, before any model work: an error names the field and the valid values
@@ -166,6 +173,11 @@ class RegisterSearch(pl.Callback):
             delete_mode=delete_mode,
             refill=refill,
         )
+        if search_method is not None:  # an unknown name or option key is an error listing the valid ones
+            method_config(search_method, options=search_method_options)
+        elif search_method_options:
+            raise ValueError("search_method_options is set but search_method is not: name the search method")
+        self.search_method, self.search_method_options = search_method, dict(search_method_options or {})
         self.objective_name = objective
         self.l_q = l_q
         self.sweep_bits = sweep_bits
@@ -197,6 +209,8 @@ class RegisterSearch(pl.Callback):
         fields += ("prefix_only_at_lq", "recalibrate", "search_dtype")
         if self.delete_mode != "drop":  # the default leaves the keys of drop runs as they were
             fields += ("delete_mode", "refill")
+        if self.search_method is not None:  # likewise for runs that search with their own method
+            fields += ("search_method", "search_method_options")
         return canonical({name: getattr(self, name) for name in fields})
 
     def regcache_config(self, pl_module: pl.LightningModule) -> RegCacheConfig:
@@ -204,8 +218,13 @@ class RegisterSearch(pl.Callback):
         names = ("l_q", "sweep_bits", "sweep_images", "search_images", "num_candidates", "curation_layers_before")
         names += ("taus", "delete_ks", "l_start_offsets", "modes", "derivation", "prefix_only_at_lq", "recalibrate")
         names += ("eval_batch_size", "fused_attention", "search_dtype", "save_every_s", "delete_mode", "refill")
+        base = pl_module.quant_config
+        search = None
+        if self.search_method is not None:
+            search = method_config(self.search_method, base.w_bits, base.a_bits, self.search_method_options)
         return RegCacheConfig(
-            base_config=pl_module.quant_config,
+            base_config=base,
+            search_config=search,
             objective=self.objective_name,
             compile_tail=self._compile_tail(pl_module),
             **{name: getattr(self, name) for name in names},
@@ -383,6 +402,7 @@ class RegisterSearch(pl.Callback):
             "reused": artifact.reused,
             "prefix_only_at_lq": self.prefix_only_at_lq,
             "delete_mode": self.delete_mode,
+            **({} if self.search_method is None else {"search_method": cfg.scoring_config.to_dict()}),
         }
         self.done = True
 

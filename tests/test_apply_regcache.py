@@ -265,3 +265,29 @@ def test_search_config_finds_the_winner_the_base_config_is_calibrated(single_thr
     calibrate_(by_hand, calib, progress=False)
     x = images("openclip", 3, seed=6)
     assert torch.equal(_embed(result.encoder, x), _embed(by_hand, x))
+
+
+def test_the_callback_searches_with_its_search_method_and_keys_it():
+    """validate's route to search_config: the callback's search_method at the module's bits, in the search key."""
+    from types import SimpleNamespace
+
+    from callbacks.register_search import RegisterSearch
+    from regcache.quant import MethodConfigError
+
+    module = SimpleNamespace(quant_config=NaiveConfig(6, 6), device=torch.device("cpu"))
+    plain = RegisterSearch(taus=[1], delete_ks=[0, 2])
+    cheap = RegisterSearch(
+        taus=[1], delete_ks=[0, 2], search_method="naive", search_method_options={"quantize_matmuls": False}
+    )
+    assert plain.regcache_config(module).search_config is None
+    cfg = cheap.regcache_config(module)
+    assert cfg.base_config == NaiveConfig(6, 6) and cfg.search_config == NaiveConfig(6, 6, quantize_matmuls=False)
+    assert (cfg.taus, cfg.delete_ks, cfg.compile_tail) == ([1], [0, 2], False)
+    assert "search_method" not in plain.settings()  # keys of runs without it stay as they were
+    assert cheap.settings()["search_method_options"] == {"quantize_matmuls": False}
+    with pytest.raises(MethodConfigError, match="unknown quantization method 'cheap'"):
+        RegisterSearch(search_method="cheap")
+    with pytest.raises(MethodConfigError, match="unknown option 'matmuls' of method 'naive'"):
+        RegisterSearch(search_method="naive", search_method_options={"matmuls": False})
+    with pytest.raises(ValueError, match="search_method_options is set but search_method is not"):
+        RegisterSearch(search_method_options={"quantize_matmuls": False})
