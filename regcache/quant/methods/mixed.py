@@ -135,7 +135,8 @@ class MixedPrecisionConfig(QuantConfig):
         summary["blocks"] = list(self.blocks)
         summary["flop_share"] = flop_share(encoder, self.blocks, num_tokens)
         self.base_config().calibrate(encoder, batches, progress=progress)
-        encoder.calibration_summary = summary
+        base_summary = getattr(encoder, "calibration_summary", None)  # the base method's own (QDrop's timings)
+        encoder.calibration_summary = summary if base_summary is None else {**summary, "base": base_summary}
 
     def sweep(self, encoder: VisionEncoder, batches: list[Any], progress: bool = True) -> Any:
         """The sensitivity sweep of the base method on a float copy (label-free cosine on the calibration images)."""

@@ -40,6 +40,7 @@ whose patch tokens the embedding never reads. docs/methods.md lists the departur
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -301,15 +302,21 @@ class QDropConfig(QuantConfig):
                 for layer in encoder.modules():
                     if isinstance(layer, QuantLinear) and layer.weight_quantizer is not None:
                         mse_calibrate_(layer.weight_quantizer, layer.weight)
-        self.reconstruct(encoder, images, progress)
+        encoder.calibration_summary = {"reconstruction": self.reconstruct(encoder, images, progress)}
         set_quant_mode(encoder, "quant")
 
-    def reconstruct(self, encoder: VisionEncoder, images: torch.Tensor, progress: bool = True) -> dict[str, Any]:
-        """Block-wise reconstruction of every block with quantizers, in order; returns per-block timings and losses."""
+    def reconstruct(
+        self, encoder: VisionEncoder, images: torch.Tensor, progress: bool = True, budget_s: float | None = None
+    ) -> dict[str, Any]:
+        """Block-wise reconstruction of every block with quantizers, in order; returns per-block seconds and losses.
+
+        ``budget_s`` (benchmarks): stop where one more block (as long as the last) would end past that many
+        seconds, the blocks after it left as the init method set them.
+        """
         device = images.device
         generator = torch.Generator(device=device).manual_seed(self.seed)
         chunk = max(self.batch_size, 64)
-        stats: dict[str, Any] = {"blocks": []}
+        start = _synced_clock(device)
         outside = [q for name, q in quantizers(encoder) if not name.startswith("blocks.")]
         self._init_outside_blocks(encoder, images, [q for q in outside if not q.is_calibrated])
         for q in outside:  # the stem's (and head's) quantizers quantize from here on, as in the final model
@@ -318,22 +325,31 @@ class QDropConfig(QuantConfig):
             with quant_mode(encoder, "float"):
                 fp_x = _map_chunks(encoder.embed, images, chunk)
             q_x = _map_chunks(encoder.embed, images, chunk) if outside else fp_x
+        stats: dict[str, Any] = {"images": int(images.shape[0]), "iterations": self.iterations, "blocks": {}}
+        stats["setup_s"] = _synced_clock(device) - start
         last = encoder.num_blocks - 1
         for index, block in enumerate(tqdm(encoder.blocks, desc="QDrop: reconstructing blocks", disable=not progress)):
-            has_quantizers = any(True for _ in quantizers(block))
+            if not any(True for _ in quantizers(block)):
+                with torch.no_grad():  # a float block (the caller's filter): both streams go through it
+                    same = q_x is fp_x
+                    fp_x = _map_chunks(block, fp_x, chunk)
+                    q_x = fp_x if same else _map_chunks(block, q_x, chunk)
+                continue
+            t0 = _synced_clock(device)
             with torch.no_grad(), quant_mode(block, "float"):
                 fp_out = _map_chunks(block, fp_x, chunk)
-            if has_quantizers:
-                if self.init_method == "mse":
-                    self._init_block_activations(block, q_x)
-                embedding = self.objective_on == "embedding" and index == last
-                stats["blocks"].append(self._reconstruct_block(encoder, block, q_x, fp_x, fp_out, embedding, generator))
-                with torch.no_grad(), quant_mode(block, "quant"):
-                    q_x = _map_chunks(block, q_x, chunk)
-            else:
-                with torch.no_grad():
-                    q_x = _map_chunks(block, q_x, chunk)
+            if self.init_method == "mse":
+                self._init_block_activations(block, q_x)
+            embedding = self.objective_on == "embedding" and index == last
+            row = self._reconstruct_block(encoder, block, q_x, fp_x, fp_out, embedding, generator)
+            with torch.no_grad(), quant_mode(block, "quant"):
+                q_x = _map_chunks(block, q_x, chunk)
             fp_x = fp_out
+            row["seconds"] = _synced_clock(device) - t0
+            stats["blocks"][str(index)] = row
+            if budget_s is not None and _synced_clock(device) - start + row["seconds"] > budget_s:
+                break  # the next block would end past the budget
+        stats["total_s"] = _synced_clock(device) - start
         return stats
 
     @torch.no_grad()
@@ -445,6 +461,13 @@ class QDropConfig(QuantConfig):
             "final_loss": None if rec is None else float(rec.detach()),
             "final_round_reg": None if reg is None else float(reg.detach()),
         }
+
+
+def _synced_clock(device: torch.device) -> float:
+    """Wall seconds after the device's queued work (one sync per block, none per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @contextmanager
