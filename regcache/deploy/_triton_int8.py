@@ -10,7 +10,9 @@ backend is asked for, so a CPU install never imports Triton. The functions meet 
   tile, in float32: ``y = alpha * (acc - b_zero * rowsum(a)) + beta`` (``rowsum(a)`` summed inside the
   K loop, only when ``b_zero`` is given), rounded to ``out_dtype``, the activation, optionally
   ``+ residual`` (the block's skip connection, an extension of the contract), then stored in
-  ``out_dtype`` or requantized to int8 for the next linear: the output makes one trip to memory.
+  ``out_dtype`` or requantized to int8 for the next linear, so the output makes one trip to memory. Where
+  the activation's arithmetic (exact erf, IEEE division) would keep the tensor cores idle in the epilogue
+  (fc1, BENCHMARKS.md section 8), the tuned configuration runs it as a second elementwise pass instead.
 - :func:`layernorm_quantize`: one row per program, float32 statistics, rounded to x's dtype, quantized.
 - :func:`quantize_static`: the static quantization alone (attention output -> proj input).
 - :func:`int8_matmul`: the reference's (exact, float64); the integer attention is not a Triton kernel yet.
@@ -50,7 +52,7 @@ Config = tuple[int, int, int, int, int, int, int]
 TUNED: dict[tuple[int, int, bool], Config] = {
     (2304, 768, False): (256, 128, 128, 8, 8, 3, 3),  # qkv: 866 TOP/s (H200, 2026-12-02, c2e139a)
     (768, 768, False): (256, 128, 128, 8, 8, 3, 3),  # proj + residual: 615
-    (3072, 768, True): (256, 128, 128, 8, 8, 3, 4),  # fc1 + GELU + requantization: 177
+    (3072, 768, True): (256, 128, 128, 8, 8, 3, 5),  # fc1 + GELU + requantization, two passes: 299 (fused: 177)
     (768, 3072, False): (128, 256, 128, 8, 8, 3, 4),  # fc2 + residual: 1,033
 }
 _DEFAULT_CONFIG: Config = (256, 128, 128, 8, 8, 3, 1)
