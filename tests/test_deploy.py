@@ -27,9 +27,10 @@ import copy
 import pytest
 import torch
 from conftest import images, make_model
+from torch import nn
 from torch.nn import functional as F
 
-from regcache.deploy import DeployConfig, DeployError, Int8Attention, Int8Linear, deploy_, simulate_
+from regcache.deploy import DeployConfig, DeployError, Int8Attention, Int8Block, Int8Linear, deploy_, simulate_
 from regcache.deploy import kernels as K
 from regcache.encoders import adapt
 from regcache.quant import METHODS, QuantLinear, calibrate_, quantize_
@@ -100,6 +101,11 @@ def test_int8_linear_and_matmul_against_int64_arithmetic():
     assert y32.dtype == torch.float32 and torch.equal(y32, y.float())
     gelu_q = K.int8_linear(a, b, alpha, beta, zb, activation="gelu", out_quant=(0.05, -100, -128, 127))
     assert torch.equal(gelu_q, K.quantize_static(F.gelu(y.float()), 0.05, -100, -128, 127))
+    # the block's skip connection: y rounded to the model's dtype, then one rounded add (as x + linear(x))
+    r = (torch.randn(7, 5, generator=g) * 30).bfloat16()
+    y_res = K.int8_linear(a, b, alpha, beta, zb, out_dtype=torch.bfloat16, residual=r)
+    assert torch.equal(y_res, (expected.bfloat16().float() + r.float()).bfloat16())
+    assert not torch.equal(y_res, expected.bfloat16())
     # batched operands with per-tensor zero points (attention)
     p = torch.randint(-128, 128, (2, 3, 6, 40), generator=g, dtype=torch.int8)
     v = torch.randint(-128, 128, (2, 3, 9, 40), generator=g, dtype=torch.int8)
@@ -165,6 +171,9 @@ def test_tiny_models_equal_the_simulation_exactly(family, method, attention, pre
     assert all(isinstance(b.attn, Int8Attention) == (attention == "int8") for b in dep.blocks)
     assert not any(isinstance(m, QuantLinear) for m in dep.modules())  # no float weight left behind
     assert all(dep.get_submodule(n).weight_codes.dtype == torch.int8 for n in report.linears)
+    # the skip adds run in proj / fc2's epilogues wherever no layer scale sits between (dinov2 has one)
+    assert all(isinstance(b, Int8Block) == isinstance(b.ls1, nn.Identity) for b in dep.blocks)
+    assert len(report.fused_residuals) == (0 if family == "dinov2" else len(dep.blocks))
     x = images(family, n=6, seed=7).double()
     with torch.no_grad(), exact_dequantization():
         a, b = sim(x), dep(x)

@@ -44,7 +44,14 @@ import torch
 from torch import nn
 
 from regcache.deploy import kernels
-from regcache.deploy.modules import Int8Attention, Int8Linear, Int8PatchEmbed, QuantizingNorm, StaticQuant
+from regcache.deploy.modules import (
+    Int8Attention,
+    Int8Block,
+    Int8Linear,
+    Int8PatchEmbed,
+    QuantizingNorm,
+    StaticQuant,
+)
 from regcache.encoders.base import Attention, Block, VisionEncoder
 from regcache.quant.modules import QuantConv2d, QuantLinear, quantized_weight
 from regcache.quant.quantizers import Quantizer, UniformQuantizer
@@ -92,6 +99,7 @@ class DeployReport:
     linears: list[str] = field(default_factory=list)
     fused_norms: list[str] = field(default_factory=list)
     fused_activations: list[str] = field(default_factory=list)
+    fused_residuals: list[str] = field(default_factory=list)  # blocks whose skip adds run in proj / fc2
     int8_attention: list[str] = field(default_factory=list)
     float_attention: list[str] = field(default_factory=list)
     patch_embed: str | None = None
@@ -334,6 +342,9 @@ def deploy_(encoder: VisionEncoder, config: DeployConfig | None = None) -> Deplo
                 for mm in (attn.matmul_qk, attn.matmul_pv):
                     mm.a_quantizer = mm.b_quantizer = None
                 report.float_attention.append(f"blocks.{i}.attn")
+            if Int8Block.applies(block):  # the skip connections into proj's / fc2's epilogues
+                block.__class__ = Int8Block
+                report.fused_residuals.append(f"blocks.{i}")
     encoder.deploy_report = report
     encoder.deploy_config = config
     return report
@@ -397,6 +408,7 @@ __all__ = [
     "DeployError",
     "DeployReport",
     "Int8Attention",
+    "Int8Block",
     "Int8Linear",
     "Int8PatchEmbed",
     "QuantizingNorm",

@@ -17,7 +17,7 @@ The contract every backend meets (the deployed modules rely on nothing else):
     ``zero_point - 128``, ``qmin - 128``, ``qmax - 128`` (:func:`int8_range`), so ``q - zero_point``,
     the only thing the arithmetic uses, is unchanged.
 
-``int8_linear(a, b, alpha, beta, b_zero, *, activation=None, out_quant=None, out_dtype=float32)``
+``int8_linear(a, b, alpha, beta, b_zero, *, activation=None, out_quant=None, out_dtype=float32, residual=None)``
     ``a``: int8 ``[M, K]`` activation codes, ``b``: int8 ``[N, K]`` weight codes (row-major, the
     ``nn.Linear`` layout), ``alpha``, ``beta``: float ``[N]``, ``b_zero``: float ``[N]`` (integer
     values) or None (symmetric weights: zero). The result::
@@ -36,7 +36,9 @@ The contract every backend meets (the deployed modules rely on nothing else):
     symmetric weights). ``y`` is rounded to ``out_dtype`` (the model's activation dtype; float32 or
     wider for the reference), then ``activation`` is applied in ``out_dtype`` — ``None``, ``"gelu"``
     (erf, ``nn.GELU()``), ``"gelu_tanh"`` (``nn.GELU("tanh")``), ``"quick_gelu"`` (``x σ(1.702 x)``,
-    open_clip's QuickGELU) — and with ``out_quant = (scale, zero_point, qmin, qmax)`` the result is
+    open_clip's QuickGELU) — then ``residual`` ([M, N] in ``out_dtype``, the block's skip connection
+    ``x + proj(...)`` / ``x + fc2(...)``) is added, one addition rounded to ``out_dtype`` as the model's
+    own add, and with ``out_quant = (scale, zero_point, qmin, qmax)`` the result is
     requantized to int8 with :func:`quantize_static`'s arithmetic (the next linear's static input
     quantizer: fc1 → GELU → fc2) and returned as int8 ``[M, N]``; else as ``out_dtype``. A backend
     lists the activations it implements in ``Backend.activations``; the deploy transform fuses only
@@ -199,13 +201,19 @@ def _exact_matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(
-    y: torch.Tensor, activation: str | None, out_quant: OutQuant | None, out_dtype: torch.dtype
+    y: torch.Tensor,
+    activation: str | None,
+    out_quant: OutQuant | None,
+    out_dtype: torch.dtype,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     y = y.to(out_dtype)
     if activation is not None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose None or one of {tuple(ACTIVATIONS)}")
         y = ACTIVATIONS[activation](y)
+    if residual is not None:  # the model's x + f(x): both in out_dtype, one rounding
+        y = residual.reshape(y.shape).to(out_dtype) + y
     if out_quant is not None:
         return quantize_static(y, *out_quant)
     return y
@@ -221,15 +229,16 @@ def int8_linear(
     activation: str | None = None,
     out_quant: OutQuant | None = None,
     out_dtype: torch.dtype = torch.float32,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``alpha * (a @ b.T - b_zero * rowsum(a)) + beta`` exactly, then activation / requantization (see module)."""
+    """``alpha * (a @ b.T - b_zero * rowsum(a)) + beta`` exactly, then activation, + residual, requantization."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_linear needs int8 codes, got a {a.dtype} and b {b.dtype}")
     acc = _exact_matmul_t(a, b)
     if b_zero is not None:
         acc = acc - b_zero.double().reshape(1, -1) * a.double().sum(dim=-1, keepdim=True)
     y = alpha.double().reshape(1, -1) * acc + beta.double().reshape(1, -1)
-    return _finish(y, activation, out_quant, out_dtype)
+    return _finish(y, activation, out_quant, out_dtype, residual)
 
 
 def int8_matmul(

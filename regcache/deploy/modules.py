@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from regcache.deploy import kernels
-from regcache.encoders.base import Attention
+from regcache.encoders.base import Attention, Block, Mlp
+from regcache.quant.fused_attention import has_hooks
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,11 @@ class Int8Linear(nn.Module):
             x = x + self.input_offset.to(x.dtype)
         return backend_for(self.backend, x.device).quantize_static(x, *self.input_quant.as_tuple())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The linear on float inputs or int8 codes (see the class docstring)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The linear on float inputs or int8 codes (see the class docstring), ``+ residual`` in its epilogue."""
         codes = x if x.dtype == torch.int8 else self.quantize_input(x)
         lead = codes.shape[:-1]
+        extra = {} if residual is None else {"residual": residual.reshape(-1, self.out_features)}
         out = backend_for(self.backend, codes.device).int8_linear(
             codes.reshape(-1, self.in_features),
             self.weight_codes,
@@ -111,6 +113,7 @@ class Int8Linear(nn.Module):
             activation=self.activation,
             out_quant=None if self.out_quant is None else self.out_quant.as_tuple(),
             out_dtype=self.compute_dtype,
+            **extra,
         )
         return out.reshape(*lead, self.out_features)
 
@@ -169,6 +172,42 @@ class Int8PatchEmbed(nn.Module):
         codes = self.linear.quantize_input(x[:, :, : gh * kh, : gw * kw])
         patches = codes.reshape(b, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh, gw, c * kh * kw)
         return self.linear(patches).permute(0, 3, 1, 2)
+
+
+class Int8Block(Block):
+    """A block whose skip connections run inside proj's and fc2's epilogues (``int8_linear(..., residual=x)``).
+
+    The same function as :class:`~regcache.encoders.base.Block` (``x + proj(attn(norm1(x)))``, then
+    ``x + fc2(...)``: the kernel adds the residual to the linear's output rounded to the model's dtype,
+    one rounding, as the model's own add), saving the separate add's pass over the residual stream.
+    :func:`regcache.deploy.deploy_` swaps a block's class to this one where :meth:`applies` (layer scales
+    identity, the standard attention / MLP forwards, proj and fc2 deployed, no hooks that must see the
+    unfused tensors); everything else about the block (prefix, deletion filter, taps) is unchanged.
+    """
+
+    @staticmethod
+    def applies(block: nn.Module) -> bool:
+        """Whether ``block`` computes exactly what this class's forward computes, with the residuals fusable."""
+        if type(block) is not Block:
+            return False
+        attn, mlp = block.attn, block.mlp
+        if not (isinstance(block.ls1, nn.Identity) and isinstance(block.ls2, nn.Identity)):
+            return False
+        if type(attn).forward is not Attention.forward or type(mlp) is not Mlp:
+            return False
+        if not (isinstance(attn.proj, Int8Linear) and isinstance(mlp.fc2, Int8Linear)):
+            return False
+        return not any(has_hooks(m) for m in (block.ls1, block.ls2, attn, attn.proj, mlp, mlp.fc2))
+
+    def forward_unfiltered(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`Block.forward_unfiltered` with the two residual adds in the linears' epilogues."""
+        x = self.tap_input(x)
+        attn, mlp = self.attn, self.mlp
+        b, n, _ = x.shape
+        out, _ = attn._attend(*attn.project_qkv(self.norm1(x)), None)
+        out = out.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)
+        x = attn.proj(attn.out_norm(out), residual=x)
+        return mlp.fc2(mlp.tap_fc2_input(mlp.norm(mlp.act(mlp.fc1(self.norm2(x))))), residual=x)
 
 
 class Int8Attention(Attention):
@@ -236,4 +275,4 @@ class Int8Attention(Attention):
         return prefix_probs @ prefix.values.to(dtype).expand(b, -1, -1, -1) + out, False
 
 
-__all__ = ["Int8Attention", "Int8Linear", "Int8PatchEmbed", "QuantizingNorm", "StaticQuant", "backend_for"]
+__all__ = ["Int8Attention", "Int8Block", "Int8Linear", "Int8PatchEmbed", "QuantizingNorm", "StaticQuant", "backend_for"]
