@@ -44,8 +44,11 @@ class OutlierReport(pl.Callback):
         self.after = OutlierStats(rel_thresholds=self.rel_thresholds, skip_tokens=skip)
         self.before = OutlierStats(rel_thresholds=self.rel_thresholds, skip_tokens=skip)
         self.seen_before = 0
+        # a deployed run's float passes run on its float copy (integer modules have no float mode): hook both
+        float_copy = getattr(pl_module, "_float_encoder", None)
+        encoders = [encoder] if float_copy is None else [encoder, float_copy]
         self._handles = [
-            b.tap_input.register_forward_hook(self._hook(encoder, i)) for i, b in enumerate(encoder.blocks)
+            b.tap_input.register_forward_hook(self._hook(enc, i)) for enc in encoders for i, b in enumerate(enc.blocks)
         ]
 
     def on_validation_batch_end(
@@ -60,8 +63,10 @@ class OutlierReport(pl.Callback):
         """Without a fidelity pass, run the plain float model on the first batches to feed the "before" profile."""
         if "float_features" in outputs or self.seen_before >= self.before_batches:
             return  # the module's fidelity pass already fed "before"
-        with plain_float(pl_module.encoder), torch.no_grad():
-            pl_module.encoder(batch["image"].to(pl_module.device))
+        float_encoder = getattr(pl_module, "float_encoder", None)  # QuantizedEncoder's (a deployed run's copy)
+        context = float_encoder() if float_encoder is not None else plain_float(pl_module.encoder)
+        with context as encoder, torch.no_grad():
+            encoder(batch["image"].to(pl_module.device))
         self.seen_before += 1
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("regcache.report", "turn several runs' metrics.json into the paper-style Markdown table"),
     "submit": ("regcache.slurm", "submit a validate run to SLURM (nodes × GPUs per node), or --dry-run"),
     "make-shards": ("regcache.data.make_shards", "write CLIP_benchmark webdataset shards from images / captions"),
+    "export": ("regcache.deploy.export", "validate options + --output FILE.onnx: the calibrated encoder as QDQ ONNX"),
 }
 
 

@@ -22,6 +22,7 @@ import torch
 from regcache._clock import IMPORTED_AT
 from regcache._lightning import pl
 from regcache.artifacts import ArtifactStore
+from regcache.deploy import DeployConfig
 from regcache.encoders import adapt
 from regcache.eval.clip_benchmark import clip_benchmark_results, write_clip_benchmark_results
 from regcache.kernels import KernelConfig, set_kernel_config
@@ -117,6 +118,14 @@ class QuantizedEncoder(pl.LightningModule):
             model config names (SigLIP / SigLIP2 where it is not in the Hugging Face cache).
         feature_layer: ``hf:`` towers only: end the tower at ``hidden_states[feature_layer]`` (``-2``: LLaVA's
             features); None keeps every block. Other families refuse it. Part of the model spec.
+        deploy: evaluate the calibrated encoder on integer kernels (:class:`regcache.deploy.DeployConfig`:
+            ``attention`` float / int8, ``backend`` auto / reference / triton; ``--model.deploy.attention=float``)
+            instead of its fake-quant simulation; applied after calibration, recorded in metrics.json
+            (``deploy``, ``run_record.deploy``). None (default): the simulation.
+        export_onnx: write the calibrated encoder (RegCache prefix and deletion included) as a QDQ ONNX graph
+            to this path on the first evaluation batch (:func:`regcache.deploy.export.export_onnx`; with
+            ``deploy``, the graph of that deployment), checked in ONNX Runtime on that batch where it is
+            installed; the summary goes to metrics.json (``export``). ``regcache export`` sets it.
     """
 
     def __init__(
@@ -136,6 +145,8 @@ class QuantizedEncoder(pl.LightningModule):
         force: bool = False,
         kernels: KernelConfig | None = None,
         feature_layer: int | None = None,
+        deploy: DeployConfig | None = None,
+        export_onnx: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -157,6 +168,7 @@ class QuantizedEncoder(pl.LightningModule):
         # before anything is installed or quantized: the float weights' identity, for artifact keys
         self.weights_fingerprint = float_fingerprint(self.encoder)
         self.quant_config = build_quant_config(method, w_bits, a_bits, method_options)
+        self.deploy_config = DeployConfig(**deploy) if isinstance(deploy, dict) else deploy
         self.manifest = None  # attached by attach_method(), after any register search on the float model
         self.fidelity = fidelity and self.quant_config is not None
         self.run_dir = Path(run_dir)
@@ -260,8 +272,55 @@ class QuantizedEncoder(pl.LightningModule):
         finally:
             self.add_time(phase, time.perf_counter() - start)
 
+    def deploy_encoder(self) -> None:
+        """Swap the calibrated encoder for its integer deployment (``deploy``), once; fidelity keeps a float copy."""
+        config = self.deploy_config
+        if config is None or self.quant_config is None or getattr(self.encoder, "deploy_report", None) is not None:
+            return
+        import copy
+
+        from regcache.deploy import deploy_
+
+        with self.timed("deploy"):
+            # the float passes (fidelity, the outlier report's "before") run on a fake-quant copy with its
+            # quantizers off: integer modules have no float mode
+            self._float_encoder = copy.deepcopy(self.encoder)
+            report = deploy_(self.encoder, config)
+        self.results["deploy"] = {"path": "integer", **report.to_dict()}
+        log.info(
+            "deployed %s on integer kernels (backend %s, attention %s)", report.method, report.backend, config.attention
+        )
+
+    def export_onnx(self, images: torch.Tensor) -> None:
+        """Write the QDQ ONNX graph (``export_onnx``) traced on ``images`` and check it in ONNX Runtime on them."""
+        from regcache.deploy.export import check_onnx, export_onnx
+
+        if self.quant_config is None:
+            raise ValueError("model.export_onnx exports a quantized encoder: set model.method (e.g. naive)")
+        with self.timed("export"):
+            deployed = getattr(self.encoder, "deploy_report", None) is not None
+            source = self._float_encoder if deployed else self.encoder  # the calibrated fake-quant encoder
+            summary = export_onnx(source, self.hparams.export_onnx, images[:1].cpu(), self.deploy_config)
+            summary["check"] = check_onnx(summary["path"], source, images[:8].cpu(), self.deploy_config)
+        self.results["export"] = summary
+        log.info(
+            "wrote %s (%d QuantizeLinear, %d int8 weights)",
+            summary["path"],
+            summary["quantize_linear"],
+            summary["int8_weight_initializers"],
+        )
+
+    @contextlib.contextmanager
+    def float_encoder(self) -> Iterator[Any]:
+        """The float model: the fake-quant copy a deployed run keeps, else the encoder, with its quantizers off."""
+        encoder = getattr(self, "_float_encoder", None)
+        encoder = self.encoder if encoder is None else encoder
+        with plain_float(encoder):
+            yield encoder
+
     def on_validation_start(self) -> None:
-        """Start the evaluation clock and zero the per-dataloader sample counts."""
+        """Deploy where asked (calibration ran in the callbacks before), start the evaluation clock, zero the counts."""
+        self.deploy_encoder()
         self._eval_start = time.perf_counter()
         self._counts = torch.zeros(max(len(self.dataset_names), 1), dtype=torch.long, device=self.device)
 
@@ -269,18 +328,20 @@ class QuantizedEncoder(pl.LightningModule):
         """Embed the batch's images (and with the float model too for fidelity) for the metric callbacks."""
         images = batch["image"].to(self.device)
         self._counts[dataloader_idx] += images.shape[0]
+        if self.hparams.export_onnx and "export" not in self.results and self.trainer.is_global_zero:
+            self.export_onnx(images)
         if getattr(self, "patch_token_outputs", False):  # set by PatchTokenFidelityValidation
             from regcache.eval.patch_tokens import encode_patch_tokens
 
             features, tokens, positions = encode_patch_tokens(self.encoder, images)
             out = {"features": features, "patch_tokens": tokens, "patch_positions": positions}
-            with plain_float(self.encoder):
-                out["float_features"], out["float_patch_tokens"], _ = encode_patch_tokens(self.encoder, images)
+            with self.float_encoder() as float_encoder:
+                out["float_features"], out["float_patch_tokens"], _ = encode_patch_tokens(float_encoder, images)
             return out
         out = {"features": self.encoder(images)}
         if self.fidelity:
-            with plain_float(self.encoder):
-                out["float_features"] = self.encoder(images)
+            with self.float_encoder() as float_encoder:
+                out["float_features"] = float_encoder(images)
         return out
 
     def on_validation_end(self) -> None:
@@ -325,12 +386,22 @@ class QuantizedEncoder(pl.LightningModule):
                 "data": getattr(datamodule, "seed", None),
             },
             "kernels": kernel,
+            "deploy": self._deploy_record(),
             "devices": devices,
             "world_size": self.trainer.world_size if self.trainer is not None else 1,
             "torch_threads": torch.get_num_threads(),  # CPU float rounding follows it
             "data": datamodule.selections() if hasattr(datamodule, "selections") else None,
             "artifacts": self.artifacts.records(),
         }
+
+    def _deploy_record(self) -> dict[str, Any]:
+        """Which path computed the quantized numbers: the fake-quant simulation or the integer kernels (and which)."""
+        if self.quant_config is None:
+            return {"path": "float"}
+        report = getattr(self.encoder, "deploy_report", None)
+        if report is None:
+            return {"path": "simulation"}
+        return {"path": "integer", "backend": report.backend, "attention": report.config.attention}
 
     def dataset_name(self, dataloader_idx: int) -> str:
         """Name under which a validation dataloader's metrics are reported."""
