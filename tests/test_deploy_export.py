@@ -133,3 +133,17 @@ def test_validate_deployed_gives_the_simulations_zero_shot_and_export_writes_onn
     assert dep["regcache"]["tau"] == sim["regcache"]["tau"] and dep["calibration"]["key"] == sim["calibration"]["key"]
     check = dep["export"]["check"]
     assert (tmp_path / "m.onnx").is_file() and check["images"] == 8 and check["median_rel_diff"] <= 2e-6
+
+
+def test_readme_deploy_snippet_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Deploy", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md (Deploy)", "exec"), namespace)
+    assert (tmp_path / "encoder.onnx").is_file()
+    assert namespace["report"].backend == "reference" and namespace["report"].linears
