@@ -38,6 +38,18 @@ def _regcache(run: dict[str, Any]) -> str:
     return cell
 
 
+def _method(run: dict[str, Any]) -> str:
+    """The method, with the mixed-precision plan's base, kept blocks and their FLOP share."""
+    method = str(run.get("method"))
+    summary = (run.get("calibration") or {}).get("summary") or {}
+    options = run.get("method_options") or {}
+    if method != "mixed" or "blocks" not in summary:
+        return method
+    kept = "float" if summary.get("keep_bits") is None else f"{summary['keep_bits']}-bit"
+    blocks = ", ".join(map(str, summary["blocks"]))
+    return f"mixed ({options.get('base')}; blocks {blocks} {kept}, {100 * summary['flop_share']:.0f} % of FLOPs)"
+
+
 def _reused(run: dict[str, Any]) -> str:
     """Which artifacts the run reused (``register_search``, ``calibration``) instead of computing them."""
     kinds = [a["kind"].replace("_", " ") for a in run.get("artifacts") or [] if a.get("reused")]
@@ -51,7 +63,7 @@ def table(runs: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT_METRICS
     head = ["model", "bits", "method", "RegCache", "reused", *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(runs, key=lambda r: (r.get("model", ""), _bits(r), r.get("method", ""), bool(r.get("regcache")))):
-        cells = [str(r.get("model")), _bits(r), str(r.get("method")), _regcache(r), _reused(r)]
+        cells = [str(r.get("model")), _bits(r), _method(r), _regcache(r), _reused(r)]
         cells += [f"{100 * r['metrics'][c]:.2f}" if c in r.get("metrics", {}) else "" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

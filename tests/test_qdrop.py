@@ -198,3 +198,33 @@ def test_mixed_precision_with_named_blocks_skips_the_sweep_and_reconstructs_the_
     assert not any(True for _ in quantizers(encoder.blocks[0])) and not any(True for _ in quantizers(encoder.blocks[2]))
     assert {q.bits for _, q in quantizers(encoder.blocks[1])} == {4}
     assert encoder.calibration_summary["flop_share"] == pytest.approx(2 / 3)
+
+
+def test_state_loads_onto_quantizers_made_in_inference_mode(tmp_path):
+    """validate attaches the method inside inference mode: empty buffers made there still take a saved state."""
+    from regcache.quant import load_quant_state, save_quant_state
+
+    encoder = calibrated(qdrop(iterations=5, init_method="mse"))
+    path = save_quant_state(encoder, tmp_path / "state.safetensors")
+    fresh = adapt(make_model(FAMILY))
+    with torch.inference_mode():
+        quantize_(fresh, qdrop(iterations=5, init_method="mse"))
+    load_quant_state(fresh, path)
+    x = images(FAMILY, n=2, seed=13)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), encoder(x))
+
+
+def test_report_names_the_mixed_plan():
+    from regcache.report import table
+
+    run = {
+        "model": "m",
+        "method": "mixed",
+        "w_bits": 4,
+        "a_bits": 4,
+        "method_options": {"base": "naive"},
+        "calibration": {"summary": {"blocks": [2], "keep_bits": None, "flop_share": 1 / 6}},
+        "metrics": {"d/zeroshot_top1": 0.42},
+    }
+    assert "| mixed (naive; blocks 2 float, 17 % of FLOPs) |" in table([run]) and "| 42.00 |" in table([run])

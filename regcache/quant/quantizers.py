@@ -94,7 +94,8 @@ class Quantizer(nn.Module):
         # (on the incoming tensor's device: an empty buffer may still sit where it was created).
         for name, buf in list(self._buffers.items()):
             key = prefix + name
-            if key in state_dict and buf is not None and buf.shape != state_dict[key].shape:
+            # (an inference tensor, made by a transform inside inference mode, cannot be copied into either)
+            if key in state_dict and buf is not None and (buf.shape != state_dict[key].shape or buf.is_inference()):
                 self._buffers[name] = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
