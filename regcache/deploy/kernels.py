@@ -15,7 +15,10 @@ The contract every backend meets (the deployed modules rely on nothing else):
     ``qmin``, ``qmax`` integers with ``-128 <= qmin <= qmax <= 127``. An unsigned range (the
     asymmetric quantizer's ``[0, 2^b - 1]`` above 127) is stored shifted by -128: the *caller* passes
     ``zero_point - 128``, ``qmin - 128``, ``qmax - 128`` (:func:`int8_range`), so ``q - zero_point``,
-    the only thing the arithmetic uses, is unchanged.
+    the only thing the arithmetic uses, is unchanged. ``zero_point`` itself may lie outside int8 and
+    outside ``[qmin, qmax]`` (RepQ-ViT's per-tensor zero point is the mean of per-channel ones: 269 for
+    ``[0, 255]`` on a tiny CLIP), so backends add it as an int32 / float, never as an int8; the same holds
+    for ``int8_matmul``'s ``a_zero`` / ``b_zero`` and for ``b_zero`` of ``int8_linear``.
 
 ``int8_linear(a, b, alpha, beta, b_zero, *, activation=None, out_quant=None, out_dtype=float32, residual=None)``
     ``a``: int8 ``[M, K]`` activation codes, ``b``: int8 ``[N, K]`` weight codes (row-major, the
