@@ -132,6 +132,30 @@ def test_activation_and_requantization(triton_backend, ref, activation, out_dtyp
         torch.testing.assert_close(got_y, exp_y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_activation_pass_on_every_16bit_input(triton_backend, ref, dtype):
+    """The GELU + requantization pass on all 65,536 inputs: the table lookup equals the arithmetic bit for bit,
+    and both equal torch's activation then the fake quantizer's codes (one step away at most, rarely)."""
+    from regcache.deploy import _triton_int8 as ti
+    from regcache.deploy.kernels import ACTIVATIONS
+
+    y = torch.arange(65536, dtype=torch.int32, device="cuda").to(torch.int16).view(dtype)
+    y = y[torch.isfinite(y.float())]
+    saved = ti.ACT_PASS
+    try:
+        for activation in ("gelu", "quick_gelu"):
+            for out_quant in [(0.0217391, -120, -128, 127), (0.0125, -107, -128, 127), (2.0**-5, 0, -8, 7)]:
+                ti.ACT_PASS = (1024, 4, "compute")
+                got = ti._activation_pass(y, activation, out_quant, dtype)
+                ti.ACT_PASS = (1024, 4, "lut")
+                assert torch.equal(ti._activation_pass(y, activation, out_quant, dtype), got)
+                expected = ref.quantize_static(ACTIVATIONS[activation](y), *out_quant)
+                print(f"{activation} {dtype} {out_quant}: {int((got != expected).sum())} of {y.numel()} differ")
+                _assert_one_step(got, expected, 1.0, 1e-3)
+    finally:
+        ti.ACT_PASS = saved
+
+
 @pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
 def test_two_pass_epilogue_equals_fused(triton_backend, activation):
     """Config kind 5 (GEMM stores y in bf16, then activation + requantization) gives the fused epilogue's codes."""
@@ -159,8 +183,8 @@ def test_residual_and_leading_dims(triton_backend, ref):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("rows", [None, 8])
-def test_layernorm_quantize(triton_backend, ref, dtype, affine, rows):
+@pytest.mark.parametrize(("kernel", "rows"), [("block", 1), ("block", 8), ("warp", 1), ("warp", 4)])
+def test_layernorm_quantize(triton_backend, ref, dtype, affine, kernel, rows):
     """Codes of the layer norm in x's dtype: one step away where the statistics' rounding moves the value."""
     from regcache.deploy.kernels import int8_range
 
@@ -170,7 +194,9 @@ def test_layernorm_quantize(triton_backend, ref, dtype, affine, rows):
     w = (_rand((c,), 16) * 0.5 + 1).to(dtype) if affine else None
     bias = (_rand((c,), 17) * 0.2).to(dtype) if affine else None
     zp, qmin, qmax = int8_range(131, 0, 255)
-    got = triton_backend.layernorm_quantize(x, w, bias, 1e-5, 0.0234, zp, qmin, qmax, rows_per_program=rows)
+    got = triton_backend.layernorm_quantize(
+        x, w, bias, 1e-5, 0.0234, zp, qmin, qmax, rows_per_program=rows, kernel=kernel
+    )
     expected = ref.layernorm_quantize(x, w, bias, 1e-5, 0.0234, zp, qmin, qmax)
     assert got.dtype == torch.int8 and got.shape == x.shape
     _assert_one_step(got, expected, 1.0, 1e-3)

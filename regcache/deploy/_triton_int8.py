@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -59,21 +60,50 @@ _DEFAULT_CONFIG: Config = (256, 128, 128, 8, 8, 3, 1)
 _SMALL_M_CONFIG: Config = (64, 128, 128, 8, 4, 4, 0)
 
 
-@triton.jit
-def _round_to(v, ROUND: tl.constexpr):
-    """v rounded to bfloat16 (1) / float16 (2) and back to float32, or unchanged (0)."""
-    if ROUND == 1:
-        v = v.to(tl.bfloat16).to(tl.float32)
-    elif ROUND == 2:
-        v = v.to(tl.float16).to(tl.float32)
-    return v
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CPU tests: the interpreter truncates float32 -> bfloat16
+
+    @triton.jit
+    def _round_to(v, ROUND: tl.constexpr):
+        """v rounded to bfloat16 (1) / float16 (2) and back to float32, or unchanged (0); bf16 by its bits (RNE)."""
+        if ROUND == 1:
+            u = v.to(tl.uint32, bitcast=True)
+            r = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000  # round half to even on the 16 dropped bits
+            v = tl.where(v == v, r.to(tl.float32, bitcast=True), v)
+        elif ROUND == 2:
+            v = v.to(tl.float16).to(tl.float32)
+        return v
+
+else:
+
+    @triton.jit
+    def _round_to(v, ROUND: tl.constexpr):
+        """v rounded to bfloat16 (1) / float16 (2) and back to float32, or unchanged (0)."""
+        if ROUND == 1:
+            v = v.to(tl.bfloat16).to(tl.float32)
+        elif ROUND == 2:
+            v = v.to(tl.float16).to(tl.float32)
+        return v
 
 
 @triton.jit
 def _quantize(v, q_scale, q_zp, q_min, q_max):
-    """clamp(rint(v / s) + z, qmin, qmax) as int8 (IEEE division, half to even), the fake quantizer's codes."""
-    r = _rint(tl.div_rn(v, q_scale)) + q_zp
-    r = tl.minimum(tl.maximum(r, q_min), q_max)
+    """clamp(rint(v / s) + z, qmin, qmax) as int8 (IEEE division, half to even), the fake quantizer's codes.
+
+    Computed as ``rint(v * (1 / s))``: the product is within 2^-22 relative of the correctly rounded
+    quotient (1 / s correctly rounded, one rounding of the product), so the two round to different
+    integers only where ``v * (1 / s)`` lies within that of a half-integer; where any element of the
+    block does (rare: ~2^-20 |v / s| per element, ties included), the block takes the IEEE division
+    for those elements. Bit-identical to ``rint(div_rn(v, s))`` at a multiply's cost per element
+    instead of a division's (the division and its slow-path check were half the instructions of
+    the GELU + requantization pass).
+    """
+    inv = tl.div_rn(1.0, q_scale)
+    u = v * inv
+    r = _rint(u)
+    near = (0.5 - tl.abs(u - r)) <= tl.abs(u) * 4.76837158203125e-07  # 2^-21
+    if tl.max(near.to(tl.int32)) > 0:
+        r = tl.where(near, _rint(tl.div_rn(v, q_scale)), r)
+    r = tl.minimum(tl.maximum(r + q_zp, q_min), q_max)
     return r.to(tl.int8)
 
 
@@ -401,6 +431,50 @@ def _layernorm_quantize_rows_kernel(
 
 
 @triton.jit
+def _layernorm_quantize_warp_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, qscale_ptr, qzp_ptr, q_scale, q_zp, q_min, q_max, R, C, stride_x, stride_o, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, QP_PTR: tl.constexpr, ROUND: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr,
+):  # fmt: skip
+    """ROWS rows a program, one warp a row: the row in NCHUNK chunks of CHUNK (32 lanes x 16 bytes) columns.
+
+    A chunk is exactly one warp's 16-byte loads, so the row's sums are warp shuffles (no shared memory, no
+    barrier) and no lane idles on padding (768 = 3 x 256 bf16 columns; one row per program over 1024
+    padded columns left a quarter of the lanes masked). Three sweeps over the row, the second and third
+    from L1: the sum, the sum of squared deviations (two-pass variance, as the one-row kernel), then the
+    normalized, quantized codes.
+    """
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = (rows < R)[:, None]
+    cols = tl.arange(0, CHUNK)
+    x_row = x_ptr + rows[:, None] * stride_x
+    acc = tl.zeros((ROWS,), dtype=tl.float32)
+    for j in tl.static_range(NCHUNK):
+        c = j * CHUNK + cols
+        acc += tl.sum(tl.load(x_row + c[None, :], mask=rmask & (c < C)[None, :], other=0.0).to(tl.float32), axis=1)
+    mean = acc / C
+    acc = tl.zeros((ROWS,), dtype=tl.float32)
+    for j in tl.static_range(NCHUNK):
+        c = j * CHUNK + cols
+        m = rmask & (c < C)[None, :]
+        d = tl.where(m, tl.load(x_row + c[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+        acc += tl.sum(d * d, axis=1)
+    rstd = tl.math.rsqrt(acc / C + eps)
+    s, z = _load_qparams(qscale_ptr, qzp_ptr, q_scale, q_zp, QP_PTR)
+    o_row = out_ptr + rows[:, None] * stride_o
+    for j in tl.static_range(NCHUNK):
+        c = j * CHUNK + cols
+        cm = c < C
+        m = rmask & cm[None, :]
+        y = (tl.load(x_row + c[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        tl.store(o_row + c[None, :], _quantize(_round_to(y, ROUND), s, z, q_min, q_max), mask=m)
+
+
+@triton.jit
 def _activation_quantize_kernel(
     y_ptr, out_ptr, qscale_ptr, qzp_ptr, q_scale, q_zp, q_min, q_max, n,
     ACT: tl.constexpr, ROUND: tl.constexpr, QP_PTR: tl.constexpr, BLOCK: tl.constexpr,
@@ -411,6 +485,15 @@ def _activation_quantize_kernel(
     y = _activation(tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), ACT, ROUND)
     s, z = _load_qparams(qscale_ptr, qzp_ptr, q_scale, q_zp, QP_PTR)
     tl.store(out_ptr + offs, _quantize(_round_to(y, ROUND), s, z, q_min, q_max), mask=mask)
+
+
+@triton.jit
+def _lookup_kernel(bits_ptr, lut_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = lut[bits]: the int8 code of each 16-bit input from its 65,536-entry table (L1-resident)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    idx = tl.load(bits_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+    tl.store(out_ptr + offs, tl.load(lut_ptr + idx, mask=mask, other=0), mask=mask)
 
 
 @triton.jit
@@ -592,6 +675,32 @@ def int8_linear(
     return out.to(out_dtype) if out.dtype != out_dtype and out_quant is None else out
 
 
+# the activation + requantization pass (config kind 5): (BLOCK, num_warps, mode), set by
+# benchmarks/bench_deploy.py to the fastest. mode "compute": the arithmetic per element; "lut" (16-bit inputs,
+# scale a number): the code of each of the 65,536 input values computed once by that same kernel and looked up
+ACT_PASS: tuple[int, int, str] = (4096, 8, "compute")
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _code_table(activation: str | None, out_quant: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """int8 [65536]: the pass's code for every 16-bit pattern of ``dtype`` (bit-identical: the same kernel made it)."""
+    key = (activation, tuple(float(v) for v in out_quant), dtype, device)
+    lut = _TABLES.get(key)
+    if lut is None:
+        if len(_TABLES) >= 256:  # a bound, not a policy: a deployed ViT-B holds 12 fc1 quantizers
+            _TABLES.clear()
+        values = torch.arange(65536, dtype=torch.int32, device=device).to(torch.int16).view(dtype)  # pattern p at p
+        scale, zp, qmin, qmax = out_quant
+        lut = torch.empty(65536, dtype=torch.int8, device=device)
+        with _device(values):
+            _activation_quantize_kernel[(triton.cdiv(65536, 4096),)](
+                values, lut, values, values, float(scale), float(zp), float(qmin), float(qmax), 65536,
+                ACT=_ACT_CODE[activation], ROUND=_ROUND_CODE[dtype], QP_PTR=False, BLOCK=4096, num_warps=8,
+            )  # fmt: skip
+        _TABLES[key] = lut
+    return lut
+
+
 def _activation_pass(y: torch.Tensor, activation: str | None, out_quant: tuple | None, dtype: torch.dtype):
     """activation (and requantization) of a stored ``y`` (in ``dtype``) as one elementwise pass (config kind 5)."""
     if out_quant is None:  # activation only: torch's own op on the stored dtype (the contract's definition)
@@ -603,16 +712,23 @@ def _activation_pass(y: torch.Tensor, activation: str | None, out_quant: tuple |
     sp, zpp, s, z = _qparams(scale, zp, y.device)
     n = y.numel()
     with _device(y):
-        _activation_quantize_kernel[(triton.cdiv(n, _QUANT_BLOCK),)](
+        block, warps, mode = ACT_PASS
+        if mode == "lut" and sp is None and y.element_size() == 2:
+            lut = _code_table(activation, out_quant, y.dtype, y.device)
+            _lookup_kernel[(triton.cdiv(n, block),)](y.view(torch.int16), lut, out, n, BLOCK=block, num_warps=warps)
+            return out
+        _activation_quantize_kernel[(triton.cdiv(n, block),)](
             y, out, sp if sp is not None else y, zpp if zpp is not None else y, s, z, float(qmin), float(qmax), n,
-            ACT=_ACT_CODE[activation], ROUND=_ROUND_CODE[dtype], QP_PTR=sp is not None, BLOCK=_QUANT_BLOCK,
-            num_warps=8,
+            ACT=_ACT_CODE[activation], ROUND=_ROUND_CODE[dtype], QP_PTR=sp is not None, BLOCK=block,
+            num_warps=warps,
         )  # fmt: skip
     return out
 
 
-# rows per program of layernorm_quantize: 1 is the kernel measured in BENCHMARKS.md section 8
-LN_ROWS = 1
+# layernorm_quantize's kernel: "warp" (a warp a row, LN_ROWS rows a program) or "block" (the row over one
+# padded block, LN_ROWS rows a program); benchmarks/bench_deploy.py times the variants and runs the fastest
+LN_KERNEL = "warp"
+LN_ROWS = 4
 
 
 def layernorm_quantize(
@@ -626,10 +742,12 @@ def layernorm_quantize(
     qmax: int,
     *,
     rows_per_program: int | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """int8 codes of ``layer_norm(x)`` over the last dim (float32 statistics, rounded to x's dtype).
 
-    ``rows_per_program`` (a power of two; default ``LN_ROWS``): rows each program normalizes.
+    ``rows_per_program`` (a power of two; default ``LN_ROWS``): rows each program normalizes; ``kernel``:
+    ``"warp"`` (a warp a row) or ``"block"`` (default ``LN_KERNEL``).
     """
     c = x.shape[-1]
     x2 = x.reshape(-1, c)
@@ -644,6 +762,16 @@ def layernorm_quantize(
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
     per = LN_ROWS if rows_per_program is None else rows_per_program
+    chunk = 32 * (16 // x2.element_size())  # one warp's 16-byte loads
+    if (kernel or LN_KERNEL) == "warp" and triton.cdiv(c, chunk) <= 16:
+        with _device(x):
+            _layernorm_quantize_warp_kernel[(triton.cdiv(rows, per),)](
+                x2, w, b, out, sp if sp is not None else x2, zpp if zpp is not None else x2, s, z,
+                float(qmin), float(qmax), rows, c, x2.stride(0), out.stride(0), float(eps),
+                HAS_W=weight is not None, HAS_B=bias is not None, QP_PTR=sp is not None,
+                ROUND=_ROUND_CODE.get(x.dtype, 0), ROWS=per, CHUNK=chunk, NCHUNK=triton.cdiv(c, chunk), num_warps=per,
+            )  # fmt: skip
+        return out.reshape(x.shape)
     if per > 1:
         with _device(x):
             _layernorm_quantize_rows_kernel[(triton.cdiv(rows, per),)](
