@@ -387,11 +387,17 @@ def e2e_section(batch: int, rounds: int, pairs: int) -> tuple[list[dict], dict, 
                 continue
             info[f"cosine to fake-quant (min): {label}"] = F.cosine_similarity(out, ref).min().item()
         info["cosine fake-quant to float (min)"] = F.cosine_similarity(ref, flt).min().item()
-        for enc, fn in variants.values():  # warm: compile / autotune both states
-            for on in (True, False):
-                set_regcache(enc, on)
-                fn(images)
-                fn(images)
+        for label, (enc, fn) in list(variants.items()):  # warm: compile / autotune / capture both states
+            try:
+                for on in (True, False):
+                    set_regcache(enc, on)
+                    fn(images)
+                    fn(images)
+            except Exception as exc:  # report the variant (a graph that does not capture, say) and time the others
+                traceback.print_exc()
+                info[f"{label} failed"] = f"{type(exc).__name__}: {exc}"
+                del variants[label]
+                set_regcache(enc, False)
         torch.cuda.synchronize()
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(rounds):
@@ -425,6 +431,37 @@ def e2e_section(batch: int, rounds: int, pairs: int) -> tuple[list[dict], dict, 
     for k, v in info.items():
         print(f"{k}: {v}", flush=True)
     return rows, info, variants, images
+
+
+def regcache_pieces(encoder, batch: int) -> dict[str, float]:
+    """ms of RegCache's pieces at ViT-B/16's shapes: SDPA with / without the prefix (qkv-view operands as the
+    blocks pass them, and contiguous ones), the K / V concatenation alone, the deletion."""
+    set_regcache(encoder, True)
+    block = next(b for b in encoder.blocks if b.attn.prefix is not None)
+    attn, prefix = block.attn, block.attn.prefix
+    h, d, n = attn.num_heads, attn.head_dim, 193
+    qkv = torch.randn(batch, n, 3, h, d, device="cuda").bfloat16()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+    x = torch.randn(batch, 197, h * d, device="cuda").bfloat16()
+    out = {}
+    with torch.inference_mode():
+        out["SDPA, no prefix (qkv views)"] = bench_ms(lambda: attn._sdpa(q, k, v, None))
+        out["SDPA, prefix (qkv views)"] = bench_ms(lambda: attn._sdpa(q, k, v, prefix))
+        out["SDPA, no prefix (contiguous)"] = bench_ms(lambda: attn._sdpa(qc, kc, vc, None))
+        out["SDPA, prefix (contiguous)"] = bench_ms(lambda: attn._sdpa(qc, kc, vc, prefix))
+        pk = prefix.keys.expand(batch, -1, 4, -1)
+        keys = torch.cat([pk, k], dim=-2)
+        out["K concatenation alone (views)"] = bench_ms(lambda: torch.cat([pk, k], dim=-2))
+        out["SDPA on the concatenated K / V only"] = bench_ms(
+            lambda: F.scaled_dot_product_attention(q, keys, keys, scale=attn.scale)
+        )
+        deletion = next(b.input_filter for b in encoder.blocks if b.input_filter is not None)
+        out["token deletion (top-4 of 196)"] = bench_ms(lambda: deletion(x))
+    set_regcache(encoder, False)
+    for k_, v_ in out.items():
+        print(f"  RegCache piece: {k_}: {v_:.4f} ms", flush=True)
+    return out
 
 
 def profile_section(variants, images) -> dict[str, str]:
@@ -490,6 +527,9 @@ def main() -> None:
     if not args.skip_e2e:
         e2e, info, variants, images = e2e_section(args.batch, args.rounds, args.pairs)
         summaries = profile_section(variants, images)
+        dep = next((enc for label, (enc, _) in variants.items() if label.startswith("(b)")), None)
+        if dep is not None:
+            info.update({f"RegCache piece ms: {k}": v for k, v in regcache_pieces(dep, args.batch).items()})
     sha = os.environ.get("GIT_COMMIT") or commit()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     head = f"{device_name()}, {date}, torch {torch.__version__}, triton {triton.__version__}, commit {sha}"
