@@ -322,3 +322,17 @@ def test_testbed_float32_deployed_zero_shot(testbed):
     pa, pb = _top1(a, classifier), _top1(b, classifier)
     assert int((pa != pb).sum()) <= 2, "a float32 code flip changes at most a near-tied prediction or two"
     assert abs(float((pa == y).float().mean()) - float((pb == y).float().mean())) <= 2 / len(y)
+
+
+def test_mixed_precision_plan_keeps_its_float_block_float_in_both_attention_modes():
+    encoder = adapt(make_model("clip"))
+    quantize_(encoder, METHODS["mixed"](w_bits=8, a_bits=8, blocks=(1,)))  # block 1 stays float
+    calibrate_(encoder, [images("clip", n=8, seed=100)], progress=False)
+    for attention in ("float", "int8"):
+        sim, dep, report = _pair(copy.deepcopy(encoder), DeployConfig(attention, "reference"), torch.float64)
+        assert report.left_float == [f"blocks.1.{n}" for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+        assert not isinstance(dep.blocks[1].attn, Int8Attention)
+        assert isinstance(dep.blocks[0].attn, Int8Attention) == (attention == "int8")
+        x = images("clip", n=4, seed=3).double()
+        with torch.no_grad(), exact_dequantization():
+            assert float(_rel(sim(x), dep(x)).max()) <= EXACT_TOL

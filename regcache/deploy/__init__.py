@@ -224,7 +224,8 @@ def _plain_layernorm(norm: nn.Module) -> bool:
     return forward is OpenClipLayerNorm.forward
 
 
-def _attention_quants(attn: Attention, where: str, method: str) -> tuple[StaticQuant, ...]:
+def _attention_quants(attn: Attention, where: str, method: str) -> tuple[StaticQuant, ...] | None:
+    """The four operand quantizers of an int8 attention, or None where all are off (the block's attention is float)."""
     qs = {
         "matmul_qk.a (Q)": attn.matmul_qk.a_quantizer,
         "matmul_qk.b (K)": attn.matmul_qk.b_quantizer,
@@ -232,10 +233,12 @@ def _attention_quants(attn: Attention, where: str, method: str) -> tuple[StaticQ
         "matmul_pv.b (V)": attn.matmul_pv.b_quantizer,
     }
     missing = [k for k, q in qs.items() if q is None or q.mode != "quant"]
+    if len(missing) == len(qs):
+        return None  # none on (e.g. a mixed-precision plan's float block): the simulation's attention is float
     if missing:
         raise DeployError(
-            f"{where}: attention='int8' needs all four attention operands quantized, but {', '.join(missing)} "
-            "is not (a method without quantized matmuls, or quantize_matmuls=False): use attention='float'"
+            f"{where}: attention='int8' needs all four attention operands quantized or none, but {', '.join(missing)} "
+            "is not: quantize them all, or use attention='float'"
         )
     for k, q in qs.items():
         if not _plain_uniform(q) or q.granularity != "tensor":
@@ -314,11 +317,15 @@ def deploy_(encoder: VisionEncoder, config: DeployConfig | None = None) -> Deplo
     report = DeployReport(config, resolved, qc.tag)
     report.left_float = [n for n in linears if n not in dict(quantized)]
     # attention first: its checks read the method's matmul quantizers before any module changes
-    attn_quants: dict[int, tuple[StaticQuant, ...]] = {}
+    attn_quants: dict[int, tuple[StaticQuant, ...] | None] = {}
     for i, block in enumerate(encoder.blocks):
         where = f"blocks.{i}.attn"
         if config.attention == "int8":
             attn_quants[i] = _attention_quants(block.attn, where, method)
+    if config.attention == "int8" and all(q is None for q in attn_quants.values()):
+        raise DeployError(
+            f"{qc.tag}: attention='int8' but no block's attention operands are quantized: use attention='float'"
+        )
     with torch.no_grad():
         deployed: dict[str, Int8Linear] = {}
         for name, module in quantized:
@@ -335,7 +342,7 @@ def deploy_(encoder: VisionEncoder, config: DeployConfig | None = None) -> Deplo
         for i, block in enumerate(encoder.blocks):
             _fuse_block(encoder, i, block, report, dtype)
             attn = block.attn
-            if config.attention == "int8":
+            if config.attention == "int8" and attn_quants[i] is not None:
                 block.attn = Int8Attention.from_attention(attn, *attn_quants[i], backend=config.backend)
                 report.int8_attention.append(f"blocks.{i}.attn")
             else:
