@@ -41,7 +41,10 @@ from regcache.testbed import CIFAR10_SAMPLE, load_testbed
 pytestmark = pytest.mark.usefixtures("single_thread")
 EXACT_TOL = 1e-11
 # NoisyQuant's searches at a few candidates: the noise it finds is what matters here, not how good it is
-FAST = {"noisyquant": {"clip_candidates": 50, "mean_candidates": 20, "amplitude_candidates": 50, "search_tokens": 256}}
+FAST = {
+    "noisyquant": {"clip_candidates": 50, "mean_candidates": 20, "amplitude_candidates": 50, "search_tokens": 256},
+    "qdrop": {"iterations": 20, "batch_size": 4, "init_images": 8, "amp": False},
+}
 
 
 @contextlib.contextmanager
@@ -162,6 +165,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ("openclip", "repq_vit", "float", True),
         ("dinov2", "naive", "int8", False),
         ("siglip", "noisyquant", "float", False),
+        ("clip", "qdrop", "int8", True),  # block reconstruction: rounding baked into the weights, LSQ steps
     ],
 )
 def test_tiny_models_equal_the_simulation_exactly(family, method, attention, prefix):
