@@ -239,6 +239,12 @@ def test_unsupported_methods_and_states_raise_naming_the_fix():
     half.blocks[0].attn.qkv.input_quantizer.set_mode("float")
     with pytest.raises(DeployError, match=r"blocks\.0\.attn\.qkv has some quantizers on and some off"):
         deploy_(half, DeployConfig(backend="reference"))
+    wide = _calibrated("clip")
+    wide.blocks[2].mlp.fc1.weight_quantizer = UniformQuantizer(10, granularity="channel").calibrate_(
+        wide.blocks[2].mlp.fc1.weight
+    )
+    with pytest.raises(DeployError, match=r"blocks\.2\.mlp\.fc1\.weight quantizes to 10 bits.*bits <= 8"):
+        deploy_(wide, DeployConfig(backend="reference"))
     with pytest.raises(ValueError, match="attention must be one of"):
         DeployConfig(attention="bf16")
     with pytest.raises(K.BackendUnavailableError):
