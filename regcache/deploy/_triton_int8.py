@@ -11,14 +11,18 @@ backend is asked for, so a CPU install never imports Triton. The functions meet 
   K loop, only when ``b_zero`` is given), rounded to ``out_dtype``, the activation, optionally
   ``+ residual`` (the block's skip connection, an extension of the contract), then stored in
   ``out_dtype`` or requantized to int8 for the next linear, so the output makes one trip to memory. Where
-  the activation's arithmetic (exact erf, IEEE division) would keep the tensor cores idle in the epilogue
-  (fc1, BENCHMARKS.md section 8), the tuned configuration runs it as a second elementwise pass instead.
-- :func:`layernorm_quantize`: one row per program, float32 statistics, rounded to x's dtype, quantized.
+  the activation's arithmetic (exact erf) would keep the tensor cores idle in the epilogue (fc1,
+  BENCHMARKS.md section 8), the tuned configuration runs it as a second elementwise pass instead: for 16-bit
+  y a lookup in a 65,536-entry table of codes that the pass's own arithmetic computed once per quantizer
+  (bit-identical, at the memory's speed).
+- :func:`layernorm_quantize`: a warp a row (or one row over a padded block per program), float32
+  statistics, rounded to x's dtype, quantized.
 - :func:`quantize_static`: the static quantization alone (attention output -> proj input).
 - :func:`int8_matmul`: the reference's (exact, float64); the integer attention is not a Triton kernel yet.
 
 Quantization is the fake quantizer's: ``clamp(rint(v / scale) + zero_point, qmin, qmax)`` with an IEEE
-division (``div_rn``) and round half to even. Differences to the float64 reference: the epilogue's float32
+division (``div_rn``, taken only where a product by the reciprocal could round otherwise: :func:`_quantize`)
+and round half to even. Differences to the float64 reference: the epilogue's float32
 products (``y`` within a few float32 ulps, so a rounding to ``out_dtype`` or a requantization can land one
 step away where the exact value lies within that of a boundary) and, in the layer norm, float32 statistics
 summed in another order. ``alpha`` / ``beta`` / ``b_zero`` of another dtype (the deployed modules keep
@@ -678,7 +682,8 @@ def int8_linear(
 # the activation + requantization pass (config kind 5): (BLOCK, num_warps, mode), set by
 # benchmarks/bench_deploy.py to the fastest. mode "compute": the arithmetic per element; "lut" (16-bit inputs,
 # scale a number): the code of each of the 65,536 input values computed once by that same kernel and looked up
-ACT_PASS: tuple[int, int, str] = (4096, 8, "compute")
+# H200, [50432, 3072] bf16 (2026-12-02, 5529a05): lut 0.118 ms (3.9 TB/s of bytes read + written), compute 0.303
+ACT_PASS: tuple[int, int, str] = (4096, 8, "lut")
 _TABLES: dict[tuple, torch.Tensor] = {}
 
 
@@ -726,9 +731,11 @@ def _activation_pass(y: torch.Tensor, activation: str | None, out_quant: tuple |
 
 
 # layernorm_quantize's kernel: "warp" (a warp a row, LN_ROWS rows a program) or "block" (the row over one
-# padded block, LN_ROWS rows a program); benchmarks/bench_deploy.py times the variants and runs the fastest
+# padded block, LN_ROWS rows a program); benchmarks/bench_deploy.py times the variants and runs the fastest.
+# H200, 50432 x 768 bf16 (2026-12-02, 5529a05): warp / 1 row 0.058 ms (2.0 TB/s), 2 / 4 / 8 rows 0.062 / 0.063 /
+# 0.069, block / 1 row 0.085
 LN_KERNEL = "warp"
-LN_ROWS = 4
+LN_ROWS = 1
 
 
 def layernorm_quantize(

@@ -125,6 +125,31 @@ class AttentionPrefix:
         return mult
 
 
+def _cat_wide(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(parts, dim)`` along a dim before the last, moved as 16- or 8-byte words where the layout allows.
+
+    The eager concatenation kernel copies one element per thread step: on 2-byte (bf16) K / V it ran at
+    ~0.66 TB/s on an H200 (0.23 ms for one (256, 12, 197, 64) prefix concatenation, 2026-12-02), the wider
+    words cut its steps 4-8x. A byte copy either way (bit-identical); under ``torch.compile`` Inductor writes
+    its own kernel, so the plain op is kept there.
+    """
+    first = parts[0]
+    if torch.compiler.is_compiling() or dim % first.ndim == first.ndim - 1:
+        return torch.cat(parts, dim)
+    for wide in (torch.complex128, torch.int64):
+        ratio = wide.itemsize // first.element_size()
+        if ratio > 1 and all(
+            p.dtype == first.dtype
+            and p.stride(-1) == 1
+            and p.shape[-1] % ratio == 0
+            and p.storage_offset() % ratio == 0
+            and all(st % ratio == 0 for st in p.stride()[:-1])
+            for p in parts
+        ):
+            return torch.cat([p.view(wide) for p in parts], dim).view(first.dtype)
+    return torch.cat(parts, dim)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with explicit, quantizable Q·Kᵀ and P·V."""
 
@@ -225,11 +250,11 @@ class Attention(nn.Module):
         lm = prefix.entry_log_multiplicity()
         repeats = prefix.repeated_entries() if lm is not None else None
         if repeats is not None:
-            keys = torch.cat([pk[:, :, i : i + 1].expand(b, -1, t, -1) for i, t in enumerate(repeats)] + [k], dim=-2)
-            values = torch.cat([pv[:, :, i : i + 1].expand(b, -1, t, -1) for i, t in enumerate(repeats)] + [v], dim=-2)
+            keys = _cat_wide([pk[:, :, i : i + 1].expand(b, -1, t, -1) for i, t in enumerate(repeats)] + [k], -2)
+            values = _cat_wide([pv[:, :, i : i + 1].expand(b, -1, t, -1) for i, t in enumerate(repeats)] + [v], -2)
             return F.scaled_dot_product_attention(q, keys, values, scale=self.scale)
-        keys = torch.cat([pk.expand(b, -1, -1, -1), k], dim=-2)
-        values = torch.cat([pv.expand(b, -1, -1, -1), v], dim=-2)
+        keys = _cat_wide([pk.expand(b, -1, -1, -1), k], -2)
+        values = _cat_wide([pv.expand(b, -1, -1, -1), v], -2)
         mask = None
         if lm is not None:
             mask = torch.cat([lm.to(q.dtype), lm.new_zeros(lm.shape[0], 1, 1, n_tok).to(q.dtype)], dim=-1)
