@@ -109,6 +109,10 @@ def test_int8_linear_and_matmul_against_int64_arithmetic():
     y_res = K.int8_linear(a, b, alpha, beta, zb, out_dtype=torch.bfloat16, residual=r)
     assert torch.equal(y_res, (expected.bfloat16().float() + r.float()).bfloat16())
     assert not torch.equal(y_res, expected.bfloat16())
+    # out=: rows of a larger buffer ([B, M / B, N] with a gap per batch, as the keys after a register prefix)
+    buf = torch.full((7, 3, 5), -1.0, dtype=torch.float64)
+    assert K.int8_linear(a, b, alpha, beta, zb, out_dtype=torch.float64, out=buf[:, 2:]) is not None
+    assert torch.equal(buf[:, 2], y) and bool((buf[:, :2] == -1).all())
     # batched operands with per-tensor zero points (attention)
     p = torch.randint(-128, 128, (2, 3, 6, 40), generator=g, dtype=torch.int8)
     v = torch.randint(-128, 128, (2, 3, 9, 40), generator=g, dtype=torch.int8)
@@ -178,6 +182,8 @@ def test_tiny_models_equal_the_simulation_exactly(family, method, attention, pre
     # the skip adds run in proj / fc2's epilogues wherever no layer scale sits between (dinov2 has one)
     assert all(isinstance(b, Int8Block) == isinstance(b.ls1, nn.Identity) for b in dep.blocks)
     assert len(report.fused_residuals) == (0 if family == "dinov2" else len(dep.blocks))
+    if prefix and attention == "float":  # qkv writes next to the register K / V (no concatenation)
+        assert any(b._writes_prefix_kv() for b in dep.blocks if isinstance(b, Int8Block))
     x = images(family, n=6, seed=7).double()
     with torch.no_grad(), exact_dequantization():
         a, b = sim(x), dep(x)

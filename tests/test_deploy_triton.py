@@ -180,6 +180,19 @@ def test_residual_and_leading_dims(triton_backend, ref):
     _assert_one_step(got, expected, 2 * _ulp_bf16(expected), 2e-3)
 
 
+@pytest.mark.parametrize("config", [None, (128, 128, 128, 8, 8, 3, 0), (128, 128, 128, 8, 8, 3, 3)])
+def test_out_rows_of_a_larger_buffer(triton_backend, config):
+    """out=[B, M / B, N] inside a buffer with P foreign rows per batch: the same values, the other rows kept."""
+    a, b = _codes((4 * 197, 768), 23), _codes((2304, 768), 24)
+    alpha = (torch.rand(2304, device="cuda") + 0.5) * 1e-4
+    beta = _rand((2304,), 25)
+    y = triton_backend.int8_linear(a, b, alpha, beta, out_dtype=torch.bfloat16, config=config)
+    buf = torch.full((4, 201, 2304), 3.0, device="cuda", dtype=torch.bfloat16)
+    triton_backend.int8_linear(a, b, alpha, beta, out_dtype=torch.bfloat16, config=config, out=buf[:, 4:])
+    assert torch.equal(buf[:, 4:].reshape(-1, 2304), y)
+    assert bool((buf[:, :4] == 3).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize(("kernel", "rows"), [("block", 1), ("block", 8), ("warp", 1), ("warp", 4)])

@@ -158,6 +158,8 @@ def _epilogue(
     N,
     stride_cm,
     stride_cn,
+    stride_cb,
+    RPB,
     stride_rm,
     stride_rn,
     HAS_BZERO: tl.constexpr,
@@ -167,6 +169,7 @@ def _epilogue(
     OUT_QUANT: tl.constexpr,
     QP_PTR: tl.constexpr,
     ROUND: tl.constexpr,
+    BATCHED: tl.constexpr,
 ):
     """float32 ``alpha * (acc - b_zero rowsum) + beta``, rounded, activation, + residual, stored or requantized."""
     n_mask = offs_n < N
@@ -185,7 +188,11 @@ def _epilogue(
     if HAS_RES:
         r_ptrs = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :] * stride_rn
         y = y + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    if BATCHED:  # out is [B, RPB, N] with any batch / row strides (rows of a larger buffer)
+        rows = (offs_m // RPB).to(tl.int64) * stride_cb + (offs_m % RPB).to(tl.int64) * stride_cm
+    else:
+        rows = offs_m.to(tl.int64) * stride_cm
+    c_ptrs = c_ptr + rows[:, None] + offs_n[None, :] * stride_cn
     if OUT_QUANT:
         s, z = _load_qparams(qscale_ptr, qzp_ptr, q_scale, q_zp, QP_PTR)
         tl.store(c_ptrs, _quantize(_round_to(y, ROUND), s, z, q_min, q_max), mask=mask)
@@ -217,6 +224,8 @@ def _int8_linear_kernel(
     stride_bk,
     stride_cm,
     stride_cn,
+    stride_cb,
+    RPB,
     stride_rm,
     stride_rn,
     HAS_BZERO: tl.constexpr,
@@ -226,6 +235,7 @@ def _int8_linear_kernel(
     OUT_QUANT: tl.constexpr,
     QP_PTR: tl.constexpr,
     ROUND: tl.constexpr,
+    BATCHED: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -260,17 +270,17 @@ def _int8_linear_kernel(
         b_ptrs += BLOCK_K * stride_bk
     _epilogue(
         acc, rowsum, offs_m, offs_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
-        q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
-        HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND,
+        q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_cb, RPB, stride_rm, stride_rn,
+        HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BATCHED,
     )  # fmt: skip
 
 
 @triton.jit
 def _store_tile(
     acc, rowsum, off_m, off_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
-    q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
+    q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_cb, RPB, stride_rm, stride_rn,
     HAS_BZERO: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    OUT_QUANT: tl.constexpr, QP_PTR: tl.constexpr, ROUND: tl.constexpr,
+    OUT_QUANT: tl.constexpr, QP_PTR: tl.constexpr, ROUND: tl.constexpr, BATCHED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """The epilogue of one tile, whole or (EPI_SPLIT) as two column halves: half the live registers."""
@@ -280,29 +290,29 @@ def _store_tile(
         offs_n = off_n + tl.arange(0, BLOCK_N // 2)
         _epilogue(
             acc0, rowsum, offs_m, offs_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
-            q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
-            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND,
+            q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_cb, RPB, stride_rm, stride_rn,
+            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BATCHED,
         )  # fmt: skip
         _epilogue(
             acc1, rowsum, offs_m, offs_n + BLOCK_N // 2, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr,
-            qzp_ptr, q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
-            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND,
+            qzp_ptr, q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_cb, RPB, stride_rm, stride_rn,
+            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BATCHED,
         )  # fmt: skip
     else:
         offs_n = off_n + tl.arange(0, BLOCK_N)
         _epilogue(
             acc, rowsum, offs_m, offs_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
-            q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
-            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND,
+            q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_cb, RPB, stride_rm, stride_rn,
+            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BATCHED,
         )  # fmt: skip
 
 
 @triton.jit
 def _int8_linear_tma_kernel(
     a_desc, b_desc, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
-    q_scale, q_zp, q_min, q_max, M, N, K, stride_cm, stride_cn, stride_rm, stride_rn,
+    q_scale, q_zp, q_min, q_max, M, N, K, stride_cm, stride_cn, stride_cb, RPB, stride_rm, stride_rn,
     HAS_BZERO: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    OUT_QUANT: tl.constexpr, QP_PTR: tl.constexpr, ROUND: tl.constexpr,
+    OUT_QUANT: tl.constexpr, QP_PTR: tl.constexpr, ROUND: tl.constexpr, BATCHED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPI_SPLIT: tl.constexpr, PERSISTENT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):  # fmt: skip
@@ -328,8 +338,8 @@ def _int8_linear_tma_kernel(
                     rowsum += tl.sum(a.to(tl.int32), axis=1)
             _store_tile(
                 acc, rowsum, off_m, off_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
-                q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
-                HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BLOCK_M, BLOCK_N, EPI_SPLIT,
+                q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_cb, RPB, stride_rm, stride_rn,
+                HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BATCHED, BLOCK_M, BLOCK_N, EPI_SPLIT,
             )  # fmt: skip
     else:
         pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -345,8 +355,8 @@ def _int8_linear_tma_kernel(
                 rowsum += tl.sum(a.to(tl.int32), axis=1)
         _store_tile(
             acc, rowsum, off_m, off_n, c_ptr, alpha_ptr, beta_ptr, bzero_ptr, res_ptr, qscale_ptr, qzp_ptr,
-            q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
-            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BLOCK_M, BLOCK_N, EPI_SPLIT,
+            q_scale, q_zp, q_min, q_max, M, N, stride_cm, stride_cn, stride_cb, RPB, stride_rm, stride_rn,
+            HAS_BZERO, HAS_BETA, ACT, HAS_RES, OUT_QUANT, QP_PTR, ROUND, BATCHED, BLOCK_M, BLOCK_N, EPI_SPLIT,
         )  # fmt: skip
 
 
@@ -574,13 +584,16 @@ def int8_linear(
     out_quant: tuple | None = None,
     out_dtype: torch.dtype = torch.float32,
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
     config: Config | None = None,
 ) -> torch.Tensor:
     """``alpha * (a @ b.T - b_zero * rowsum(a)) + beta`` (+ GELU, + residual, or requantized) for int8 a, b.
 
     a: int8 ``[..., K]``; b: int8 ``[N, K]``; alpha / beta / b_zero: float32 ``[N]``; out_quant:
     ``(scale, zero_point, qmin, qmax)`` of the next linear's input (int8 output) or None (``out_dtype``).
-    residual: ``[..., N]`` added after the activation (the block's skip connection). config: tiles
+    residual: ``[..., N]`` added after the activation (the block's skip connection). out: where to write
+    the ``[M, N]`` result, ``[M, N]`` or ``[B, M / B, N]`` with the last dim contiguous and any other strides
+    (rows inside a larger buffer: attention's keys after a register prefix); returned. config: tiles
     ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, tma)`` instead of :func:`config_for`'s.
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8:
@@ -598,9 +611,23 @@ def int8_linear(
     if kb != k:
         raise ValueError(f"a has K = {k} but b is {tuple(b.shape)} (expected [N, K])")
     store_dtype = torch.float32 if out_dtype == torch.float64 else out_dtype
-    out = torch.empty((m, n), device=a.device, dtype=torch.int8 if out_quant is not None else store_dtype)
+    given = out
+    rpb, stride_cb = 1, 0
+    if given is not None:
+        want = torch.int8 if out_quant is not None else store_dtype
+        if given.dtype != want or given.shape[-1] != n or given.numel() != m * n or given.stride(-1) != 1:
+            raise ValueError(f"out must be {want} [M = {m}, N = {n}] (or [B, M / B, N]) with unit last stride")
+        if given.ndim == 3:
+            rpb, stride_cb = given.shape[1], given.stride(0)
+            out = given
+        elif given.ndim == 2:
+            out = given
+        else:
+            raise ValueError(f"out must be 2-D or 3-D, got {tuple(given.shape)}")
+    else:
+        out = torch.empty((m, n), device=a.device, dtype=torch.int8 if out_quant is not None else store_dtype)
     if m == 0:
-        return out.reshape(*lead, n)
+        return out if given is not None else out.reshape(*lead, n)
     alpha = _f32(alpha)
     beta_t = alpha if beta is None else _f32(beta)
     bz = alpha if b_zero is None else _f32(b_zero)
@@ -618,6 +645,12 @@ def int8_linear(
     bm, bn, bk, gm, warps, stages, kind = config or config_for(m, n, k, heavy)
     if kind == 5 and residual is not None and heavy:
         kind = 1  # the residual comes after the activation: only the fused epilogue has that order
+    if kind == 5 and given is not None:
+        if heavy:  # the second pass writes a new tensor: copied into out
+            res = int8_linear(a2, b, alpha, beta, b_zero, activation=activation, out_quant=out_quant,
+                              out_dtype=out_dtype, residual=residual, config=config)  # fmt: skip
+            return given.copy_(res.reshape(given.shape))
+        kind = 1
     if kind == 5:  # two passes: the GEMM stores y in out_dtype, then activation + requantization
         cfg1 = (bm, bn, bk, gm, warps, stages, 1)
         y = int8_linear(a2, b, alpha, beta, b_zero, out_dtype=store_dtype, residual=residual, config=cfg1)
@@ -646,7 +679,8 @@ def int8_linear(
         n,
         k,
     )
-    out_strides = (out.stride(0), out.stride(1), res_strides[0], res_strides[1])
+    stride_cm = out.stride(-2)
+    out_strides = (stride_cm, out.stride(-1), stride_cb, rpb, res_strides[0], res_strides[1])
     flags = {
         "HAS_BZERO": b_zero is not None,
         "HAS_BETA": beta is not None,
@@ -655,6 +689,7 @@ def int8_linear(
         "OUT_QUANT": out_quant is not None,
         "QP_PTR": sp is not None,
         "ROUND": _ROUND_CODE[out_dtype],
+        "BATCHED": rpb > 1 and stride_cb != rpb * stride_cm,
         "BLOCK_M": bm,
         "BLOCK_N": bn,
         "BLOCK_K": bk,
@@ -675,6 +710,8 @@ def int8_linear(
         else:
             strides = (a2.stride(0), a2.stride(1), b.stride(0), b.stride(1))
             _int8_linear_kernel[(tiles,)](a2, b, *epilogue_args, *strides, *out_strides, EVEN_K=k % bk == 0, **flags)
+    if given is not None:
+        return given
     out = out.reshape(*lead, n)
     return out.to(out_dtype) if out.dtype != out_dtype and out_quant is None else out
 

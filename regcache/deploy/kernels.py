@@ -20,7 +20,8 @@ The contract every backend meets (the deployed modules rely on nothing else):
     ``[0, 255]`` on a tiny CLIP), so backends add it as an int32 / float, never as an int8; the same holds
     for ``int8_matmul``'s ``a_zero`` / ``b_zero`` and for ``b_zero`` of ``int8_linear``.
 
-``int8_linear(a, b, alpha, beta, b_zero, *, activation=None, out_quant=None, out_dtype=float32, residual=None)``
+``int8_linear(a, b, alpha, beta, b_zero, *, activation=None, out_quant=None, out_dtype=float32, residual=None,
+out=None)``
     ``a``: int8 ``[M, K]`` activation codes, ``b``: int8 ``[N, K]`` weight codes (row-major, the
     ``nn.Linear`` layout), ``alpha``, ``beta``: float ``[N]``, ``b_zero``: float ``[N]`` (integer
     values) or None (symmetric weights: zero). The result::
@@ -45,7 +46,9 @@ The contract every backend meets (the deployed modules rely on nothing else):
     requantized to int8 with :func:`quantize_static`'s arithmetic (the next linear's static input
     quantizer: fc1 → GELU → fc2) and returned as int8 ``[M, N]``; else as ``out_dtype``. A backend
     lists the activations it implements in ``Backend.activations``; the deploy transform fuses only
-    those (others run as a separate op on the float output).
+    those (others run as a separate op on the float output). ``out``: a preallocated result, ``[M, N]`` or
+    ``[B, M / B, N]`` with a contiguous last dim and any other strides (rows inside a larger buffer, such
+    as the keys after a register prefix), written and returned.
 
 ``int8_matmul(a, b, scale, a_zero, b_zero, *, out_dtype=float32)``
     Batched ``[..., M, K] x [..., N, K]`` int8 codes (per-tensor zero points, both operands
@@ -233,6 +236,7 @@ def int8_linear(
     out_quant: OutQuant | None = None,
     out_dtype: torch.dtype = torch.float32,
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``alpha * (a @ b.T - b_zero * rowsum(a)) + beta`` exactly, then activation, + residual, requantization."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
@@ -241,7 +245,12 @@ def int8_linear(
     if b_zero is not None:
         acc = acc - b_zero.double().reshape(1, -1) * a.double().sum(dim=-1, keepdim=True)
     y = alpha.double().reshape(1, -1) * acc + beta.double().reshape(1, -1)
-    return _finish(y, activation, out_quant, out_dtype, residual)
+    y = _finish(y, activation, out_quant, out_dtype, residual)
+    if out is None:
+        return y
+    if out.dtype != y.dtype or out.shape[-1] != y.shape[-1] or out.numel() != y.numel():
+        raise ValueError(f"out must be {y.dtype} with {tuple(y.shape)}'s elements, got {out.dtype} {tuple(out.shape)}")
+    return out.copy_(y.reshape(out.shape))
 
 
 def int8_matmul(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from regcache.deploy import kernels
 from regcache.encoders.base import Attention, Block, Mlp
@@ -99,11 +100,16 @@ class Int8Linear(nn.Module):
             x = x + self.input_offset.to(x.dtype)
         return backend_for(self.backend, x.device).quantize_static(x, *self.input_quant.as_tuple())
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The linear on float inputs or int8 codes (see the class docstring), ``+ residual`` in its epilogue."""
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The linear on float inputs or int8 codes (see the class docstring), ``+ residual`` in its epilogue,
+        written into ``out`` where given (the kernels' ``out=``: rows of a larger buffer)."""
         codes = x if x.dtype == torch.int8 else self.quantize_input(x)
         lead = codes.shape[:-1]
         extra = {} if residual is None else {"residual": residual.reshape(-1, self.out_features)}
+        if out is not None:
+            extra["out"] = out
         out = backend_for(self.backend, codes.device).int8_linear(
             codes.reshape(-1, self.in_features),
             self.weight_codes,
@@ -204,10 +210,57 @@ class Int8Block(Block):
         x = self.tap_input(x)
         attn, mlp = self.attn, self.mlp
         b, n, _ = x.shape
-        out, _ = attn._attend(*attn.project_qkv(self.norm1(x)), None)
+        h = self.norm1(x)
+        out = self._prefix_sdpa(h, b, n) if self._writes_prefix_kv() else None
+        if out is None:
+            out, _ = attn._attend(*attn.project_qkv(h), None)
         out = out.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)
         x = attn.proj(attn.out_norm(out), residual=x)
         return mlp.fc2(mlp.tap_fc2_input(mlp.norm(mlp.act(mlp.fc1(self.norm2(x))))), residual=x)
+
+    def _writes_prefix_kv(self) -> bool:
+        """Whether the attention is float SDPA over a prefix of repeated entries that qkv can write next to."""
+        from regcache import kernels as float_kernels
+        from regcache.encoders import base
+
+        attn = self.attn
+        prefix = attn.prefix
+        if prefix is None or type(attn) is not Attention or not isinstance(attn.qkv, Int8Linear):
+            return False
+        if prefix.keys.shape[0] != 1 or prefix.values.shape[0] != 1:  # one register set per sample
+            return False
+        if attn.qkv.out_quant is not None or attn.qkv.activation is not None:
+            return False
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            return False
+        if base._EXPLICIT[0] or not float_kernels.current().float_sdpa or not attn._plain_float():
+            return False
+        return prefix.log_multiplicity is None or prefix.repeated_entries() is not None
+
+    def _prefix_sdpa(self, h: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """SDPA over [prefix entries (τ copies each); tokens] with qkv writing its rows after the prefix rows.
+
+        The same keys / values as ``Attention._sdpa``'s concatenation, without it: one buffer (B, P + N, 3,
+        heads, head_dim) whose first P rows of the K and V slots hold the register entries (a 3 MB copy at
+        ViT-B/16, batch 256) and whose other rows the qkv GEMM writes (``out=``), so K and V are strided views
+        and nothing of the size of K / V is copied (the concatenation moved 2 x 78 MB per block).
+        """
+        attn = self.attn
+        prefix, qkv = attn.prefix, attn.qkv
+        heads, d = attn.num_heads, attn.head_dim
+        dtype = qkv.compute_dtype
+        reps = prefix.repeated_entries() if prefix.log_multiplicity is not None else None
+        reps = reps or (1,) * prefix.num_entries
+        pk, pv = prefix.keys.to(dtype)[0], prefix.values.to(dtype)[0]  # (heads, entries, d), shared by the batch
+        entries = torch.stack(
+            [torch.cat([t[:, i : i + 1].expand(-1, r, -1) for i, r in enumerate(reps)], dim=1) for t in (pk, pv)]
+        )  # (2, heads, P, d)
+        p = entries.shape[2]
+        buf = torch.empty((b, p + n, 3, heads, d), device=h.device, dtype=dtype)
+        buf[:, :p, 1:] = entries.permute(2, 0, 1, 3)
+        qkv(h, out=buf[:, p:].view(b, n, 3 * heads * d))
+        q, k, v = (buf[:, p:, 0], buf[:, :, 1], buf[:, :, 2])
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=attn.scale)
 
 
 class Int8Attention(Attention):
