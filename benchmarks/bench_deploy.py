@@ -387,6 +387,16 @@ def e2e_section(batch: int, rounds: int, pairs: int) -> tuple[list[dict], dict, 
                 continue
             info[f"cosine to fake-quant (min): {label}"] = F.cosine_similarity(out, ref).min().item()
         info["cosine fake-quant to float (min)"] = F.cosine_similarity(ref, flt).min().item()
+        set_regcache(fq, True)  # the same random registers and deletion on both (install_random_regcache's seed)
+        ref_rc = fq(images[:64]).float()
+        for label, (enc, fn) in list(variants.items()):
+            if label.startswith("(a)"):
+                continue
+            set_regcache(enc, True)
+            out = fn(images[:64]).float()
+            info[f"cosine to fake-quant with RegCache (min): {label}"] = F.cosine_similarity(out, ref_rc).min().item()
+            set_regcache(enc, False)
+        set_regcache(fq, False)
         for label, (enc, fn) in list(variants.items()):  # warm: compile / autotune / capture both states
             try:
                 for on in (True, False):
