@@ -3,7 +3,7 @@
 # RegCache, and the sweep's mixed-precision plan, by `regcache validate` on train_configs/demo.yaml's data and grid;
 # QDrop + RegCache scores the grid with naive W4A4 and reconstructs once at the winner (the library's
 # RegCacheConfig(search_config=...); benchmarks/testbed_qdrop_regcache.py). Then `regcache report`.
-#   bash train_configs/testbed/w4a4_table.sh [RUNS_DIR]        (about 15 minutes on 2 CPU cores)
+#   bash train_configs/testbed/w4a4_table.sh [RUNS_DIR]        (about 16 minutes on 2 CPU cores, 7.5 of them RepQ-ViT + RegCache)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-runs/w4a4}
