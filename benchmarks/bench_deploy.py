@@ -298,37 +298,10 @@ def set_regcache(encoder, on: bool) -> None:
 
 
 def cuda_graphed(fn, encoder):
-    """fn replayed from CUDA graphs, one per (input shape, RegCache state), captured on first use.
+    """fn replayed from CUDA graphs, one per (input shape, RegCache state): regcache.deploy.graphs.CudaGraphRunner."""
+    from regcache.deploy.graphs import CudaGraphRunner
 
-    Removes the launch gaps of the eager integer path (every kernel launched by Python). The state key is
-    the identity of each block's prefix and deletion filter; the entry keeps them alive, so an id is
-    never reused for another object while its graph exists.
-    """
-    cache = {}
-
-    def run(images):
-        state = tuple((id(b.attn.prefix), id(b.input_filter)) for b in encoder.blocks)
-        key = (tuple(images.shape), images.dtype, state)
-        entry = cache.get(key)
-        if entry is None:
-            static = images.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm: compile / tables outside the capture
-                fn(static)
-                fn(static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn(static)
-            keep = [(b.attn.prefix, b.input_filter) for b in encoder.blocks]
-            entry = cache[key] = (graph, static, out, keep)
-        graph, static, out, _ = entry
-        static.copy_(images)
-        graph.replay()
-        return out
-
-    return run
+    return CudaGraphRunner(encoder, fn)
 
 
 def enqueue_ms(fn, images, calls: int = 3) -> float:

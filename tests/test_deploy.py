@@ -352,3 +352,16 @@ def test_mixed_precision_plan_keeps_its_float_block_float_in_both_attention_mode
         x = images("clip", n=4, seed=3).double()
         with torch.no_grad(), exact_dequantization():
             assert float(_rel(sim(x), dep(x)).max()) <= EXACT_TOL
+
+
+def test_cuda_graph_runner_keys_on_regcache_state_and_refuses_cpu():
+    from regcache.deploy.graphs import CudaGraphRunner
+
+    encoder = _calibrated("clip")
+    deploy_(encoder, DeployConfig("float", "reference"))
+    runner = CudaGraphRunner(encoder)
+    with pytest.raises(ValueError, match="CUDA input"):
+        runner(images("clip", n=1, seed=1))
+    before = runner._state()
+    install_deletion(encoder, 1, 2)
+    assert runner._state() != before  # a new deletion (or prefix) is a new graph

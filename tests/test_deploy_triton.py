@@ -239,3 +239,21 @@ def test_backend_registered(triton_backend):
     assert set(triton_backend.activations) == {"gelu", "gelu_tanh", "quick_gelu"}
     with pytest.raises(TypeError, match="int8"):
         triton_backend.int8_linear(torch.ones(2, 2, device="cuda"), torch.ones(2, 2, device="cuda"), None, None)
+
+
+def test_cuda_graph_runner_replays_the_eager_result(triton_backend):
+    """A graph of quantize_static + int8_linear equals the eager calls, on new inputs of the captured shape."""
+    from regcache.deploy.graphs import CudaGraphRunner
+
+    b = _codes((384, 768), 26)
+    alpha = (torch.rand(384, device="cuda") + 0.5) * 1e-4
+    beta = _rand((384,), 27)
+
+    def fn(x):
+        codes = triton_backend.quantize_static(x, 0.0217391, -3, -128, 127)
+        return triton_backend.int8_linear(codes, b, alpha, beta, out_dtype=torch.bfloat16)
+
+    runner = CudaGraphRunner(torch.nn.Module(), fn)
+    for seed in (28, 29):
+        x = _rand((1200, 768), seed).bfloat16()
+        assert torch.equal(runner(x), fn(x))
