@@ -228,3 +228,18 @@ def test_report_names_the_mixed_plan():
         "metrics": {"d/zeroshot_top1": 0.42},
     }
     assert "| mixed (naive; blocks 2 float, 17 % of FLOPs) |" in table([run]) and "| 42.00 |" in table([run])
+
+
+def test_validate_reports_the_plan_and_reuses_its_calibration(tmp_path):
+    """Through `regcache validate`: the chosen block and FLOP share in metrics.json, also from a reused state."""
+    from conftest import demo_validate
+
+    extra = ["--trainer.callbacks.init_args.enabled=false", "--model.method=mixed", "--model.w_bits=4"]
+    extra += ["--model.a_bits=4", f"--model.artifacts_dir={tmp_path / 'artifacts'}"]
+    first = demo_validate(tmp_path / "a", *extra)
+    second = demo_validate(tmp_path / "b", *extra)
+    summary = first["calibration"]["summary"]
+    assert summary["blocks"] == [summary["sweep_ranking"][0]] and summary["flop_share"] == pytest.approx(1 / 6)
+    assert second["calibration"]["loaded"] and second["calibration"]["summary"] == summary
+    assert first["method_options"]["blocks"] == second["method_options"]["blocks"] == summary["blocks"]
+    assert first["metrics"] == second["metrics"]
