@@ -134,7 +134,9 @@ def _cat_wide(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     its own kernel, so the plain op is kept there.
     """
     first = parts[0]
-    if torch.compiler.is_compiling() or dim % first.ndim == first.ndim - 1:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return torch.cat(parts, dim)  # graph builders: the plain op (no dtype reinterpretation in the graph)
+    if dim % first.ndim == first.ndim - 1:
         return torch.cat(parts, dim)
     for wide in (torch.complex128, torch.int64):
         ratio = wide.itemsize // first.element_size()
