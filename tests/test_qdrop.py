@@ -243,3 +243,46 @@ def test_validate_reports_the_plan_and_reuses_its_calibration(tmp_path):
     assert second["calibration"]["loaded"] and second["calibration"]["summary"] == summary
     assert first["method_options"]["blocks"] == second["method_options"]["blocks"] == summary["blocks"]
     assert first["metrics"] == second["metrics"]
+
+
+def _state_of(config, monkeypatch, fast: bool, compile_step: bool = False):
+    from regcache.quant.methods import qdrop as qdrop_module
+
+    monkeypatch.setattr(qdrop_module, "FAST_STEP_DEVICES", ("cpu",) if fast else ())
+    monkeypatch.setattr(qdrop_module, "COMPILE_STEP", compile_step)
+    encoder = calibrated(config)
+    return encoder, {k: v.clone() for k, v in encoder.state_dict().items()}
+
+
+def test_fast_step_loop_is_the_eager_loop(monkeypatch):
+    # The CUDA loop (masks drawn outside the graph and fed to the hooks, b as a tensor, foreach step clamps),
+    # run eagerly on CPU: the same random draws in the same order, so the same state up to float rounding.
+    config = qdrop(iterations=40, init_method="mse")
+    eager, a = _state_of(config, monkeypatch, fast=False)
+    fast, b = _state_of(config, monkeypatch, fast=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6), k
+    rows = fast.calibration_summary["reconstruction"]["blocks"]
+    assert {row["step"] for row in rows.values()} == {"uncompiled"}  # the loop under test ran
+    assert {row["step"] for row in eager.calibration_summary["reconstruction"]["blocks"].values()} == {"eager"}
+    ref = eager.calibration_summary["reconstruction"]["blocks"]
+    for k, row in rows.items():
+        assert row["final_loss"] == pytest.approx(ref[k]["final_loss"], rel=1e-4)
+
+
+def test_failed_compile_falls_back_to_the_eager_step_with_a_warning(monkeypatch):
+    def broken_compile(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("inductor unavailable")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    config = qdrop(iterations=20)
+    _, a = _state_of(config, monkeypatch, fast=True, compile_step=False)
+    with pytest.warns(UserWarning, match="inductor unavailable"):
+        encoder, b = _state_of(config, monkeypatch, fast=True, compile_step=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the failed step reran eagerly on the same draws
+    rows = encoder.calibration_summary["reconstruction"]["blocks"].values()
+    assert all(row["step"] == "eager (compile failed)" and "inductor" in row["compile_warning"] for row in rows)

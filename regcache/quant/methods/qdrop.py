@@ -32,6 +32,12 @@ RegCache: a register prefix installed before calibration (``Attention.prefix``) 
 (``Block.input_filter``) are part of every block forward, so the reconstruction sees the prefix
 keys / values in both the float targets and the quantized blocks.
 
+On CUDA (``FAST_STEP_DEVICES``) a step's forward, loss and backward run as one ``torch.compile`` graph
+(eagerly, with a recorded warning, if compilation fails), with no host sync: the batch indices and
+drop masks are drawn from the seeded generator outside the graph in the eager loop's order and fed to
+the quantizers' hooks, b is a device scalar, the step clamps are foreach ops. The same function as the
+eager loop (CPU) up to float rounding (tested on CPU without the compiler).
+
 ``objective_on="embedding"`` (CLIP / SigLIP towers): the last block's loss is on the pooled embedding
 (``encoder.pool``: CLS + projection, or SigLIP's MAP head run in float) instead of its output tokens,
 whose patch tokens the embedding never reads. docs/methods.md lists the departures from the official code.
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -417,9 +424,44 @@ class QDropConfig(QuantConfig):
         loss_start = self.iterations * self.warmup
         n = q_in.shape[0]
         rec = reg = None
+        fast = device.type in FAST_STEP_DEVICES
+        timing: dict[str, Any] = {}
+        try:
+            if fast:
+                with quant_mode(block, "quant"):
+                    calls = _probe_drop_calls(block, drop_qs, q_in[: self.batch_size], autocast, self.drop_prob)
+                    fast = calls is not None
+                if fast:
+                    with quant_mode(block, "quant"):
+                        rec, reg, timing = self._fast_loop(
+                            encoder,
+                            block,
+                            drop_qs,
+                            calls,
+                            rounding,
+                            steps,
+                            (q_in, fp_in, target),
+                            embedding,
+                            generator,
+                            (w_opt, a_opt, a_sched),
+                            autocast,
+                        )
+        finally:
+            if fast:
+                self._bake(block, rounding, originals, steps, saved_grad)
+        if fast:
+            return {
+                "final_loss": None if rec is None else float(rec.detach()),
+                "final_round_reg": None if reg is None else float(reg.detach()),
+                **timing,
+            }
+        mark, t_mark = min(100, self.iterations // 2), None  # steady time from step mark + 1 (one sync)
+        t0 = _synced_clock(device)
         try:
             with quant_mode(block, "quant"), dropped_quantization(drop_qs, self.drop_prob, generator):
                 for step in range(1, self.iterations + 1):
+                    if step == mark + 1:
+                        t_mark = _synced_clock(device)
                     idx = torch.randint(0, n, (self.batch_size,), generator=generator, device=device)
                     x = q_in[idx]
                     if self.drop_prob < 1.0:
@@ -448,19 +490,220 @@ class QDropConfig(QuantConfig):
                         for s in steps.values():  # the official LSQ keeps the step positive
                             s.abs_().clamp_(min=1e-8)
         finally:
-            with torch.no_grad():
-                for layer, ada in rounding.items():
-                    layer.weight.copy_(ada.quantized(hard=True).to(layer.weight.dtype))
-                    layer.weight_quantizer = originals[layer]
-                for q, s in steps.items():
-                    q.scale = s.detach().clone()
-            for p, flag in saved_grad:
-                p.requires_grad_(flag)
-            clear_weight_cache(block)
+            self._bake(block, rounding, originals, steps, saved_grad)
+        end = _synced_clock(device)
+        timing = {"step": "eager", "loop_s": end - t0}
+        if t_mark is not None and self.iterations > mark:
+            timing["steady_ms_per_step"] = 1000 * (end - t_mark) / (self.iterations - mark)
         return {
             "final_loss": None if rec is None else float(rec.detach()),
             "final_round_reg": None if reg is None else float(reg.detach()),
+            **timing,
         }
+
+    @staticmethod
+    def _bake(
+        block: nn.Module,
+        rounding: dict[QuantLinear, AdaRoundWeight],
+        originals: dict[QuantLinear, Quantizer],
+        steps: dict[Quantizer, torch.Tensor],
+        saved_grad: list[tuple[torch.Tensor, bool]],
+    ) -> None:
+        """Hard rounding baked into the weights, learned steps kept, the block's own quantizers and grad flags back."""
+        with torch.no_grad():
+            for layer, ada in rounding.items():
+                layer.weight.copy_(ada.quantized(hard=True).to(layer.weight.dtype))
+                layer.weight_quantizer = originals[layer]
+            for q, s in steps.items():
+                q.scale = s.detach().clone()
+        for p, flag in saved_grad:
+            p.requires_grad_(flag)
+        clear_weight_cache(block)
+
+    def _fast_loop(
+        self,
+        encoder: VisionEncoder,
+        block: Block,
+        drop_qs: list[Quantizer],
+        calls: list[tuple[int, torch.Size]],
+        rounding: dict[QuantLinear, AdaRoundWeight],
+        steps: dict[Quantizer, torch.Tensor],
+        streams: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        embedding: bool,
+        generator: torch.Generator,
+        optim: tuple[Any, Any, Any],
+        autocast: Any,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+        """The reconstruction steps with the forward and loss compiled and no host sync (CUDA; see ``_FastStep``).
+
+        The same function as the eager loop, drawing the same random numbers in the same order: the batch
+        indices, the input mix and then each dropped quantizer's mask in the order the forward calls them
+        (probed once), drawn eagerly from ``generator`` and fed to the graph as tensors.
+        """
+        q_in, fp_in, target = streams
+        w_opt, a_opt, a_sched = optim
+        device = q_in.device
+        n, prob, iters = q_in.shape[0], self.drop_prob, self.iterations
+        feed = _MaskFeed()
+        temp = LinearTempDecay(iters, self.warmup, *self.b_range)
+        b_values = [temp(t) for t in range(1, iters + 1)]  # python floats: no per-step device work
+        b_now = torch.zeros((), device=device)
+        params = [a.alpha for a in rounding.values()] + list(steps.values())
+        step_list = list(steps.values())
+        loss_start = iters * self.warmup
+        reg_weight = self.reg_weight
+
+        def loss_fn(idx, keep_in, masks, b, q_in, fp_in, target, with_reg: bool):
+            feed.masks = masks
+            x = q_in[idx]
+            if keep_in is not None:
+                x = torch.where(keep_in < prob, x, fp_in[idx])
+            with autocast:
+                out = block(x)
+                if embedding:
+                    out = encoder.pool(out)
+            rec = (out.float() - target[idx].float()).pow(2).sum(-1).mean()
+            if not with_reg:
+                return rec, rec, None
+            reg = sum((1 - (2 * a.soft() - 1).abs().pow(b)).sum() for a in rounding.values())
+            return rec + reg_weight * reg, rec, reg
+
+        step_fn = _FastStep(loss_fn, params)
+        hooks = [drop_qs[q].register_forward_hook(feed.hook(pos, prob)) for pos, (q, _) in enumerate(calls)]
+        x_shape = (self.batch_size, *q_in.shape[1:])
+        rec = reg = None
+        mark = min(100, iters // 2)
+        t_mark = None
+        t0 = _synced_clock(device)
+        room = _recompile_room()
+        try:
+            room.__enter__()
+            for step in range(1, iters + 1):
+                if step == mark + 1:
+                    t_mark = _synced_clock(device)
+                idx = torch.randint(0, n, (self.batch_size,), generator=generator, device=device)
+                keep_in = torch.rand(x_shape, generator=generator, device=device) if prob < 1.0 else None
+                masks = [torch.rand(shape, generator=generator, device=device) for _, shape in calls]
+                with_reg = step >= loss_start and bool(rounding)
+                if with_reg:
+                    b_now.fill_(b_values[step - 1])
+                for opt in (w_opt, a_opt):
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
+                _, rec, reg_t = step_fn(idx, keep_in, masks, b_now, q_in, fp_in, target, with_reg)
+                reg = reg_t if reg_t is not None else reg
+                for opt in (w_opt, a_opt):
+                    if opt is not None:
+                        opt.step()
+                if a_sched is not None:
+                    a_sched.step()
+                if step_list:
+                    with torch.no_grad():  # the official LSQ keeps the step positive
+                        torch._foreach_abs_(step_list)
+                        torch._foreach_clamp_min_(step_list, 1e-8)
+        finally:
+            room.__exit__(None, None, None)
+            for h in hooks:
+                h.remove()
+        end = _synced_clock(device)
+        timing = {"step": step_fn.kind, "loop_s": end - t0}
+        if step_fn.warning:
+            timing["compile_warning"] = step_fn.warning
+        if t_mark is not None and iters > mark:
+            timing["steady_ms_per_step"] = 1000 * (end - t_mark) / (iters - mark)
+        return rec, reg, timing
+
+
+FAST_STEP_DEVICES: tuple[str, ...] = ("cuda",)  # device types whose steps run through _FastStep
+COMPILE_STEP = True  # whether _FastStep compiles the forward and loss (False: the same loop eagerly)
+
+
+class _MaskFeed:
+    """The drop masks of one step, drawn outside the compiled graph and read by the quantizers' hooks in it."""
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor] = []
+
+    def hook(self, position: int, prob: float) -> Any:
+        """A forward hook keeping the quantized output where mask ``position`` of the step is below ``prob``."""
+
+        def hook(_q: Quantizer, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            return torch.where(self.masks[position] < prob, out, args[0].to(out.dtype))
+
+        return hook
+
+
+def _probe_drop_calls(
+    block: nn.Module, qs: Sequence[Quantizer], x: torch.Tensor, autocast: Any, prob: float
+) -> list[tuple[int, torch.Size]] | None:
+    """``(quantizer index, output shape)`` per call of the dropped quantizers in one forward, in call order.
+
+    None where a quantizer runs twice in one forward (its masks would need a per-call count: the eager loop
+    then runs). Run with autograd on, as the steps are (the fused attention kernel, which hides quantizer
+    calls, is then off).
+    """
+    if prob >= 1.0:
+        return []
+    calls: list[tuple[int, torch.Size]] = []
+
+    def record(i: int) -> Any:
+        def hook(_q: Quantizer, _args: tuple[Any, ...], out: torch.Tensor) -> None:
+            calls.append((i, out.shape))
+
+        return hook
+
+    handles = [q.register_forward_hook(record(i)) for i, q in enumerate(qs)]
+    try:
+        with torch.enable_grad(), autocast:
+            block(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls if len({i for i, _ in calls}) == len(calls) else None
+
+
+@contextmanager
+def _recompile_room() -> Iterator[None]:
+    """Room for one graph per block and loss variant (the same code compiles again for each block's modules)."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    with cfg.patch(**{name: max(getattr(cfg, name), 128)}):
+        yield
+
+
+class _FastStep:
+    """Forward, loss and backward of one reconstruction step: compiled by ``torch.compile``, eager if that fails.
+
+    Compilation failing (at the first call of a loss variant, where Inductor compiles) is recorded in
+    ``warning`` and warned once; that step and all later ones then run eagerly, with the same inputs
+    (the random draws of the step are reused), so the sequence of steps is unchanged.
+    """
+
+    def __init__(self, loss_fn: Any, params: list[torch.Tensor]) -> None:
+        self.loss_fn, self.params = loss_fn, params
+        self.compiled = torch.compile(loss_fn) if COMPILE_STEP else None
+        self.kind = "compiled" if COMPILE_STEP else "uncompiled"
+        self.warning: str | None = None
+
+    def __call__(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(loss, reconstruction error, rounding regulariser or None)`` after ``loss.backward()``."""
+        if self.compiled is not None:
+            try:
+                loss, rec, reg = self.compiled(*args)
+                loss.backward()
+                return loss, rec, reg
+            except Exception as exc:  # any compiler failure: the eager step is the same function
+                self.compiled, self.kind = None, "eager (compile failed)"
+                self.warning = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+                warnings.warn(
+                    f"QDrop: torch.compile of the reconstruction step failed, running it eagerly ({self.warning})",
+                    stacklevel=2,
+                )
+                for p in self.params:
+                    p.grad = None
+        loss, rec, reg = self.loss_fn(*args)
+        loss.backward()
+        return loss, rec, reg
 
 
 def _synced_clock(device: torch.device) -> float:
