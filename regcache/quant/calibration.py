@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -87,3 +88,24 @@ def _quantizers_and_activation_quantizers(encoder: nn.Module) -> tuple[list[Quan
         elif isinstance(m, QuantLinear):
             weight_qs.add(id(m.weight_quantizer))
     return everything, [q for q in everything if id(q) not in weight_qs]
+
+
+@contextmanager
+def init_on_first_use(qs: Sequence[Quantizer], init: Callable[[Quantizer, torch.Tensor], None]) -> Iterator[None]:
+    """The quantizers quantize; an uncalibrated one first initialises itself with ``init(quantizer, first input)``."""
+
+    def hook(quantizer: Quantizer, args: tuple[Any, ...]) -> None:
+        if not quantizer.is_calibrated:
+            init(quantizer, args[0])
+
+    saved = [(q, q.mode) for q in qs]
+    handles = [q.register_forward_pre_hook(hook) for q in qs]
+    for q in qs:
+        q.mode = "quant"  # uncalibrated ones get their parameters in the hook, before quantizing
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for q, mode in saved:
+            q.mode = mode

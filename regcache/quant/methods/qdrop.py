@@ -58,7 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from regcache.quant.api import FilterFn, QuantConfig, swap_linears
-from regcache.quant.calibration import iter_images, observe_activations
+from regcache.quant.calibration import init_on_first_use, iter_images, observe_activations
 from regcache.quant.init import quantizer_rows
 from regcache.quant.methods.naive import NaiveConfig
 from regcache.quant.methods.repq_vit import RepQViTConfig
@@ -168,23 +168,8 @@ def block_activation_quantizers(block: nn.Module) -> list[Quantizer]:
 @contextmanager
 def mse_init_on_first_use(block: nn.Module) -> Iterator[None]:
     """The block's uncalibrated activation quantizers initialise themselves (least-Lp search) from their first input."""
-
-    def hook(quantizer: Quantizer, args: tuple[Any, ...]) -> None:
-        if not quantizer.is_calibrated:
-            mse_calibrate_(quantizer, args[0], MSE_MAX_ELEMENTS)
-
-    qs = block_activation_quantizers(block)
-    handles = [q.register_forward_pre_hook(hook) for q in qs]
-    saved = [(q, q.mode) for q in qs]
-    for q in qs:
-        q.mode = "quant"
-    try:
+    with init_on_first_use(block_activation_quantizers(block), lambda q, x: mse_calibrate_(q, x, MSE_MAX_ELEMENTS)):
         yield
-    finally:
-        for h in handles:
-            h.remove()
-        for q, mode in saved:
-            q.mode = mode
 
 
 @contextmanager

@@ -52,14 +52,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from regcache.quant.api import FilterFn, QuantConfig, block_linears_and_matmuls, head_linear, swap_linears
-from regcache.quant.calibration import iter_images
+from regcache.quant.calibration import init_on_first_use, iter_images
 from regcache.quant.init import REPQ_PERCENTILES, percentile_calibrate_
 from regcache.quant.log_quantizers import LogSqrt2Quantizer
 from regcache.quant.modules import MatMul, QuantConv2d, QuantLinear, quantizers, set_quant_mode
@@ -138,22 +138,9 @@ def calibrate_on_first_use(
     encoder: nn.Module, percentiles: Sequence[float], official_arithmetic: bool = False
 ) -> Iterator[None]:
     """All quantizers quantize; an uncalibrated one first initialises itself from its first input."""
-
-    def hook(quantizer: Quantizer, args: tuple[Any, ...]) -> None:
-        if not quantizer.is_calibrated:
-            percentile_init_(quantizer, args[0], percentiles, official_arithmetic)
-
-    saved = [(q, q.mode) for _, q in quantizers(encoder)]
-    handles = [q.register_forward_pre_hook(hook) for q, _ in saved]
-    for q, _ in saved:
-        q.mode = "quant"  # uncalibrated ones get their parameters in the hook, before quantizing
-    try:
+    qs = [q for _, q in quantizers(encoder)]
+    with init_on_first_use(qs, lambda q, x: percentile_init_(q, x, percentiles, official_arithmetic)):
         yield
-    finally:
-        for h in handles:
-            h.remove()
-        for q, mode in saved:
-            q.mode = mode
 
 
 @dataclass
